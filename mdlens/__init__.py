@@ -1,0 +1,4 @@
+"""mdlens: in-context mirror descent on Mixtures of Transition Distributions, for TransformerLens.
+
+See README.md for the quick start and ``shared/paper-notes.md`` for the maths.
+"""

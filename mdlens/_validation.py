@@ -1,0 +1,127 @@
+"""Input checks shared by every public function.
+
+Each check returns the validated (and, where stated, converted) tensor or raises a
+``ValueError`` that says what is wrong. Nothing is clipped or guessed.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# Tolerance for "sums to one" / "on the simplex" checks, in float64.
+SIMPLEX_ATOL = 1e-6
+
+
+def check_order(order: int) -> int:
+    """The MTD order ``m`` (number of lags): a positive int."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be a positive int (the number of lags m), got {order!r}")
+    return order
+
+
+def check_transition(transition: Tensor) -> Float[Tensor, "q q"]:
+    """A square, finite, non-negative, row-stochastic matrix with no zero row, as float64."""
+    if not isinstance(transition, Tensor):
+        raise ValueError(f"transition must be a torch.Tensor, got {type(transition).__name__}")
+    if transition.ndim != 2 or transition.shape[0] != transition.shape[1]:
+        raise ValueError(f"transition must be a square [q, q] matrix, got shape {tuple(transition.shape)}")
+    if transition.shape[0] < 2:
+        raise ValueError(f"transition needs a vocabulary of at least 2 tokens, got q={transition.shape[0]}")
+    if not transition.is_floating_point():
+        raise ValueError(f"transition must be a floating-point tensor, got dtype {transition.dtype}")
+    transition = transition.to(torch.float64)
+    if torch.isnan(transition).any():
+        raise ValueError("transition contains NaN")
+    if torch.isinf(transition).any():
+        raise ValueError("transition contains inf")
+    if (transition < 0).any():
+        raise ValueError(f"transition has negative entries (min {transition.min().item():.3g})")
+    row_sums = transition.sum(dim=1)
+    if (row_sums == 0).any():
+        zero_rows = torch.nonzero(row_sums == 0).flatten().tolist()
+        raise ValueError(f"transition has zero rows: {zero_rows}")
+    worst = (row_sums - 1).abs().max().item()
+    if worst > SIMPLEX_ATOL:
+        raise ValueError(f"transition is not row-stochastic: a row sums to 1 +/- {worst:.3g}")
+    return transition
+
+
+def check_tokens(tokens: Tensor, vocab_size: int, order: int) -> Int[Tensor, "batch pos"]:
+    """Token ids in ``[0, vocab_size)`` of shape ``[B, T]`` or ``[T]`` with ``T > order``.
+
+    Returns an int64 ``[B, T]`` tensor (a ``[T]`` input gains a batch dimension of 1).
+    """
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [B, T] or [T], got {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError("tokens has an empty batch")
+    if tokens.shape[1] <= order:
+        raise ValueError(f"need more tokens than the order: T={tokens.shape[1]} <= m={order}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"tokens must lie in [0, {vocab_size}), found values in "
+            f"[{tokens.min().item()}, {tokens.max().item()}]"
+        )
+    return tokens.long()
+
+
+def check_weights(weights: Tensor, order: int, batch_size: int | None = None) -> Float[Tensor, "batch m"]:
+    """Mixture weights on the simplex, shape ``[B, m]`` or ``[m]``; returns float64 ``[B, m]``."""
+    if not isinstance(weights, Tensor):
+        raise ValueError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    weights = weights.to(torch.float64)
+    if weights.ndim == 1:
+        weights = weights.unsqueeze(0)
+    if weights.ndim != 2 or weights.shape[1] != order:
+        raise ValueError(f"weights must have shape [B, m={order}] or [m], got {tuple(weights.shape)}")
+    if batch_size is not None and weights.shape[0] not in (1, batch_size):
+        raise ValueError(f"weights has batch size {weights.shape[0]}, tokens have {batch_size}")
+    if torch.isnan(weights).any():
+        raise ValueError("weights contain NaN")
+    if (weights < -SIMPLEX_ATOL).any():
+        raise ValueError(f"weights are off the simplex: negative entry {weights.min().item():.3g}")
+    worst = (weights.sum(dim=1) - 1).abs().max().item()
+    if worst > SIMPLEX_ATOL:
+        raise ValueError(f"weights are off the simplex: a row sums to 1 +/- {worst:.3g}")
+    return weights
+
+
+def check_distribution(probs: Tensor, name: str) -> Float[Tensor, "batch q"]:
+    """A batch of probability vectors ``[B, q]`` (or ``[q]``); returns float64 ``[B, q]``."""
+    if not isinstance(probs, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
+    if not probs.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {probs.dtype}")
+    probs = probs.to(torch.float64)
+    if probs.ndim == 1:
+        probs = probs.unsqueeze(0)
+    if probs.ndim != 2:
+        raise ValueError(f"{name} must have shape [B, q] or [q], got {tuple(probs.shape)}")
+    if torch.isnan(probs).any():
+        raise ValueError(f"{name} contains NaN")
+    if (probs < 0).any():
+        raise ValueError(f"{name} has negative entries (min {probs.min().item():.3g})")
+    worst = (probs.sum(dim=1) - 1).abs().max().item()
+    if worst > SIMPLEX_ATOL:
+        raise ValueError(f"{name} rows must sum to 1, one is {worst:.3g} away")
+    return probs
+
+
+def check_positive(value: float, name: str) -> float:
+    """A finite, strictly positive number (step sizes, concentrations, temperatures)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
