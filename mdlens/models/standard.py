@@ -1,0 +1,105 @@
+"""Standard transformers for the MTD task: plain ``HookedTransformer``s, no subclass.
+
+These are the "do ordinary architectures learn the same mechanism?" models of paper-notes §6:
+separate Q/K/V/O per head, optional MLPs and LayerNorm, learned absolute or rotary positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from mdlens.models._tl import (
+    check_output_type,
+    preserve_global_rng,
+    quiet_hooked_transformer_deprecation,
+)
+
+POSITIONS = {"standard": "standard", "rotary": "rotary"}
+NORMALIZATIONS = ("LN", None)
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def standard_transformer(
+    vocab_size: int,
+    n_ctx: int,
+    n_layers: int = 3,
+    d_model: int = 64,
+    n_heads: int = 1,
+    d_mlp: int | None = None,
+    attn_only: bool = False,
+    normalization: str | None = "LN",
+    positions: str = "standard",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    output: str = "logits",
+    act_fn: str = "gelu",
+    device: str = "cpu",
+) -> HookedTransformer:
+    """A plain ``HookedTransformer`` sized for MTD with vocabulary ``q = vocab_size``.
+
+    Args:
+        vocab_size: ``q``; the model reads token ids in ``[0, q)`` and outputs ``[batch, pos, q]``.
+        n_ctx: the longest sequence the model accepts.
+        n_layers, d_model, n_heads: size; ``d_head = d_model // n_heads`` (must divide).
+        d_mlp: MLP width (default ``4 * d_model``); ignored when ``attn_only``.
+        normalization: ``"LN"`` (pre-LayerNorm, as GPT-2) or ``None``.
+        positions: ``"standard"`` (learned absolute) or ``"rotary"`` (rotary on all of ``d_head``).
+        seed: initialisation seed (``cfg.seed``): the same seed gives the same weights.
+        output: how the raw output is read, stored as ``model.output_type``: ``"logits"`` (softmax
+            it; the TransformerLens convention, for cross-entropy training) or ``"probs"`` (the raw
+            output is the probability vector itself, as the paper trains with MSE).
+        device: where the weights live (initialisation is seeded the same on every device).
+    """
+    _check_int(vocab_size, "vocab_size", 2)
+    _check_int(n_ctx, "n_ctx", 2)
+    _check_int(n_layers, "n_layers", 1)
+    _check_int(d_model, "d_model", 1)
+    _check_int(n_heads, "n_heads", 1)
+    _check_int(seed, "seed", 0)
+    if d_model % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+    if d_mlp is None:
+        d_mlp = 4 * d_model
+    _check_int(d_mlp, "d_mlp", 1)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {tuple(POSITIONS)}, got {positions!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    check_output_type(output)
+    d_head = d_model // n_heads
+    if positions == "rotary" and d_head % 2:
+        raise ValueError(f"rotary positions need an even d_head, got {d_head}")
+
+    # TransformerLens reseeds the global generators with cfg.seed (in the config and in
+    # init_weights); preserve them so building a model leaves the caller's random streams alone.
+    with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+        cfg = HookedTransformerConfig(
+            n_layers=n_layers,
+            d_model=d_model,
+            n_ctx=n_ctx,
+            d_head=d_head,
+            n_heads=n_heads,
+            d_mlp=None if attn_only else d_mlp,
+            act_fn=None if attn_only else act_fn,
+            attn_only=attn_only,
+            d_vocab=vocab_size,
+            d_vocab_out=vocab_size,
+            normalization_type=normalization,
+            positional_embedding_type=POSITIONS[positions],
+            rotary_dim=d_head if positions == "rotary" else None,
+            default_prepend_bos=False,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
+        model = HookedTransformer(cfg)
+    model.output_type = output
+    return model
