@@ -1,0 +1,324 @@
+"""How good is each estimator of the mixture weights, as the context grows? (paper §5, Theorem 2)
+
+For a fixed MTD task and each sequence length ``T`` this measures the mean
+``KL(true predictive || estimator's predictive)`` of ``y_{T+1}`` for:
+
+- ``oracle``       the true lambda (KL = 0: the reference point),
+- ``uniform``      lambda = 1/m,
+- ``md1_tuned``    one-step mirror descent, eta grid-searched per length,
+- ``md1_fixed``    one-step mirror descent with eta = 1/(m+1) (Theorem 1's step),
+- ``md2_tuned``    two-step MD, eta grid-searched per length,
+- ``md5_tuned``    five-step MD, eta grid-searched per length,
+- ``mle``          MD iterated to convergence (the maximum-likelihood / EM fixed point),
+- ``bayes_exact``  the posterior mean by dynamic programming over lag counts,
+- ``bayes_gibbs``  the posterior mean by Rao-Blackwellised Gibbs sampling.
+
+Step sizes are tuned on a separate *tuning* batch and every KL is measured on a fresh
+*evaluation* batch, so the tuned methods get no in-sample advantage. Theorem 2 says stable steps
+scale like ``1/T``: we fit ``log eta* = log c - p log T`` (expect ``p ~ 1``) and ``eta* = c/(T-m)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from analyses import plotting
+from mdlens import MTDTask
+from mdlens import estimators as E
+
+TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
+FULL = {
+    "lengths": [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+    "n_tune": 256,
+    "n_eval": 512,
+    "gibbs_num_samples": 1000,
+    "gibbs_burn_in": 200,
+}
+QUICK = {
+    "lengths": [8, 16, 32],
+    "n_tune": 32,
+    "n_eval": 48,
+    "gibbs_num_samples": 100,
+    "gibbs_burn_in": 20,
+}
+# Coarse log-spaced eta grid, then a fine grid around the coarse optimum (one coarse step each side).
+COARSE_ETAS = (1e-4, 10.0, 61)
+FINE_POINTS = 21
+TUNED_STEPS = {"md1_tuned": 1, "md2_tuned": 2, "md5_tuned": 5}
+
+METHOD_LABELS = {
+    "oracle": "oracle (true $\\lambda$)",
+    "uniform": "uniform $\\lambda = 1/m$",
+    "md1_tuned": "1-step MD, best $\\eta$",
+    "md1_fixed": "1-step MD, $\\eta = 1/(m+1)$",
+    "md2_tuned": "2-step MD, best $\\eta$",
+    "md5_tuned": "5-step MD, best $\\eta$",
+    "mle": "MD to convergence (MLE)",
+    "bayes_exact": "Bayes, exact DP",
+    "bayes_gibbs": "Bayes, Gibbs",
+}
+
+
+def batch_seeds(seq_len: int) -> dict[str, int]:
+    """Generator seeds of the tuning and evaluation batches at one length (disjoint by design)."""
+    return {"tune": 1_000_000 + seq_len, "eval": 2_000_000 + seq_len, "gibbs": 3_000_000 + seq_len}
+
+
+def sample_batches(task: MTDTask, seq_len: int, n_tune: int, n_eval: int):
+    """The tuning and evaluation batches at one length, each from its own seeded generator."""
+    seeds = batch_seeds(seq_len)
+    tune = task.sample(n_tune, seq_len, generator=torch.Generator().manual_seed(seeds["tune"]))
+    evaluation = task.sample(n_eval, seq_len, generator=torch.Generator().manual_seed(seeds["eval"]))
+    return tune, evaluation
+
+
+def tune_step_size(tokens: Tensor, transition: Tensor, order: int, target: Tensor, steps: int) -> dict:
+    """Two-stage grid search of the MD step: a coarse log grid (which contains 1/(m+1)), then a
+    fine grid spanning one coarse step either side of the coarse optimum."""
+    low, high, points = COARSE_ETAS
+    coarse = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+    coarse = torch.sort(torch.cat([coarse, torch.tensor([1.0 / (order + 1)], dtype=torch.float64)])).values
+    _, coarse_etas, coarse_kl = E.tune_eta(tokens, transition, order, target, etas=coarse, steps=steps)
+    ratio = (high / low) ** (1.0 / (points - 1))
+    centre = coarse_etas[int(torch.argmin(coarse_kl))].item()
+    fine = torch.logspace(
+        math.log10(centre / ratio), math.log10(centre * ratio), FINE_POINTS, dtype=torch.float64
+    )
+    _, fine_etas, fine_kl = E.tune_eta(tokens, transition, order, target, etas=fine, steps=steps)
+    etas = torch.cat([coarse_etas, fine_etas])
+    mean_kl = torch.cat([coarse_kl, fine_kl])
+    best = int(torch.argmin(mean_kl))
+    return {"eta": etas[best].item(), "tuning_kl": mean_kl[best].item(), "etas": etas, "mean_kl": mean_kl}
+
+
+def mean_and_se(values: Tensor) -> dict[str, float]:
+    """Mean and its standard error (sample std / sqrt(n)) of per-sequence values."""
+    n = values.numel()
+    se = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": values.mean().item(), "se": se}
+
+
+def fit_step_sizes(lengths: list[int], etas: list[float], order: int) -> dict:
+    """Least-squares fits of the tuned step against T (Theorem 2 predicts eta* ~ c / T).
+
+    power law:      log eta* = log c - p log T        (free exponent p)
+    inverse context: eta* = c / (T - m)               (exponent fixed at 1; log c = mean of
+                                                        log eta* + log(T - m))
+    """
+    log_t = np.log(np.asarray(lengths, dtype=np.float64))
+    log_eta = np.log(np.asarray(etas, dtype=np.float64))
+    slope, intercept = np.polyfit(log_t, log_eta, deg=1)
+    predicted = intercept + slope * log_t
+    total = np.sum((log_eta - log_eta.mean()) ** 2)
+    r2 = 1.0 - np.sum((log_eta - predicted) ** 2) / total if total > 0 else float("nan")
+
+    log_context = np.log(np.asarray(lengths, dtype=np.float64) - order)
+    log_c_context = float(np.mean(log_eta + log_context))
+    residual = log_eta - (log_c_context - log_context)
+    return {
+        "power_law": {"c": float(np.exp(intercept)), "p": float(-slope), "r2": float(r2)},
+        "inverse_context": {
+            "c": float(np.exp(log_c_context)),
+            "rms_log_residual": float(np.sqrt(np.mean(residual**2))),
+        },
+    }
+
+
+def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
+    """Every estimator at one length: tune on one batch, score mean KL on a fresh one."""
+    pi, m = task.transition, task.order
+    tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
+    tokens, target = evaluation.tokens, evaluation.next_probs
+    seconds: dict[str, float] = {}
+
+    # Step sizes, on the tuning batch only.
+    tuned: dict[str, dict] = {}
+    for name, steps in TUNED_STEPS.items():
+        start = time.perf_counter()
+        tuned[name] = tune_step_size(tune.tokens, pi, m, tune.next_probs, steps)
+        seconds[f"tune_{name}"] = time.perf_counter() - start
+    fixed_eta = 1.0 / (m + 1)
+    fixed_on_tune = E.predictive(tune.tokens, pi, E.md_weights(tune.tokens, pi, m, fixed_eta))
+    tuning_kl = {name: t["tuning_kl"] for name, t in tuned.items()}
+    tuning_kl["md1_fixed"] = E.kl_divergence(tune.next_probs, fixed_on_tune).mean().item()
+
+    gibbs_generator = torch.Generator().manual_seed(batch_seeds(seq_len)["gibbs"])
+    weight_fns = {
+        "oracle": lambda: evaluation.weights,
+        "uniform": lambda: torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),
+        **{
+            name: (lambda s=TUNED_STEPS[name], e=tuned[name]["eta"]: E.md_weights(tokens, pi, m, e, steps=s))
+            for name in TUNED_STEPS
+        },
+        "md1_fixed": lambda: E.md_weights(tokens, pi, m, fixed_eta),
+        "mle": lambda: E.mle_weights(tokens, pi, m),
+        "bayes_exact": lambda: E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact"),
+        "bayes_gibbs": lambda: E.bayes_weights(
+            tokens,
+            pi,
+            m,
+            alpha=task.alpha,
+            method="gibbs",
+            num_samples=sizes["gibbs_num_samples"],
+            burn_in=sizes["gibbs_burn_in"],
+            generator=gibbs_generator,
+        ),
+    }
+    kl: dict[str, dict[str, float]] = {}
+    for name in METHOD_LABELS:
+        start = time.perf_counter()
+        weights = weight_fns[name]()
+        seconds[name] = time.perf_counter() - start
+        kl[name] = mean_and_se(E.kl_divergence(target, E.predictive(tokens, pi, weights)))
+
+    etas = {name: t["eta"] for name, t in tuned.items()}
+    etas["md1_fixed"] = fixed_eta
+    return {
+        "seq_len": seq_len,
+        "kl": kl,
+        "eta": etas,
+        # The step a transformer's layer-3 scale would need: eta = beta / (m (T - m)).
+        "beta": {name: eta * m * (seq_len - m) for name, eta in etas.items()},
+        "tuning_kl": tuning_kl,
+        "kl_ratio_to_bayes": {name: kl[name]["mean"] / kl["bayes_exact"]["mean"] for name in kl},
+        "md1_tuning_curve": {
+            "etas": tuned["md1_tuned"]["etas"].tolist(),
+            "mean_kl": tuned["md1_tuned"]["mean_kl"].tolist(),
+        },
+        "seconds": seconds,
+    }
+
+
+def plot_kl(results: list[dict], path: Path) -> Path:
+    lengths = [r["seq_len"] for r in results]
+    with plotting.style():
+        fig, (ax,) = plotting.new_figure(width=8.5, height=4.5)
+        for name, label in METHOD_LABELS.items():
+            if name == "oracle":
+                continue  # KL = 0 exactly: nothing to draw on a log axis
+            means = [r["kl"][name]["mean"] for r in results]
+            errors = [r["kl"][name]["se"] for r in results]
+            style = plotting.method_style(name)
+            ax.errorbar(lengths, means, yerr=errors, label=label, capsize=2, markersize=4, **style)
+        plotting.log_log(ax, "sequence length $T$", "mean KL(true || estimate) of $y_{T+1}$",
+                         "Estimators of $\\lambda$ vs context length (oracle: KL = 0, not drawn)",
+                         xticks=lengths)
+        plotting.legend_outside(ax)
+        return plotting.save_figure(fig, path)
+
+
+def plot_eta(results: list[dict], fit: dict, order: int, path: Path) -> Path:
+    lengths = np.asarray([r["seq_len"] for r in results], dtype=np.float64)
+    grid = np.geomspace(lengths.min(), lengths.max(), 100)
+    with plotting.style():
+        fig, (ax,) = plotting.new_figure(width=8.0, height=4.3)
+        for name, steps in TUNED_STEPS.items():
+            ax.plot(lengths, [r["eta"][name] for r in results], label=f"tuned, {steps}-step MD",
+                    **plotting.method_style(name))
+        power, context = fit["power_law"], fit["inverse_context"]
+        ax.plot(grid, power["c"] * grid ** (-power["p"]), color="black", linewidth=1,
+                label=f"fit 1-step: ${power['c']:.3g}\\,T^{{-{power['p']:.2f}}}$")
+        ax.plot(grid, context["c"] / (grid - order), color="black", linewidth=1, linestyle="--",
+                label=f"fit 1-step: ${context['c']:.3g}/(T-m)$")
+        ax.axhline(1.0 / (order + 1), color="tab:cyan", linestyle=":", label="$1/(m+1)$")
+        plotting.log_log(ax, "sequence length $T$", "tuned step size $\\eta^*$",
+                         "Tuned MD step vs length (Theorem 2: $\\eta = \\Theta(1/T)$)",
+                         xticks=[int(t) for t in lengths])
+        plotting.legend_outside(ax)
+        return plotting.save_figure(fig, path)
+
+
+def plot_ratio(results: list[dict], path: Path) -> Path:
+    lengths = [r["seq_len"] for r in results]
+    with plotting.style():
+        fig, (ax,) = plotting.new_figure(width=8.5, height=4.3)
+        for name, label in METHOD_LABELS.items():
+            if name in ("oracle", "bayes_exact"):
+                continue
+            ax.plot(lengths, [r["kl_ratio_to_bayes"][name] for r in results], label=label,
+                    **plotting.method_style(name))
+        ax.axhline(1.0, color="tab:green", linewidth=1)
+        plotting.log_log(ax, "sequence length $T$", "mean KL / mean KL of exact Bayes",
+                         "KL relative to the Bayes-optimal estimate (1 = Bayes)", xticks=lengths)
+        plotting.legend_outside(ax)
+        return plotting.save_figure(fig, path)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short text table: KL per length for the main methods, and the step-size fit."""
+    shown = ["uniform", "md1_fixed", "md1_tuned", "md2_tuned", "md5_tuned", "mle", "bayes_exact", "bayes_gibbs"]
+    lines = ["mean KL(true || estimate), evaluation batch (eta tuned on a separate batch):",
+             "    T  " + " ".join(f"{name:>11}" for name in shown) + "   eta*_1step"]
+    for r in report["results"]:
+        row = " ".join(f"{r['kl'][name]['mean']:11.3e}" for name in shown)
+        lines.append(f"{r['seq_len']:5d}  {row}   {r['eta']['md1_tuned']:.4g}")
+    fit = report["eta_fit"]["md1_tuned"]
+    lines.append(
+        f"1-step eta* fit: {fit['power_law']['c']:.3g} * T^-{fit['power_law']['p']:.3f} "
+        f"(R^2 {fit['power_law']['r2']:.3f}); {fit['inverse_context']['c']:.3g}/(T-m) "
+        f"(rms log residual {fit['inverse_context']['rms_log_residual']:.3f})"
+    )
+    lines.append(f"total time {report['timings']['total_seconds']:.1f} s")
+    return lines
+
+
+def run(out_dir: Path, quick: bool = False) -> dict:
+    """Run the analysis, write ``estimators.json`` and three PNGs to ``out_dir``, print a summary."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    task = MTDTask(**TASK)
+    torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
+
+    results = [evaluate_length(task, seq_len, sizes) for seq_len in sizes["lengths"]]
+    eta_fit = {
+        name: fit_step_sizes(sizes["lengths"], [r["eta"][name] for r in results], task.order)
+        for name in TUNED_STEPS
+    }
+    report = {
+        "config": {
+            "task": TASK,
+            "quick": quick,
+            **sizes,
+            "coarse_eta_grid": {"low": COARSE_ETAS[0], "high": COARSE_ETAS[1], "points": COARSE_ETAS[2],
+                                "plus": "1/(m+1)"},
+            "fine_eta_points": FINE_POINTS,
+            "batch_seeds": {str(t): batch_seeds(t) for t in sizes["lengths"]},
+            "protocol": (
+                "Step sizes are grid-searched on a tuning batch of n_tune sequences and every KL is "
+                "measured on a separate, fresh evaluation batch of n_eval sequences (different seeds). "
+                "KL is KL(true predictive of y_{T+1} || the estimator's predictive), averaged over "
+                "the evaluation batch; 'se' is its standard error."
+            ),
+        },
+        "transition": task.transition.tolist(),
+        "methods": METHOD_LABELS,
+        "results": results,
+        "eta_fit": eta_fit,
+        "timings": {},
+    }
+    files = [
+        plot_kl(results, out_dir / "kl_vs_length.png"),
+        plot_eta(results, eta_fit["md1_tuned"], task.order, out_dir / "eta_vs_length.png"),
+        plot_ratio(results, out_dir / "kl_ratio_to_bayes.png"),
+    ]
+    json_path = out_dir / "estimators.json"
+    report["timings"] = {
+        "total_seconds": time.perf_counter() - start,
+        "per_method_seconds": {
+            name: sum(r["seconds"][name] for r in results) for name in results[0]["seconds"]
+        },
+    }
+    report["files"] = [str(json_path), *map(str, files)]
+    report["summary"] = summary_lines(report)
+    json_path.write_text(json.dumps(report, indent=1))
+    print("\n".join(report["summary"]))
+    return report
