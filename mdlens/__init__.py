@@ -2,3 +2,6 @@
 
 See README.md for the quick start and ``shared/paper-notes.md`` for the maths.
 """
+
+from mdlens import estimators
+from mdlens.task import MTDSample, MTDTask

@@ -1,0 +1,433 @@
+"""Estimators of the MTD mixture weights ``lambda`` and the predictors built on them (paper-notes §2).
+
+Indexing convention (the one of the whole code base): for tokens ``y_1..y_T`` (1-based in the
+maths, ``tokens[:, 0..T-1]`` in the tensors) the scored positions are ``k = m+1..T``, i.e.
+``N = T - m`` of them. In every ``[B, T-m, m]`` tensor, row ``r`` is position ``k = m + 1 + r``
+and column ``g - 1`` is lag ``g``:
+
+    P[b, r, g-1] = pi(y_{k-g}, y_k)                      (lag likelihoods)
+    gamma_k(g)   = P[k, g] / sum_h P[k, h]               (responsibilities)
+    l(lambda)    = sum_k log sum_g lambda_g P[k, g]      (log-likelihood)
+
+Everything runs in float64; probabilities are combined in log space (or rescaled with the scale
+tracked) wherever products over positions appear.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mdlens._random import dirichlet_sample
+from mdlens._validation import (
+    check_distribution,
+    check_order,
+    check_positive,
+    check_tokens,
+    check_transition,
+    check_weights,
+)
+
+# Exact Bayes keeps a dense table over the first m-1 lag counts, (N+1)^(m-1) cells per sequence.
+# Above this many cells per sequence it refuses and points to method="gibbs". 2^22 cells allow
+# m=2 up to N ~ 4 million, m=3 up to N = 2047, m=4 up to N = 160, m=5 up to N = 44.
+MAX_EXACT_CELLS = 2**22
+
+# Cells (batch x table) processed at once by exact Bayes: bounds memory (4 float64 buffers of
+# this size) and keeps the working set near cache size.
+_EXACT_CHUNK_CELLS = 2**20
+
+TokensLike = Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-position lag likelihoods and responsibilities
+# ----------------------------------------------------------------------------------------------
+
+
+def _checked_inputs(tokens: Tensor, transition: Tensor, order: int) -> tuple[Tensor, Tensor, int]:
+    transition = check_transition(transition)
+    order = check_order(order)
+    tokens = check_tokens(tokens, transition.shape[0], order)
+    return tokens, transition, order
+
+
+def _parent_and_child(tokens: Tensor, order: int) -> tuple[Tensor, Tensor]:
+    """parents[b, r, g-1] = y_{k-g} and children[b, r, 0] = y_k for k = m+1+r (0-based: k-1)."""
+    seq_len = tokens.shape[1]
+    # 0-based index of y_{k-g} is (m + r) - g; stacking g = 1..m as columns.
+    parents = torch.stack([tokens[:, order - g : seq_len - g] for g in range(1, order + 1)], dim=-1)
+    children = tokens[:, order:].unsqueeze(-1)
+    return parents, children
+
+
+def _raise_on_impossible(lag_probs: Tensor, order: int) -> None:
+    """A position where every lag has probability 0 has likelihood 0 under every lambda."""
+    impossible = (lag_probs == 0).all(dim=-1)
+    if impossible.any():
+        b, r = impossible.nonzero()[0].tolist()
+        raise ValueError(
+            f"sequence {b}: token at position k={order + 1 + r} (1-based; tokens[{b}, {order + r}]) has "
+            f"probability 0 under every lag, so the likelihood is 0 for every lambda; these tokens "
+            f"cannot come from this MTD"
+        )
+
+
+def lag_likelihoods(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int
+) -> Float[Tensor, "batch n_scored m"]:
+    """``P[b, r, g-1] = pi(y_{k-g}, y_k)`` for ``k = m+1+r``: how well each lag explains each token.
+
+    Returns float64 ``[B, T-m, m]``. Zeros are kept (no check for impossible positions here).
+    """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    parents, children = _parent_and_child(tokens, order)
+    return transition[parents, children.expand_as(parents)]
+
+
+def _checked_lag_likelihoods(tokens: Tensor, transition: Tensor, order: int) -> Tensor:
+    lag_probs = lag_likelihoods(tokens, transition, order)
+    _raise_on_impossible(lag_probs, order)
+    return lag_probs
+
+
+def responsibilities(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int
+) -> Float[Tensor, "batch n_scored m"]:
+    """``gamma_k(g) = P[k, g] / sum_h P[k, h]``: the posterior of the lag under a uniform prior.
+
+    Returns float64 ``[B, T-m, m]``, rows on the simplex (row ``r`` is ``k = m+1+r``).
+    """
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    return lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+
+
+def log_likelihood(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    weights: Float[Tensor, "batch m"] | Float[Tensor, " m"],
+) -> Float[Tensor, " batch"]:
+    """``l(lambda) = sum_{k=m+1..T} log sum_g lambda_g pi(y_{k-g}, y_k)`` per sequence, ``[B]``.
+
+    Differentiable in ``weights`` (computed as a logsumexp of ``log lambda + log P``).
+    """
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    weights = _check_weights_keep_graph(weights, order, lag_probs.shape[0])
+    per_position = torch.logsumexp(torch.log(weights).unsqueeze(1) + torch.log(lag_probs), dim=-1)
+    return per_position.sum(dim=-1)
+
+
+def _check_weights_keep_graph(weights: Tensor, order: int, batch_size: int) -> Tensor:
+    """Validate weights without detaching them (``log_likelihood`` is differentiated by tests/users)."""
+    check_weights(weights.detach() if isinstance(weights, Tensor) else weights, order, batch_size)
+    weights = weights.to(torch.float64)
+    return weights.unsqueeze(0) if weights.ndim == 1 else weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Mirror descent (exponentiated gradient) and maximum likelihood
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return steps
+
+
+def _log_gradient_terms(log_weights: Tensor, log_lag_probs: Tensor) -> Tensor:
+    """``dl/dlambda_g = sum_k P[k,g] / sum_h lambda_h P[k,h]``, computed from logs, ``[B, m]``."""
+    log_mixture = torch.logsumexp(log_weights.unsqueeze(1) + log_lag_probs, dim=-1, keepdim=True)
+    return torch.exp(log_lag_probs - log_mixture).sum(dim=1)
+
+
+def md_weights(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, eta: float, steps: int = 1
+) -> Float[Tensor, "batch m"]:
+    """Mirror descent with the negative-entropy mirror map from the centre ``1/m``, ``[B, m]``.
+
+    One step has the closed form ``softmax_g(eta * m * sum_k gamma_k(g))`` (the gradient at the
+    centre is ``m * sum_k gamma_k``). ``steps > 1`` iterates the exponentiated-gradient update
+    ``lambda_g <- lambda_g exp(eta * dl/dlambda_g) / Z`` in log space.
+    """
+    eta = check_positive(eta, "eta")
+    steps = _check_steps(steps)
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+    log_weights = torch.log_softmax(eta * order * gamma.sum(dim=1), dim=-1)
+    log_lag_probs = torch.log(lag_probs)
+    for _ in range(steps - 1):
+        gradient = _log_gradient_terms(log_weights, log_lag_probs)
+        log_weights = torch.log_softmax(log_weights + eta * gradient, dim=-1)
+    return log_weights.exp()
+
+
+def mle_weights(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    tol: float = 1e-10,
+    max_iter: int = 10_000,
+) -> Float[Tensor, "batch m"]:
+    """The maximum-likelihood ``lambda`` (``l`` is concave on the simplex), by EM from the centre.
+
+    EM step: ``lambda_g <- (1/N) sum_k lambda_g P[k,g] / sum_h lambda_h P[k,h]``, the mean
+    responsibility under the current ``lambda``; it stops when no weight moves by more than
+    ``tol``. Warns if ``max_iter`` is reached first. Returns ``[B, m]``.
+    """
+    tol = check_positive(tol, "tol")
+    max_iter = _check_steps(max_iter)
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    n_scored = lag_probs.shape[1]
+    log_lag_probs = torch.log(lag_probs)
+    weights = torch.full((lag_probs.shape[0], order), 1.0 / order, dtype=torch.float64)
+    for _ in range(max_iter):
+        # lambda_g * (dl/dlambda_g) / N sums to one exactly; renormalising only removes rounding.
+        new_weights = weights * _log_gradient_terms(torch.log(weights), log_lag_probs) / n_scored
+        new_weights = new_weights / new_weights.sum(dim=-1, keepdim=True)
+        change = (new_weights - weights).abs().max().item()
+        weights = new_weights
+        if change < tol:
+            return weights
+    warnings.warn(f"mle_weights: EM did not reach tol={tol} in {max_iter} iterations", stacklevel=2)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions and their scores
+# ----------------------------------------------------------------------------------------------
+
+
+def predictive(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    weights: Float[Tensor, "batch m"] | Float[Tensor, " m"],
+) -> Float[Tensor, "batch q"]:
+    """``p(v) = sum_g w_g pi(y_{T+1-g}, v)``: the next-token distribution under weights ``w``.
+
+    The order ``m`` is read off ``weights`` (``[B, m]`` or ``[m]``, shared by the batch); only the
+    last ``m`` tokens matter. Returns float64 ``[B, q]``.
+    """
+    transition = check_transition(transition)
+    if not isinstance(weights, Tensor) or weights.ndim not in (1, 2):
+        raise ValueError("weights must be a [B, m] or [m] tensor")
+    order = check_order(weights.shape[-1])
+    tokens = check_tokens(tokens, transition.shape[0], order)
+    weights = check_weights(weights, order, tokens.shape[0])
+    last_tokens = tokens[:, tokens.shape[1] - order :].flip(1)  # column g-1 holds y_{T+1-g}
+    return einops.einsum(weights.expand(tokens.shape[0], -1), transition[last_tokens], "b g, b g v -> b v")
+
+
+def kl_divergence(p: Float[Tensor, "batch q"], q: Float[Tensor, "batch q"]) -> Float[Tensor, " batch"]:
+    """``KL(p || q) = sum_v p_v log(p_v / q_v)`` per row, with ``0 log 0 = 0`` and ``+inf`` where
+    ``q_v = 0 < p_v``. Inputs ``[B, V]`` or ``[V]`` (a single row broadcasts); returns ``[B]``."""
+    p = check_distribution(p, "p")
+    q = check_distribution(q, "q")
+    if p.shape[1] != q.shape[1] or (p.shape[0] != q.shape[0] and 1 not in (p.shape[0], q.shape[0])):
+        raise ValueError(f"p and q have incompatible shapes {tuple(p.shape)} and {tuple(q.shape)}")
+    kl = (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(dim=-1)
+    return kl.clamp_min(0.0)  # KL >= 0; rounding can leave -1e-17
+
+
+def default_eta_grid() -> Float[Tensor, " n"]:
+    """60 log-spaced step sizes from 1e-4 to 10: wide enough for T from m+1 to ~1000 (eta ~ c/T)."""
+    return torch.logspace(-4, 1, 60, dtype=torch.float64)
+
+
+def tune_eta(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    etas: Float[Tensor, " n"] | None = None,
+    steps: int = 1,
+) -> tuple[float, Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """Grid search of the MD step size: the ``eta`` minimising the batch-mean
+    ``KL(target || predictive(md_weights(eta, steps)))``.
+
+    Returns ``(best_eta, etas [n], mean_kl [n])``. The default grid is ``default_eta_grid()``.
+    """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    target_probs = check_distribution(target_probs, "target_probs")
+    if target_probs.shape != (tokens.shape[0], transition.shape[0]):
+        raise ValueError(
+            f"target_probs must have shape [B={tokens.shape[0]}, q={transition.shape[0]}], "
+            f"got {tuple(target_probs.shape)}"
+        )
+    steps = _check_steps(steps)
+    etas = default_eta_grid() if etas is None else _check_etas(etas)
+    mean_kl = torch.empty(len(etas), dtype=torch.float64)
+    for i, eta in enumerate(etas.tolist()):
+        weights = md_weights(tokens, transition, order, eta, steps)
+        mean_kl[i] = kl_divergence(target_probs, predictive(tokens, transition, weights)).mean()
+    best = int(torch.argmin(mean_kl))
+    return float(etas[best]), etas, mean_kl
+
+
+def _check_etas(etas: Tensor) -> Tensor:
+    if not isinstance(etas, Tensor):
+        etas = torch.as_tensor(etas, dtype=torch.float64)
+    etas = etas.to(torch.float64).flatten()
+    if etas.numel() == 0:
+        raise ValueError("etas is empty")
+    if not (torch.isfinite(etas).all() and (etas > 0).all()):
+        raise ValueError("etas must be finite and > 0")
+    return etas
+
+
+# ----------------------------------------------------------------------------------------------
+# Bayes: the posterior mean of lambda under a Dirichlet(alpha) prior
+# ----------------------------------------------------------------------------------------------
+
+
+def bayes_weights(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    alpha: float = 1.0,
+    method: str = "exact",
+    num_samples: int = 2000,
+    burn_in: int = 200,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "batch m"]:
+    """``E[lambda | y_1..y_T]`` under the prior ``Dirichlet(alpha 1_m)``, ``[B, m]``.
+
+    ``method="exact"``: dynamic programming over lag-count vectors (exact up to rounding; refuses
+    when a sequence needs more than ``MAX_EXACT_CELLS`` table cells). ``method="gibbs"``: data
+    augmentation with ``num_samples`` Rao-Blackwellised sweeps after ``burn_in``, drawing from
+    ``generator`` (``None``: a generator seeded with 0, so results are reproducible).
+    """
+    alpha = check_positive(alpha, "alpha")
+    if method not in ("exact", "gibbs"):
+        raise ValueError(f'method must be "exact" or "gibbs", got {method!r}')
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    if method == "exact":
+        return _exact_posterior_mean(lag_probs, alpha)
+    num_samples = _check_steps(num_samples)
+    if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+        raise ValueError(f"burn_in must be an int >= 0, got {burn_in!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    elif not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return _gibbs_posterior_mean(lag_probs, alpha, num_samples, burn_in, generator)
+
+
+def _exact_posterior_mean(lag_probs: Tensor, alpha: float) -> Tensor:
+    """Exact posterior mean by dynamic programming over lag-count vectors.
+
+    Expanding ``prod_k sum_g lambda_g P[k,g]`` gives ``sum_n W(n) prod_g lambda_g^{n_g}`` with
+    ``W(n)`` the sum over lag assignments with counts ``n`` of ``prod_k P[k, z_k]``. Each term is
+    conjugate, so the posterior is the mixture of ``Dirichlet(alpha + n)`` with weights
+    ``W(n) B(alpha + n) / B(alpha)``, and its mean is ``sum_n w(n) (alpha + n) / (m alpha + N)``.
+
+    Range control: we track ``V_k(n) = W_k(n) / multinomial(k; n)``, the *average* over
+    assignments with counts ``n`` of ``prod P``. Dividing ``W_k(n) = sum_g W_{k-1}(n - e_g) P[k,g]``
+    by ``k! / prod n_g!`` gives ``V_k(n) = sum_g (n_g / k) V_{k-1}(n - e_g) P[k,g]``. Unlike ``W``,
+    ``V`` carries no combinatorial factor (which spans ``m^N``), so its spread across ``n`` is the
+    genuine evidence; each position's ``P`` is also divided by its max and ``V`` by its max every
+    few steps (per-sequence constants, which cancel in the normalised posterior).
+
+    The table is dense over ``(n_1..n_{m-1})`` (``n_m = k - sum`` implied); at step ``k`` only
+    counts ``<= k`` are touched, and shifting by ``e_g`` is a slice.
+    """
+    batch_size, n_scored, m = lag_probs.shape
+    if m == 1:
+        return torch.ones(batch_size, 1, dtype=torch.float64)
+    side = n_scored + 1
+    cells = side ** (m - 1)
+    if cells > MAX_EXACT_CELLS:
+        raise ValueError(
+            f"exact Bayes needs a table of (T-m+1)^(m-1) = {side}^{m - 1} = {cells} cells per sequence, "
+            f"above MAX_EXACT_CELLS = {MAX_EXACT_CELLS}; use method=\"gibbs\""
+        )
+    # count_grids[g][n_1, .., n_{m-1}] = n_{g+1} for g < m-1; free_total = n_1 + .. + n_{m-1}.
+    axis = torch.arange(side, dtype=torch.float64)
+    count_grids = torch.meshgrid(*([axis] * (m - 1)), indexing="ij")
+    free_total = sum(count_grids)
+
+    scaled = lag_probs / lag_probs.amax(dim=-1, keepdim=True)  # max_g = 1 at every position
+    chunk = max(1, _EXACT_CHUNK_CELLS // cells)
+    log_tables = []
+    for start in range(0, batch_size, chunk):
+        log_tables.append(_count_table(scaled[start : start + chunk], count_grids, free_total))
+    log_table = torch.cat(log_tables)  # [B, side, .., side] = log V_N(n_1..n_{m-1})
+
+    # Posterior weight of n: V(n) * multinomial(N; n) * B(alpha + n) / B(alpha)
+    #   = V(n) * prod_g Gamma(alpha + n_g) / n_g!  * (a constant in n).
+    last_count = n_scored - free_total  # n_m; negative outside the simplex
+    valid = last_count >= 0
+    counts = torch.stack([*count_grids, last_count.clamp_min(0)])  # [m, side, .., side]
+    log_prior_term = (torch.lgamma(alpha + counts) - torch.lgamma(counts + 1)).sum(dim=0)
+    log_post = torch.where(valid, log_table + log_prior_term, -torch.inf)
+    post = torch.softmax(einops.rearrange(log_post, "b ... -> b (...)"), dim=-1)  # [B, cells]
+    component_means = einops.rearrange(counts, "g ... -> (...) g") + alpha
+    component_means = component_means / (m * alpha + n_scored)  # mean of Dirichlet(alpha + n)
+    return post @ component_means
+
+
+def _count_table(scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor) -> Tensor:
+    """``log V_N(n)`` over the dense count table for a chunk of sequences, ``[b, side, .., side]``."""
+    batch_size, n_scored, m = scaled.shape
+    shape = (batch_size,) + free_total.shape
+    table = torch.zeros(shape, dtype=torch.float64)
+    table[(slice(None),) + (0,) * (m - 1)] = 1.0  # V_0 = 1 at n = 0
+    spare = torch.zeros(shape, dtype=torch.float64)
+    log_scale = torch.zeros(batch_size, dtype=torch.float64)
+    expand = (slice(None),) + (None,) * (m - 1)  # [b] -> [b, 1, .., 1]
+    for k in range(1, n_scored + 1):
+        region = (slice(0, k + 1),) * (m - 1)  # counts reachable after k positions
+        old, new = table[(slice(None),) + region], spare[(slice(None),) + region]
+        p = scaled[:, k - 1, :] / k  # [b, m]
+        # lag m: n_m = k - (n_1 + .. + n_{m-1}) is implied, the free counts stay put.
+        torch.mul(old, k - free_total[region], out=new)
+        new.mul_(p[:, m - 1][expand])
+        # lag g < m: from n - e_g, weighted by n_g.
+        for g in range(m - 1):
+            dst = list(region)
+            src = list(region)
+            dst[g], src[g] = slice(1, k + 1), slice(0, k)
+            shifted = old[(slice(None),) + tuple(src)] * p[:, g][expand]
+            new[(slice(None),) + tuple(dst)].addcmul_(shifted, count_grids[g][tuple(dst)])
+        table, spare = spare, table
+        if k % 16 == 0 or k == n_scored:
+            peak = einops.reduce(table, "b ... -> b", "max")
+            table.div_(peak[expand])
+            log_scale += torch.log(peak)
+    # log_scale is a per-sequence constant; kept for clarity, it cancels in the posterior.
+    return torch.log(table)
+
+
+def _gibbs_posterior_mean(
+    lag_probs: Tensor, alpha: float, num_samples: int, burn_in: int, generator: torch.Generator
+) -> Tensor:
+    """Gibbs sampling with data augmentation, Rao-Blackwellised.
+
+    Alternates ``z_k | lambda ~ Cat(lambda_g P[k,g] / sum_h lambda_h P[k,h])`` and
+    ``lambda | z ~ Dirichlet(alpha + n(z))``, starting at the centre, and averages the conditional
+    means ``E[lambda | z] = (alpha + n) / (m alpha + N)`` over the ``num_samples`` sweeps after
+    ``burn_in``. Every sequence of the batch runs its own chain, all at once.
+    """
+    batch_size, n_scored, m = lag_probs.shape
+    log_lag_probs = torch.log(lag_probs)
+    log_weights = torch.full((batch_size, m), -math.log(m), dtype=torch.float64)
+    total = torch.zeros(batch_size, m, dtype=torch.float64)
+    for sweep in range(burn_in + num_samples):
+        # z_k by inverse CDF on the unnormalised lag posterior (shifted by its max: no underflow).
+        scores = log_weights.unsqueeze(1) + log_lag_probs
+        cdf = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).cumsum(dim=-1)
+        u = torch.rand(batch_size, n_scored, 1, generator=generator, dtype=torch.float64) * cdf[..., -1:]
+        lags = (u >= cdf).sum(dim=-1).clamp_(max=m - 1)  # 0-based lag index, [B, N]
+        counts = torch.zeros(batch_size, m, dtype=torch.float64).scatter_add_(
+            1, lags, torch.ones(batch_size, n_scored, dtype=torch.float64)
+        )
+        if sweep >= burn_in:
+            total += (alpha + counts) / (m * alpha + n_scored)
+        log_weights = torch.log(dirichlet_sample(alpha + counts, generator))
+    return total / num_samples
