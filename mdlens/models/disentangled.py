@@ -1,0 +1,337 @@
+"""The disentangled transformer (Nichani, Damian & Lee 2024) as a ``HookedTransformer`` subclass.
+
+Architecture (paper-notes §4): one head per layer, no MLP, no LayerNorm, no attention scaling, a
+single score matrix ``W_A`` per layer, and a residual stream that is a *concatenation*: layer
+``l`` appends its output and never writes anywhere else. Relative-position encodings (RPE) route
+information by offset ``i - j``.
+
+How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalization_type=None``,
+``use_attn_scale=False``):
+
+- **Residual = named blocks of ``d_model``** (:class:`~mdlens.models.layout.ResidualLayout`,
+  ``model.layout``). Block ``tokens`` (width ``q``) holds the one-hot token: ``W_E`` is that
+  frozen one-hot embedding. There is no absolute positional embedding: ``W_pos`` is frozen at
+  zero (positions enter only through the attention terms below). Layer ``l`` (1-based; it is
+  ``blocks[l-1]``) writes block ``L{l}`` = [attention-weighted copy of the whole residual before
+  it (width ``D_{l-1}``) ; ``L{l}.rel`` (width ``W``)], so ``D_l = 2 D_{l-1} + W`` and
+  ``d_model = D_L``. Later blocks are still zero when layer ``l`` reads.
+- **Scores**: ``score(i, j) = h_i W_A h_j^T`` with ``d_head = d_model + W``, ``W_Q = [W_A | 0]``
+  (trainable; only the ``D_{l-1} x D_{l-1}`` corner that reads earlier blocks is initialised
+  non-zero, and every other entry gets exactly zero gradient, so it stays zero), ``W_K = [I | 0]``
+  frozen. Hence ``model.QK[l] == W_A``.
+- **Values**: ``W_V = [I | 0]`` frozen (the value is the residual itself) and the value RPE fills
+  the last ``W`` coordinates of ``z``: ``z_i = sum_j A_ij [h_j ; r_l(i - j)]``. Keeping the RPE
+  inside ``z`` means ``hook_z`` / ``hook_result`` carry the whole head output, so TL's per-head
+  patching patches all of it. ``W_O`` is frozen: it maps ``z[:D_{l-1}]`` to ``L{l}``'s copy part
+  and ``z[d_model:]`` to ``L{l}.rel``. All biases are zero and frozen.
+- **Positional terms** (trainable, per layer, each behind its own HookPoint):
+
+  1. ``rel_score[o]``, a scalar for every offset ``o = 0..n_ctx-1`` -> ``hook_rel_scores``;
+  2. ``key_pos_score[j]``, a scalar per absolute key position ``j = 0..n_ctx-1`` ->
+     ``hook_key_pos_scores``. Relative terms alone cannot make a layer attend uniformly to
+     positions ``m+1..t`` at *every* query ``t`` (it must skip the first ``m`` keys, which have no
+     full lag window, at any distance); at the last position alone offsets would suffice, as in
+     the paper, but mdlens reads every position;
+  3. ``rel_query[:, o]`` (``U_l``, ``[d_model, W]``), a query-dependent score per offset in the
+     window: ``score(i, j) += h_i . U_l[:, i - j]`` for ``0 <= i - j < W`` ->
+     ``hook_rel_query_scores``;
+  4. ``rel_value[o]`` (``r_l(o)`` in ``R^W``, zero beyond the window), whose attention-weighted sum
+     ``sum_j A_ij r_l(i - j)`` -> ``hook_rel_values`` ``[batch, pos, head, W]``.
+
+  The per-pair score hooks have TL's pattern shape ``[batch, head, query_pos, key_pos]`` (the
+  position-only ones are expanded views over the batch); entries above the diagonal are zero and
+  irrelevant (the causal mask follows). ``hook_attn_scores`` = content + the three terms, masked.
+- **Output**: TL's unembed, ``W_U`` ``[d_model, q]`` trainable, ``b_U`` frozen at zero (the
+  paper's readout is linear). ``model.output_type = "probs"``: the raw output at a position is read
+  as the next-token probability vector (the paper trains it with MSE on the last position).
+
+Initialisation (seeded by ``seed`` through a private ``torch.Generator``): ``W_A``, ``U_l`` and
+``W_U`` small Gaussians (std ``init_std``) on the coordinates they can read; ``rel_value(o)`` =
+one-hot of ``o`` (each layer starts out able to tell offsets apart, which the construction needs
+in layers 1 and 3); ``rel_score`` and ``key_pos_score`` zero (uniform causal attention at start).
+
+Not supported: ``past_kv_cache`` (generation with a key/value cache) and split q/k/v inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components import Attention
+from transformer_lens.hook_points import HookPoint
+
+from mdlens.models._tl import (
+    check_output_type,
+    preserve_global_rng,
+    quiet_hooked_transformer_deprecation,
+)
+from mdlens.models.layout import ResidualLayout
+
+MAX_LAYERS = 8
+DEFAULT_INIT_STD = 0.02
+
+
+def _frozen(tensor: Tensor) -> nn.Parameter:
+    """A parameter that state_dict, ``model.OV`` and TL's tools see, but the optimiser does not."""
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+def residual_widths(vocab_size: int, n_layers: int, window: int) -> list[int]:
+    """``[D_0, ..., D_L]``: the residual width before each layer and at the end (``D_0 = q``)."""
+    widths = [vocab_size]
+    for _ in range(n_layers):
+        widths.append(2 * widths[-1] + window)
+    return widths
+
+
+class DisentangledAttention(Attention):
+    """One disentangled head: single score matrix, concatenated output, four RPE terms.
+
+    Layer ``layer`` (1-based) reads the first ``read_width = D_{l-1}`` residual coordinates and
+    writes coordinates ``[D_{l-1}, 2 D_{l-1} + W)``. See the module docstring for the maths.
+    """
+
+    def __init__(self, cfg: HookedTransformerConfig, layer: int, read_width: int, window: int):
+        super().__init__(cfg, "global", layer - 1)
+        d_model, d_head, dtype = cfg.d_model, cfg.d_head, cfg.dtype
+        if d_head != d_model + window:
+            raise ValueError(f"d_head must be d_model + window, got {d_head} != {d_model} + {window}")
+        self.layer = layer
+        self.read_width = read_width
+        self.window = window
+
+        eye_then_zeros = torch.zeros(1, d_model, d_head, dtype=dtype)  # [I | 0]
+        eye_then_zeros[0, :, :d_model] = torch.eye(d_model, dtype=dtype)
+        self.W_Q = nn.Parameter(torch.zeros(1, d_model, d_head, dtype=dtype))  # [W_A | 0]
+        self.W_K = _frozen(eye_then_zeros.clone())
+        self.W_V = _frozen(eye_then_zeros.clone())
+        # W_O: z[:D_{l-1}] -> copy part of L{l}; z[d_model:] (the value RPE) -> L{l}.rel.
+        W_O = torch.zeros(1, d_head, d_model, dtype=dtype)
+        W_O[0, :read_width, read_width : 2 * read_width] = torch.eye(read_width, dtype=dtype)
+        W_O[0, d_model:, 2 * read_width : 2 * read_width + window] = torch.eye(window, dtype=dtype)
+        self.W_O = _frozen(W_O)
+        for name in ("b_Q", "b_K", "b_V"):
+            setattr(self, name, _frozen(torch.zeros(1, d_head, dtype=dtype)))
+        self.b_O = _frozen(torch.zeros(d_model, dtype=dtype))
+
+        self.rel_score = nn.Parameter(torch.zeros(cfg.n_ctx, dtype=dtype))  # per offset 0..n_ctx-1
+        self.key_pos_score = nn.Parameter(torch.zeros(cfg.n_ctx, dtype=dtype))  # per key position
+        self.rel_query = nn.Parameter(torch.zeros(d_model, window, dtype=dtype))  # U_l
+        self.rel_value = nn.Parameter(torch.eye(window, dtype=dtype))  # row o = r_l(o)
+
+        self.hook_rel_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_key_pos_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_rel_query_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_rel_values = HookPoint()  # [batch, pos, head, window]
+
+    @property
+    def W_A(self) -> Float[Tensor, "read read"]:
+        """The score matrix on the coordinates this layer can read: ``score = h_i W_A h_j^T``."""
+        return self.W_Q[0, : self.read_width, : self.read_width]
+
+    def forward(
+        self,
+        query_input: Float[Tensor, "batch pos d_model"],
+        key_input: Float[Tensor, "batch pos d_model"],
+        value_input: Float[Tensor, "batch pos d_model"],
+        past_kv_cache_entry=None,
+        additive_attention_mask: Float[Tensor, "batch 1 1 pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        position_bias=None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        if past_kv_cache_entry is not None:
+            raise ValueError("the disentangled transformer does not support past_kv_cache")
+        if query_input.ndim != 3:
+            raise ValueError("the disentangled transformer does not support split q/k/v inputs")
+        batch, n_pos, _ = query_input.shape
+
+        # Content score h_i W_A h_j^T: TL's q = h W_Q, k = h W_K = [h | 0], v = [h | 0].
+        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        content_scores = self.calculate_attention_scores(q, k)  # [batch, 1, query, key], scale 1
+
+        offset = self._offsets(n_pos, query_input.device)  # offset[i, j] = i - j
+        causal = offset >= 0
+        rel_scores = torch.where(causal, self.rel_score[offset.clamp(min=0)], 0.0)
+        rel_scores = self.hook_rel_scores(rel_scores.expand(batch, 1, n_pos, n_pos))
+        key_pos_scores = torch.where(causal, self.key_pos_score[:n_pos], 0.0)
+        key_pos_scores = self.hook_key_pos_scores(key_pos_scores.expand(batch, 1, n_pos, n_pos))
+        # h_i . U[:, i - j] for offsets in the window: (h U)[i, o] placed at key j = i - o.
+        query_by_offset = query_input @ self.rel_query  # [batch, pos, window]
+        rel_query_scores = self.hook_rel_query_scores(
+            self._band_to_square(query_by_offset, offset).unsqueeze(1)
+        )
+
+        attn_scores = content_scores + rel_scores + key_pos_scores + rel_query_scores
+        attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
+        if additive_attention_mask is not None:
+            attn_scores = attn_scores + additive_attention_mask
+        attn_scores = self.hook_attn_scores(attn_scores)
+        pattern = F.softmax(attn_scores, dim=-1)
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        pattern = self.hook_pattern(pattern)  # [batch, 1, query, key]
+
+        # z_i = sum_j A_ij [h_j ; r(i - j)]: the content value plus the value RPE in the last W coords.
+        content_z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        pattern_by_offset = self._square_to_band(pattern[:, 0], offset)  # [batch, pos, window]
+        rel_values = self.hook_rel_values((pattern_by_offset @ self.rel_value).unsqueeze(2))
+        z = self.hook_z(content_z + F.pad(rel_values, (self.cfg.d_model, 0)))
+
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
+        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+
+    def _offsets(self, n_pos: int, device: torch.device) -> Int[Tensor, "query key"]:
+        positions = torch.arange(n_pos, device=device)
+        return positions[:, None] - positions[None, :]
+
+    def _band_to_square(
+        self, by_offset: Float[Tensor, "batch query window"], offset: Int[Tensor, "query key"]
+    ) -> Float[Tensor, "batch query key"]:
+        """``out[b, i, j] = by_offset[b, i, i - j]`` inside the window ``0 <= i - j < W``, else 0."""
+        batch, n_pos, _ = by_offset.shape
+        in_window = (offset >= 0) & (offset < self.window)
+        index = offset.clamp(0, self.window - 1).expand(batch, n_pos, n_pos)
+        return torch.where(in_window, torch.gather(by_offset, 2, index), 0.0)
+
+    def _square_to_band(
+        self, square: Float[Tensor, "batch query key"], offset: Int[Tensor, "query key"]
+    ) -> Float[Tensor, "batch query window"]:
+        """``out[b, i, o] = square[b, i, i - o]`` for ``o < W`` with ``i - o >= 0``, else 0."""
+        batch, n_pos, _ = square.shape
+        window_offsets = torch.arange(self.window, device=square.device)
+        key = offset[:, :1] - window_offsets[None, :]  # key position i - o, [query, window]
+        index = key.clamp(min=0).expand(batch, n_pos, self.window)
+        return torch.where(key >= 0, torch.gather(square, 2, index), 0.0)
+
+
+class DisentangledTransformer(HookedTransformer):
+    """The disentangled transformer as a ``HookedTransformer`` (see the module docstring).
+
+    Args:
+        vocab_size: ``q``, the width of the ``tokens`` block and of the output.
+        n_ctx: the longest sequence; ``rel_score`` and ``key_pos_score`` have this many entries.
+        n_layers: 1 to 8.
+        window: ``W``, the relative-position window (offsets ``0..W-1``) of ``rel_query`` and
+            ``rel_value``; the MTD default is ``order + 1`` (offsets ``0..m``).
+        seed: initialisation seed.
+        dtype: ``torch.float32`` for training, ``torch.float64`` for exact comparisons.
+        init_std: standard deviation of the random parts of the initialisation.
+        order: the MTD order ``m`` this model is meant for (recorded only).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_ctx: int,
+        n_layers: int = 3,
+        window: int = 4,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        init_std: float = DEFAULT_INIT_STD,
+        order: int | None = None,
+        output: str = "probs",
+    ):
+        for value, name, minimum in ((vocab_size, "vocab_size", 2), (n_ctx, "n_ctx", 2),
+                                     (n_layers, "n_layers", 1), (window, "window", 1), (seed, "seed", 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if n_layers > MAX_LAYERS:
+            raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if not (isinstance(init_std, (int, float)) and init_std >= 0):
+            raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
+        check_output_type(output)
+
+        widths = residual_widths(vocab_size, n_layers, window)
+        d_model = widths[-1]
+        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+            cfg = HookedTransformerConfig(
+                n_layers=n_layers,
+                d_model=d_model,
+                n_ctx=n_ctx,
+                d_head=d_model + window,
+                n_heads=1,
+                d_vocab=vocab_size,
+                d_vocab_out=vocab_size,
+                attn_only=True,
+                normalization_type=None,
+                use_attn_scale=False,
+                act_fn=None,
+                positional_embedding_type="standard",
+                default_prepend_bos=False,
+                init_weights=False,  # every weight is set below, from a private generator
+                seed=seed,
+                dtype=dtype,
+                device=device,
+            )
+            super().__init__(cfg, move_to_device=False)
+        for index, block in enumerate(self.blocks):
+            block.attn = DisentangledAttention(cfg, index + 1, widths[index], window)
+
+        self.window = window
+        self.order = order
+        self.residual_widths = widths
+        self.layout = ResidualLayout.disentangled(vocab_size, n_layers, window)
+        self.output_type = output
+        self._init_disentangled_weights(seed, float(init_std))
+        self.to(device, print_details=False)
+        self.setup()  # give the new HookPoints their names
+
+    @torch.no_grad()
+    def _init_disentangled_weights(self, seed: int, init_std: float) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        dtype, q = self.cfg.dtype, self.cfg.d_vocab
+
+        def small(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype) * init_std
+
+        one_hot = torch.zeros(q, self.cfg.d_model, dtype=dtype)
+        one_hot[:, :q] = torch.eye(q, dtype=dtype)
+        self.embed.W_E = _frozen(one_hot)
+        self.pos_embed.W_pos = _frozen(torch.zeros(self.cfg.n_ctx, self.cfg.d_model, dtype=dtype))
+        for block in self.blocks:
+            attn = block.attn
+            read = attn.read_width
+            attn.W_Q[0, :read, :read] = small(read, read)
+            attn.rel_query[:read] = small(read, self.window)
+        self.unembed.W_U = nn.Parameter(small(self.cfg.d_model, q))
+        self.unembed.b_U = _frozen(torch.zeros(q, dtype=dtype))
+
+    def score_matrix(self, layer: int) -> Float[Tensor, "read read"]:
+        """``W_A`` of layer ``layer`` (1-based) on the coordinates it reads, ``[D_{l-1}, D_{l-1}]``."""
+        if not 1 <= layer <= self.cfg.n_layers:
+            raise ValueError(f"layer must be in 1..{self.cfg.n_layers}, got {layer}")
+        return self.blocks[layer - 1].attn.W_A
+
+    @classmethod
+    def from_task(cls, task, n_ctx: int, n_layers: int = 3, window: int | None = None, **kwargs):
+        """A model sized for an :class:`mdlens.task.MTDTask` (``q`` and the default window ``m + 1``)."""
+        order = task.order
+        return cls(task.transition.shape[0], n_ctx, n_layers=n_layers,
+                   window=order + 1 if window is None else window, order=order, **kwargs)
+
+
+def disentangled_transformer(
+    vocab_size: int,
+    order: int,
+    n_ctx: int,
+    n_layers: int = 3,
+    window: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    init_std: float = DEFAULT_INIT_STD,
+) -> DisentangledTransformer:
+    """A disentangled transformer for MTD of order ``m = order``; window defaults to ``m + 1``."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be a positive int, got {order!r}")
+    return DisentangledTransformer(
+        vocab_size, n_ctx, n_layers=n_layers, window=order + 1 if window is None else window,
+        seed=seed, dtype=dtype, device=device, init_std=init_std, order=order,
+    )
