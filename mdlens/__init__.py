@@ -5,3 +5,4 @@ See README.md for the quick start and ``shared/paper-notes.md`` for the maths.
 
 from mdlens import estimators
 from mdlens.task import MTDSample, MTDTask
+from mdlens.checkpoints import load, load_task, save

@@ -279,6 +279,13 @@ class DisentangledTransformer(HookedTransformer):
         self.residual_widths = widths
         self.layout = ResidualLayout.disentangled(vocab_size, n_layers, window)
         self.output_type = output
+        # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
+        self.mdlens_kind = "disentangled"
+        self.mdlens_args = {
+            "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "window": window,
+            "seed": seed, "dtype": str(dtype).removeprefix("torch."), "init_std": float(init_std),
+            "order": order, "output": output,
+        }
         self._init_disentangled_weights(seed, float(init_std))
         self.to(device, print_details=False)
         self.setup()  # give the new HookPoints their names

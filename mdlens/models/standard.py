@@ -102,4 +102,12 @@ def standard_transformer(
         )
         model = HookedTransformer(cfg)
     model.output_type = output
+    # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
+    model.mdlens_kind = "standard"
+    model.mdlens_args = {
+        "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "d_model": d_model,
+        "n_heads": n_heads, "d_mlp": d_mlp, "attn_only": attn_only, "normalization": normalization,
+        "positions": positions, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+        "output": output, "act_fn": act_fn,
+    }
     return model

@@ -1,0 +1,244 @@
+"""Checkpoints: ``mdlens.save(model, directory)`` / ``mdlens.load(directory)``.
+
+A checkpoint is a directory with two files:
+
+- ``model.safetensors``: the model's ``state_dict`` (every parameter, frozen ones included), bit-exact;
+- ``model.json``: how to rebuild the model around those weights: the format version, the model kind
+  (``"disentangled"`` or ``"standard"``) and the arguments of its builder, its TransformerLens
+  config (for reading; the model is rebuilt from the builder arguments), ``output_type``, the
+  residual layout with its names (a construction's aliases included), construction parameters
+  (``model.md_params``) when present, the task (transition, order, alpha, seed) when given, and
+  the SHA-256 of the weights file.
+
+Loading builds a fresh model, checks the weights file against the recorded hash (a truncated or
+swapped file is caught before anything is read), loads the weights strictly (every key, every
+shape, every dtype) and only then returns the model: a failure raises and never hands back a
+half-loaded model. Both files are written to temporary names first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer
+
+from mdlens.task import MTDTask
+
+FORMAT_NAME = "mdlens-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+MODEL_KINDS = ("disentangled", "standard")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(model: HookedTransformer, directory: str | Path, task: MTDTask | None = None) -> Path:
+    """Write ``model`` (and the ``task`` it is meant for, if given) to ``directory``; returns it.
+
+    The model must have been built by mdlens (it carries ``mdlens_kind`` and ``mdlens_args``).
+    Other files in ``directory`` (training state, reports) are left alone.
+    """
+    kind, args = _model_spec(model)
+    if task is not None and not isinstance(task, MTDTask):
+        raise ValueError(f"task must be an MTDTask or None, got {type(task).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    weights = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    weights_tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_file(weights, str(weights_tmp))
+    layout = getattr(model, "layout", None)
+    config = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "args": args,
+        "output_type": getattr(model, "output_type", "logits"),
+        "layout": layout.to_dict() if layout is not None else None,
+        "md_params": _to_json(getattr(model, "md_params", None)),
+        "task": _task_to_json(task) if task is not None else None,
+        "weights_sha256": _sha256(weights_tmp),
+        "transformer_lens_cfg": _to_json(model.cfg.to_dict()),
+    }
+    config_tmp = directory / f".{CONFIG_FILE}.tmp"
+    config_tmp.write_text(json.dumps(config, indent=1))
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    os.replace(config_tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def _model_spec(model: HookedTransformer) -> tuple[str, dict]:
+    if not isinstance(model, HookedTransformer):
+        raise ValueError(f"mdlens.save takes a HookedTransformer, got {type(model).__name__}")
+    kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
+    if kind not in MODEL_KINDS or not isinstance(args, dict):
+        raise ValueError(
+            "this HookedTransformer was not built by mdlens (no mdlens_kind / mdlens_args), so mdlens.load "
+            "could not rebuild it; build it with mdlens.models or mdlens.construction"
+        )
+    return kind, dict(args)
+
+
+def _task_to_json(task: MTDTask) -> dict:
+    return {
+        "vocab_size": task.vocab_size,
+        "order": task.order,
+        "alpha": task.alpha,
+        "seed": task.seed,
+        "transition_concentration": task.transition_concentration,
+        "transition": task.transition.tolist(),
+    }
+
+
+def _to_json(value):
+    """JSON-friendly copy: tensors become ``{"tensor": nested list, "dtype": name}``, dtypes strings."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {str(key): _to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # torch.dtype, torch.device, enums of the TL config: recorded for reading
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        if set(value) == {"tensor", "dtype"} and value["dtype"] in DTYPES:
+            return torch.tensor(value["tensor"], dtype=DTYPES[value["dtype"]])
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(directory: str | Path) -> dict:
+    """The checked ``model.json`` of a checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an mdlens checkpoint: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON (truncated or corrupt?): {error}") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path} is not an mdlens checkpoint config")
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has checkpoint format version {config.get('version')!r}; this mdlens reads {FORMAT_VERSION}"
+        )
+    missing = [key for key in ("kind", "args", "output_type", "weights_sha256") if key not in config]
+    if missing:
+        raise ValueError(f"{config_path} lacks the fields {missing}")
+    if config["kind"] not in MODEL_KINDS:
+        raise ValueError(f"{config_path}: unknown model kind {config['kind']!r}; known: {MODEL_KINDS}")
+    return config
+
+
+def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
+    """The model saved in ``directory`` by :func:`save`, rebuilt and loaded strictly.
+
+    Raises ``FileNotFoundError`` for a missing directory or file and ``ValueError`` for a corrupt,
+    truncated or mismatched one; never returns a partly loaded model.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete mdlens checkpoint: {WEIGHTS_FILE} is missing")
+    if _sha256(weights_path) != config["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path} does not match its config (SHA-256 differs): the file is truncated, corrupt, "
+            f"or from another checkpoint"
+        )
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path} cannot be read as safetensors: {error}") from error
+
+    model = _build(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape or value.dtype != expected[name].dtype:
+            raise ValueError(
+                f"{weights_path}: {name} has shape {tuple(value.shape)} {value.dtype}, the model expects "
+                f"{tuple(expected[name].shape)} {expected[name].dtype}"
+            )
+    model.load_state_dict(weights, strict=True)
+
+    if config.get("layout") is not None:
+        from mdlens.models.layout import ResidualLayout
+
+        layout = ResidualLayout.from_dict(config["layout"])
+        if layout.leaves() != model.layout.leaves():
+            raise ValueError(f"{directory}: the saved residual layout does not match the rebuilt model's")
+        model.layout = layout
+    if config.get("md_params") is not None:
+        model.md_params = _from_json(config["md_params"])
+    model.output_type = config["output_type"]
+    return model.to(device)
+
+
+def load_task(directory: str | Path) -> MTDTask | None:
+    """The task saved with the checkpoint (``None`` if it was saved without one).
+
+    Rebuilt from its seed when that reproduces the saved transition (so ``task.sample`` continues
+    the same random stream as the original task), else from the saved transition matrix.
+    """
+    record = read_config(directory).get("task")
+    if record is None:
+        return None
+    transition = torch.tensor(record["transition"], dtype=torch.float64)
+    task = MTDTask(
+        vocab_size=record["vocab_size"], order=record["order"], alpha=record["alpha"], seed=record["seed"],
+        transition_concentration=record["transition_concentration"],
+    )
+    if torch.equal(task.transition, transition):
+        return task
+    return MTDTask(order=record["order"], alpha=record["alpha"], seed=record["seed"], transition=transition)
+
+
+def _build(config: dict) -> HookedTransformer:
+    args = dict(config["args"])
+    if args.get("dtype") not in DTYPES:
+        raise ValueError(f"checkpoint dtype {args.get('dtype')!r} is not one of {tuple(DTYPES)}")
+    args["dtype"] = DTYPES[args["dtype"]]
+    try:
+        if config["kind"] == "disentangled":
+            from mdlens.models import DisentangledTransformer
+
+            return DisentangledTransformer(**args)
+        from mdlens.models import standard_transformer
+
+        return standard_transformer(**args)
+    except TypeError as error:
+        raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
