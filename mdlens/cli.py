@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
     bench.set_defaults(handler=_bench)
 
+    from mdlens.training import add_train_arguments
+
+    train = commands.add_parser("train", help="train a model on the MTD task; writes a loadable checkpoint")
+    add_train_arguments(train)
+
     return parser
 
 

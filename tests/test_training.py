@@ -1,0 +1,266 @@
+"""mdlens.training: targets, schedule, a tiny run that learns, determinism, kill + resume, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+import mdlens
+from mdlens import MTDTask
+from mdlens import estimators as E
+from mdlens.cli import main as cli_main
+from mdlens.models import DisentangledTransformer, disentangled_transformer, standard_transformer
+from mdlens.training import TrainConfig, learning_rate, next_token_targets, sequence_length, train
+
+TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(**overrides) -> TrainConfig:
+    """A few-second run: short sequences, small batches, a small held-out batch, no Bayes reference."""
+    fields = dict(steps=20, batch_size=16, seq_len=16, lr=1e-2, eval_every=0, eval_batch_size=32,
+                  eval_bayes=False, device="cpu", progress=False, log_every=1)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets and schedules against the formulas, written out
+
+
+def test_next_token_targets_match_an_explicit_loop():
+    sample = TASK.sample(4, 12, generator=torch.Generator().manual_seed(3))
+    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition)
+    m, q, seq_len = TASK.order, TASK.vocab_size, 12
+    assert targets.shape == (4, seq_len - m, q)
+    pi = TASK.transition.tolist()
+    for b in range(4):
+        y = sample.tokens[b].tolist()
+        lam = sample.weights[b].tolist()
+        for row, t in enumerate(range(m + 1, seq_len + 1)):  # 1-indexed t: predict y_{t+1} from y_1..y_t
+            # y_{t+1-g} (1-indexed) is y[t - g] (0-indexed).
+            expected = [sum(lam[g - 1] * pi[y[t - g]][v] for g in range(1, m + 1)) for v in range(q)]
+            assert targets[b, row].tolist() == pytest.approx(expected, abs=1e-12)
+    # The last row is the predictive of y_{T+1} that the sampler reports.
+    torch.testing.assert_close(targets[:, -1], sample.next_probs, rtol=0, atol=1e-12)
+
+
+def test_learning_rate_schedule_formula():
+    config = small_config(steps=100, lr=2e-3, warmup_steps=10, min_lr_ratio=0.1, lr_schedule="cosine")
+    assert learning_rate(0, config) == pytest.approx(2e-3 / 10)
+    assert learning_rate(9, config) == pytest.approx(2e-3)
+    assert learning_rate(10, config) == pytest.approx(2e-3)  # cosine starts at the peak
+    # Half-way through the decay the cosine factor is 1/2: lr * (0.1 + 0.9 * 0.5).
+    assert learning_rate(55, config) == pytest.approx(2e-3 * 0.55)
+    assert learning_rate(100, config) == pytest.approx(2e-3 * 0.1)
+    constant = small_config(steps=100, lr=2e-3, lr_schedule="constant")
+    assert {learning_rate(s, constant) for s in (0, 50, 99)} == {2e-3}
+
+
+def test_curriculum_grows_the_length_linearly():
+    config = small_config(seq_len=40, curriculum_start_len=10, curriculum_steps=30)
+    assert sequence_length(0, config, order=3) == 10
+    assert sequence_length(15, config, order=3) == 25
+    assert sequence_length(30, config, order=3) == 40
+    assert sequence_length(1000, config, order=3) == 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny run learns
+
+
+def test_tiny_run_lowers_the_loss_and_beats_the_uniform_guess():
+    # alpha = 0.1 makes each sequence lean on one lag, so the context is informative and the uniform
+    # guess is far from the truth: 200 steps at T = 24 (seconds) separate in-context learning from
+    # chance. A logits readout with cross-entropy keeps every KL finite (a clipped 'probs' output can
+    # put zero mass on a possible token early in training).
+    task = MTDTask(vocab_size=5, order=3, alpha=0.1, seed=0)
+    model = DisentangledTransformer.from_task(task, 24, n_layers=3, seed=0, output="logits")
+    config = small_config(steps=200, batch_size=32, seq_len=24, lr=3e-2, lr_schedule="constant", loss="ce",
+                          eval_batch_size=256, log_every=10)
+    result = train(model, task, config)
+    losses = [loss for _, loss in result.losses]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.03, losses
+    assert result.final_eval["kl_model"] < result.final_eval["kl_uniform"]
+    # Recomputed here from the definitions, on fresh samples the run never saw: the model's KL
+    # against the uniform-weights predictive sum_g (1/m) pi(y_{T+1-g}, .).
+    fresh = task.sample(512, 24, generator=torch.Generator().manual_seed(99))
+    kl_model = E.kl_divergence(fresh.next_probs, mdlens.predict_next(model, fresh.tokens)).mean().item()
+    uniform = torch.full((512, 3), 1 / 3, dtype=torch.float64)
+    kl_uniform = E.kl_divergence(fresh.next_probs, E.predictive(fresh.tokens, task.transition, uniform)).mean().item()
+    assert kl_model < 0.8 * kl_uniform, (kl_model, kl_uniform)
+    assert result.steps == 200 and result.samples == 200 * 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Determinism, kill and resume
+
+
+def test_same_seed_same_weights_different_seed_different_weights():
+    runs = []
+    for seed in (0, 0, 1):
+        model = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)  # same init: only the data differ
+        train(model, TASK, small_config(steps=8, seed=seed))
+        runs.append(weights_of(model))
+    assert_same_weights(runs[0], runs[1])
+    assert not torch.equal(runs[0]["unembed.W_U"], runs[2]["unembed.W_U"])
+
+
+class Killed(Exception):
+    """Stands for the process dying (SIGKILL, power cut) in the middle of a run."""
+
+
+class DiesAfter:
+    """The task, except that the run dies when it asks for training batch number ``batches + 1``.
+
+    ``train`` draws one held-out batch first (``eval_batch_size`` sequences), then one training batch
+    per step; only the training batches are counted.
+    """
+
+    def __init__(self, task: MTDTask, batches: int, batch_size: int):
+        self.task, self.batches, self.batch_size, self.drawn = task, batches, batch_size, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def sample(self, batch_size, seq_len, generator=None):
+        if batch_size == self.batch_size:
+            if self.drawn == self.batches:
+                raise Killed
+            self.drawn += 1
+        return self.task.sample(batch_size, seq_len, generator=generator)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_run_killed_half_way_and_resumed_matches_an_uninterrupted_run(tmp_path, loss):
+    def fresh_model(seed):
+        if loss == "ce":
+            return standard_transformer(5, 16, n_layers=1, d_model=16, seed=seed)
+        return disentangled_transformer(5, 3, 16, n_layers=2, seed=seed)
+
+    # Cosine schedule over all 20 steps, warm-up, clipping: everything that depends on the step.
+    config = small_config(steps=20, loss=loss, lr_schedule="cosine", warmup_steps=3, eval_every=5)
+    reference = fresh_model(0)
+    reference_result = train(reference, TASK, config)
+
+    checkpointed = small_config(steps=20, loss=loss, lr_schedule="cosine", warmup_steps=3, eval_every=5,
+                                checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    with pytest.raises(Killed):  # dies at step 15, five steps after the checkpoint at step 10
+        train(fresh_model(0), DiesAfter(TASK, 15, config.batch_size), checkpointed)
+    # A new process: a model with another initialisation, the same config, resume=True.
+    resumed = fresh_model(7)
+    resumed_result = train(resumed, TASK, small_config(**{**vars(checkpointed), "resume": True}))
+
+    assert_same_weights(weights_of(reference), weights_of(resumed))
+    assert resumed_result.losses == reference_result.losses
+    assert [e["kl_model"] for e in resumed_result.evals] == [e["kl_model"] for e in reference_result.evals]
+    assert resumed_result.samples == reference_result.samples == 20 * 16
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    config = small_config(steps=4, checkpoint_dir=str(tmp_path))
+    train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, config)
+    changed = small_config(steps=4, lr=5e-3, checkpoint_dir=str(tmp_path), resume=True)
+    with pytest.raises(ValueError, match="lr"):
+        train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, changed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"seq_len": 2.5}, "seq_len"),
+        ({"lr": 0.0}, "lr"),
+        ({"loss": "l1"}, "loss"),
+        ({"targets": "first"}, "targets"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"device": "tpu"}, "device"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"eval_every": -1}, "eval_every"),
+        ({"curriculum_start_len": 100}, "curriculum_start_len"),
+        ({"resume": True}, "checkpoint_dir"),
+    ],
+)
+def test_bad_config_raises(fields, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**fields)
+
+
+def test_train_rejects_a_model_that_does_not_fit():
+    probs_model = disentangled_transformer(5, 3, 16, n_layers=1)
+    with pytest.raises(ValueError, match="ce"):
+        train(probs_model, TASK, small_config(loss="ce"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        train(disentangled_transformer(4, 3, 16, n_layers=1), TASK, small_config())
+    with pytest.raises(ValueError, match="n_ctx"):
+        train(probs_model, TASK, small_config(seq_len=32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``mdlens train`` end to end
+
+
+def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli_main(["train", "--model", "disentangled", "--layers", "2", "--seq-len", "16", "--steps", "6",
+              "--batch", "8", "--eval-every", "0", "--checkpoint-every", "3", "--device", "cpu",
+              "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {out}" in printed
+    model, task = mdlens.load(out), mdlens.load_task(out)
+    assert isinstance(model, type(disentangled_transformer(5, 3, 16, n_layers=2)))
+    assert torch.equal(task.transition, TASK.transition)
+    report = json.loads((out / "train.json").read_text())
+    assert report["steps"] == 6 and report["samples"] == 48
+
+    # The same run through the Python API gives the same weights as the command.
+    reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    train(reference, TASK, TrainConfig(steps=6, batch_size=8, seq_len=16, eval_every=0, device="cpu",
+                                       progress=False))
+    assert_same_weights(weights_of(reference), weights_of(model))
+    tokens = TASK.sample(4, 16, generator=torch.Generator().manual_seed(0)).tokens
+    probs = mdlens.predict_next(model, tokens)
+    assert torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_cli_train_config_file_and_bad_fields(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "standard", "layers": 1, "d_model": 16, "seq_len": 12, "steps": 2,
+                                  "batch": 4, "eval_every": 0, "loss": "ce", "device": "cpu"}))
+    out = tmp_path / "std"
+    cli_main(["train", "--config", str(config), "--no-progress", "--out", str(out)])
+    assert mdlens.load(out).output_type == "logits"
+    config.write_text(json.dumps({"layer": 2}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        cli_main(["train", "--config", str(config), "--out", str(out)])
+    with pytest.raises(ValueError, match="--model"):
+        cli_main(["train", "--model", "lstm", "--out", str(out)])
+    with pytest.raises(ValueError, match="--out"):
+        cli_main(["train", "--steps", "2"])
+
