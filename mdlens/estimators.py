@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mdlens._random import dirichlet_sample
+from mdlens._random import log_gamma_sample
 from mdlens._validation import (
     check_distribution,
     check_order,
@@ -373,34 +373,43 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float) -> Tensor:
 
 
 def _count_table(scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor) -> Tensor:
-    """``log V_N(n)`` over the dense count table for a chunk of sequences, ``[b, side, .., side]``."""
+    """``log V_N(n)`` over the dense count table for a chunk of sequences, ``[b, side, .., side]``.
+
+    Step ``k``: ``V_k(n) = (n_m / k) P[k,m] V_{k-1}(n) + sum_{g<m} (n_g / k) P[k,g] V_{k-1}(n - e_g)``.
+    The factor ``n_g P[k,g]`` of a free lag is an outer product of a per-sequence scalar and the
+    counts along axis ``g``, so each free lag costs one fused multiply-add over the table.
+    """
     batch_size, n_scored, m = scaled.shape
     shape = (batch_size,) + free_total.shape
     table = torch.zeros(shape, dtype=torch.float64)
     table[(slice(None),) + (0,) * (m - 1)] = 1.0  # V_0 = 1 at n = 0
     spare = torch.zeros(shape, dtype=torch.float64)
-    log_scale = torch.zeros(batch_size, dtype=torch.float64)
-    expand = (slice(None),) + (None,) * (m - 1)  # [b] -> [b, 1, .., 1]
+    per_sequence = (slice(None),) + (None,) * (m - 1)  # [b] -> [b, 1, .., 1]
+    counts = count_grids[0].new_tensor(range(free_total.shape[0]))  # 0..N along one axis
+
+    def axes_except(g: int) -> list[str]:  # einops pattern "1 .. n .. 1": counts on axis g+1
+        return ["1"] + ["n" if i == g else "1" for i in range(m - 1)]
+
     for k in range(1, n_scored + 1):
-        region = (slice(0, k + 1),) * (m - 1)  # counts reachable after k positions
-        old, new = table[(slice(None),) + region], spare[(slice(None),) + region]
+        region = (slice(None),) + (slice(0, k + 1),) * (m - 1)  # counts reachable after k positions
+        old, new = table[region], spare[region]
         p = scaled[:, k - 1, :] / k  # [b, m]
         # lag m: n_m = k - (n_1 + .. + n_{m-1}) is implied, the free counts stay put.
-        torch.mul(old, k - free_total[region], out=new)
-        new.mul_(p[:, m - 1][expand])
-        # lag g < m: from n - e_g, weighted by n_g.
+        torch.mul(old, (k - free_total)[region[1:]], out=new)
+        new.mul_(p[:, m - 1][per_sequence])
+        # lag g < m: from n - e_g, weighted by n_g (only n_g >= 1 receives).
         for g in range(m - 1):
-            dst = list(region)
-            src = list(region)
-            dst[g], src[g] = slice(1, k + 1), slice(0, k)
-            shifted = old[(slice(None),) + tuple(src)] * p[:, g][expand]
-            new[(slice(None),) + tuple(dst)].addcmul_(shifted, count_grids[g][tuple(dst)])
+            dst, src = list(region), list(region)
+            dst[g + 1], src[g + 1] = slice(1, k + 1), slice(0, k)
+            counts_g = einops.rearrange(counts[1 : k + 1], f"n -> {' '.join(axes_except(g))}")
+            weight = p[:, g][per_sequence] * counts_g  # [b, 1, .., k, .., 1]
+            spare[tuple(dst)].addcmul_(table[tuple(src)], weight)
         table, spare = spare, table
         if k % 16 == 0 or k == n_scored:
+            # V only shrinks (its coefficients sum to <= 1); rescale each sequence by its peak.
+            # The factor is a per-sequence constant, which cancels in the normalised posterior.
             peak = einops.reduce(table, "b ... -> b", "max")
-            table.div_(peak[expand])
-            log_scale += torch.log(peak)
-    # log_scale is a per-sequence constant; kept for clarity, it cancels in the posterior.
+            table.div_(peak[per_sequence])
     return torch.log(table)
 
 
@@ -429,5 +438,8 @@ def _gibbs_posterior_mean(
         )
         if sweep >= burn_in:
             total += (alpha + counts) / (m * alpha + n_scored)
-        log_weights = torch.log(dirichlet_sample(alpha + counts, generator))
+        # lambda ~ Dirichlet(alpha + n) as normalised Gammas, kept in log space (a component
+        # whose Gamma draw underflows keeps a finite log weight instead of log 0).
+        log_gammas = log_gamma_sample(alpha + counts, generator)
+        log_weights = log_gammas - torch.logsumexp(log_gammas, dim=-1, keepdim=True)
     return total / num_samples

@@ -124,7 +124,10 @@ class MTDTask:
         for step in range(n_gen):
             parent = tokens_by_pos[parent_pos[step], batch_index]  # [B]
             u = uniforms_by_pos[step].unsqueeze(1)  # [B, 1]
-            emitted = torch.searchsorted(transition_cdf[parent], u, right=True).squeeze(1)
+            # #{w : cdf(parent, w) <= u}, as searchsorted(right=True) would give; written as a
+            # compare-and-count because searchsorted forks threads for every 200 rows, which for
+            # a [B] step costs more than the search (and stalls on a busy machine).
+            emitted = (transition_cdf.index_select(0, parent) <= u).sum(dim=1)
             tokens_by_pos[m + step] = emitted.clamp_(max=q - 1)
         tokens = einops.rearrange(tokens_by_pos, "t b -> b t").contiguous()
 
