@@ -150,27 +150,41 @@ class DisentangledAttention(Attention):
 
         # Content score h_i W_A h_j^T: TL's q = h W_Q, k = h W_K = [h | 0], v = [h | 0].
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
-        content_scores = self.calculate_attention_scores(q, k)  # [batch, 1, query, key], scale 1
+        # Content score h_i W_A h_j^T (no attention scale; a fresh tensor, summed into in place below).
+        attn_scores = torch.einsum("bqhd,bkhd->bhqk", q, k)  # [batch, 1, query, key]
 
         offset = self._offsets(n_pos, query_input.device)  # offset[i, j] = i - j
         causal = offset >= 0
-        rel_scores = torch.where(causal, self.rel_score[offset.clamp(min=0)], 0.0)
-        rel_scores = self.hook_rel_scores(rel_scores.expand(batch, 1, n_pos, n_pos))
-        key_pos_scores = torch.where(causal, self.key_pos_score[:n_pos], 0.0)
-        key_pos_scores = self.hook_key_pos_scores(key_pos_scores.expand(batch, 1, n_pos, n_pos))
+        # The two position-only terms are [query, key] tables shown to the hooks as batch-expanded
+        # views; unless a hook replaces a view, the small table itself is added (one pass, not two).
+        rel_table = torch.where(causal, self.rel_score[offset.clamp(min=0)], 0.0)
+        key_pos_table = torch.where(causal, self.key_pos_score[:n_pos], 0.0)
+        rel_view = rel_table.expand(batch, 1, n_pos, n_pos)
+        key_pos_view = key_pos_table.expand(batch, 1, n_pos, n_pos)
+        rel_scores = self.hook_rel_scores(rel_view)
+        key_pos_scores = self.hook_key_pos_scores(key_pos_view)
+        position_scores = (rel_table if rel_scores is rel_view else rel_scores) + (
+            key_pos_table if key_pos_scores is key_pos_view else key_pos_scores
+        )
+        # The causal mask rides along with the position terms (-inf above the diagonal), so adding
+        # them to the content scores masks in the same pass.
+        position_scores = position_scores.masked_fill(~causal, float("-inf"))
         # h_i . U[:, i - j] for offsets in the window: (h U)[i, o] placed at key j = i - o.
         query_by_offset = query_input @ self.rel_query  # [batch, pos, window]
-        rel_query_scores = self.hook_rel_query_scores(
-            self._band_to_square(query_by_offset, offset).unsqueeze(1)
-        )
+        rel_query_scores = self.hook_rel_query_scores(self._band_to_square(query_by_offset).unsqueeze(1))
 
-        attn_scores = content_scores + rel_scores + key_pos_scores + rel_query_scores
-        attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
+        attn_scores = attn_scores.add_(position_scores).add_(rel_query_scores)
+        if attention_mask is not None:  # padding: TransformerLens' causal-and-padding mask
+            attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
         if additive_attention_mask is not None:
             attn_scores = attn_scores + additive_attention_mask
         attn_scores = self.hook_attn_scores(attn_scores)
         pattern = F.softmax(attn_scores, dim=-1)
-        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        # A row with every key masked (padding) or a non-finite score gives NaN: it attends nowhere
+        # instead. Softmax is NaN-free when every row maximum is finite; checking that (one read)
+        # spares the full rewrite of the pattern in the usual case.
+        if not torch.isfinite(attn_scores.amax(dim=-1)).all():
+            pattern = torch.nan_to_num(pattern, nan=0.0)
         pattern = self.hook_pattern(pattern)  # [batch, 1, query, key]
 
         # z_i = sum_j A_ij [h_j ; r(i - j)]: the content value plus the value RPE in the last W coords.
@@ -188,14 +202,14 @@ class DisentangledAttention(Attention):
         positions = torch.arange(n_pos, device=device)
         return positions[:, None] - positions[None, :]
 
-    def _band_to_square(
-        self, by_offset: Float[Tensor, "batch query window"], offset: Int[Tensor, "query key"]
-    ) -> Float[Tensor, "batch query key"]:
+    def _band_to_square(self, by_offset: Float[Tensor, "batch query window"]) -> Float[Tensor, "batch query key"]:
         """``out[b, i, j] = by_offset[b, i, i - j]`` inside the window ``0 <= i - j < W``, else 0."""
         batch, n_pos, _ = by_offset.shape
-        in_window = (offset >= 0) & (offset < self.window)
-        index = offset.clamp(0, self.window - 1).expand(batch, n_pos, n_pos)
-        return torch.where(in_window, torch.gather(by_offset, 2, index), 0.0)
+        square = by_offset.new_zeros(batch, n_pos, n_pos)
+        for o in range(min(self.window, n_pos)):
+            # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
+            square.diagonal(offset=-o, dim1=1, dim2=2).copy_(by_offset[:, o:, o])
+        return square
 
     def _square_to_band(
         self, square: Float[Tensor, "batch query key"], offset: Int[Tensor, "query key"]
