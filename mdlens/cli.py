@@ -16,6 +16,7 @@ from pathlib import Path
 # name -> module in ``analyses`` with a ``run(out_dir: Path, quick: bool) -> dict`` function.
 REPRODUCTIONS: dict[str, str] = {
     "estimators": "analyses.estimators",
+    "trained": "analyses.trained",
 }
 
 

@@ -464,7 +464,7 @@ def resolve_train_fields(args: argparse.Namespace) -> dict:
 
 def build_model(fields_: dict) -> HookedTransformer:
     """The untrained model the fields describe (float32, seeded by ``seed``)."""
-    from mdlens.models import disentangled_transformer, standard_transformer
+    from mdlens.models import DisentangledTransformer, standard_transformer
 
     if fields_["model"] == "standard":
         # A plain HookedTransformer outputs logits; "mse" is then taken on their softmax.
@@ -472,8 +472,11 @@ def build_model(fields_: dict) -> HookedTransformer:
             fields_["vocab"], fields_["seq_len"], n_layers=fields_["layers"], d_model=fields_["d_model"],
             seed=fields_["seed"], output="logits",
         )
-    return disentangled_transformer(
-        fields_["vocab"], fields_["order"], fields_["seq_len"], fields_["layers"], seed=fields_["seed"]
+    # The paper's disentangled readout is a probability vector trained with MSE; with "ce" it is read
+    # as logits instead (softmax), so that cross-entropy has something to take the log of.
+    return DisentangledTransformer(
+        fields_["vocab"], fields_["seq_len"], n_layers=fields_["layers"], window=fields_["order"] + 1,
+        seed=fields_["seed"], order=fields_["order"], output="logits" if fields_["loss"] == "ce" else "probs",
     )
 
 

@@ -256,6 +256,10 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
     out = tmp_path / "std"
     cli_main(["train", "--config", str(config), "--no-progress", "--out", str(out)])
     assert mdlens.load(out).output_type == "logits"
+    # A disentangled model trained with cross-entropy reads its output as logits.
+    cli_main(["train", "--layers", "1", "--seq-len", "12", "--steps", "2", "--batch", "4", "--loss", "ce",
+              "--eval-every", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "dce")])
+    assert mdlens.load(tmp_path / "dce").output_type == "logits"
     config.write_text(json.dumps({"layer": 2}))
     with pytest.raises(ValueError, match="unknown fields"):
         cli_main(["train", "--config", str(config), "--out", str(out)])
