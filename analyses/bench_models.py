@@ -78,6 +78,12 @@ def main(quick: bool = False) -> list[dict]:
         )
         results.append(_report("run_with_cache vs forward (disentangled)", cached, forward,
                                "run_with_cache", "forward"))
+        # Reference (no target): TransformerLens' own caching overhead on the plain model of equal size.
+        plain_cached, plain_forward = _time_pair(
+            lambda: plain.run_with_cache(tokens), lambda: plain(tokens), size["repeats"], size["warmup"]
+        )
+        print(f"(reference) run_with_cache vs forward (plain HookedTransformer): "
+              f"{plain_cached / plain_forward:.2f}x", flush=True)
         ours, theirs = _time_pair(lambda: disentangled(tokens), lambda: plain(tokens), size["repeats"], size["warmup"])
         results.append(_report("DisentangledTransformer vs plain HookedTransformer", ours, theirs,
                                "disentangled", "plain"))
