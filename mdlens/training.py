@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_positive, check_tokens, check_weights
+from mdlens._validation import check_positive, check_tokens, check_transition, check_weights
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 LOSSES = ("mse", "ce")
@@ -163,10 +163,18 @@ def next_token_targets(
     result belongs to the model output at 0-indexed position ``m + k``; the last row is the
     predictive of ``y_{T+1}``.
     """
-    order = weights.shape[1]
+    transition = check_transition(transition)
+    order = weights.shape[1] if isinstance(weights, Tensor) and weights.ndim == 2 else None
+    if order is None:
+        raise ValueError(f"weights must be a [B, m] tensor, got {getattr(weights, 'shape', type(weights).__name__)}")
     tokens = check_tokens(tokens, transition.shape[0], order)
     weights = check_weights(weights, order, tokens.shape[0]).to(tokens.device)
-    seq_len = tokens.shape[1]
+    return _next_token_targets(tokens, weights, transition)
+
+
+def _next_token_targets(tokens: Tensor, weights: Tensor, transition: Tensor) -> Tensor:
+    """:func:`next_token_targets` without the input checks, for batches the task itself just sampled."""
+    order, seq_len = weights.shape[1], tokens.shape[1]
     positions = torch.arange(order, seq_len, device=tokens.device)  # 0-indexed t - 1, for t = m+1..T
     lags = torch.arange(1, order + 1, device=tokens.device)
     # y_{t+1-g} is the token at 0-indexed position (t - 1) + 1 - g.
@@ -370,7 +378,7 @@ def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         sample = task.sample(config.batch_size, sequence_length(step, config, order), generator=generator)
-        target = next_token_targets(sample.tokens, sample.weights, transition)
+        target = _next_token_targets(sample.tokens, sample.weights, transition)  # valid by construction
         if config.targets == "last":
             target = target[:, -1:, :]
         output = model(sample.tokens.to(device))

@@ -63,6 +63,18 @@ def test_next_token_targets_match_an_explicit_loop():
     torch.testing.assert_close(targets[:, -1], sample.next_probs, rtol=0, atol=1e-12)
 
 
+def test_next_token_targets_rejects_bad_input():
+    sample = TASK.sample(2, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="row-stochastic"):
+        next_token_targets(sample.tokens, sample.weights, TASK.transition * 2)
+    with pytest.raises(ValueError, match="simplex"):
+        next_token_targets(sample.tokens, sample.weights * 2, TASK.transition)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        next_token_targets(sample.tokens + 5, sample.weights, TASK.transition)
+    with pytest.raises(ValueError, match=r"\[B, m\]"):
+        next_token_targets(sample.tokens, sample.weights[0], TASK.transition)
+
+
 def test_learning_rate_schedule_formula():
     config = small_config(steps=100, lr=2e-3, warmup_steps=10, min_lr_ratio=0.1, lr_schedule="cosine")
     assert learning_rate(0, config) == pytest.approx(2e-3 / 10)
