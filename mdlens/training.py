@@ -439,6 +439,8 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "checkpoint_every": ("--checkpoint-every", int, 500, "write the training state every N steps"),
     "seed": ("--seed", int, 0, "seed of the model initialisation and of the training batches"),
     "device": ("--device", str, "auto", "auto | cpu | cuda"),
+    "threads": ("--threads", int, None, "torch intra-op CPU threads (default: torch's choice); 1 is often "
+                "fastest on a busy machine"),
     "out": ("--out", str, None, "output directory (required)"),
 }
 
@@ -493,6 +495,10 @@ def run_train_command(args: argparse.Namespace) -> None:
     from mdlens.task import MTDTask
 
     fields_ = resolve_train_fields(args)
+    if fields_["threads"] is not None:
+        if isinstance(fields_["threads"], bool) or not isinstance(fields_["threads"], int) or fields_["threads"] < 1:
+            raise ValueError(f"--threads must be a positive int, got {fields_['threads']!r}")
+        torch.set_num_threads(fields_["threads"])  # a process setting, not part of the recipe
     out = Path(fields_["out"])
     task = MTDTask(vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"])
     model = build_model(fields_)

@@ -241,7 +241,7 @@ def test_train_rejects_a_model_that_does_not_fit():
 def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     cli_main(["train", "--model", "disentangled", "--layers", "2", "--seq-len", "16", "--steps", "6",
-              "--batch", "8", "--eval-every", "0", "--checkpoint-every", "3", "--device", "cpu",
+              "--batch", "8", "--eval-every", "0", "--checkpoint-every", "3", "--device", "cpu", "--threads", "1",
               "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
     assert f"checkpoint: {out}" in printed
@@ -277,6 +277,8 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
         cli_main(["train", "--config", str(config), "--out", str(out)])
     with pytest.raises(ValueError, match="--model"):
         cli_main(["train", "--model", "lstm", "--out", str(out)])
+    with pytest.raises(ValueError, match="--threads"):
+        cli_main(["train", "--threads", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="--out"):
         cli_main(["train", "--steps", "2"])
 
