@@ -185,17 +185,28 @@ def mle_weights(
     max_iter = _check_steps(max_iter)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     n_scored = lag_probs.shape[1]
-    log_lag_probs = torch.log(lag_probs)
+    # EM is invariant to scaling each position's row of P; scaling by the row max keeps the
+    # mixture sum_h lambda_h P[k,h] >= min_h lambda_h, far from underflow.
+    scaled = lag_probs / lag_probs.amax(dim=-1, keepdim=True)
     weights = torch.full((lag_probs.shape[0], order), 1.0 / order, dtype=torch.float64)
+    # Sequences stop one by one: near a face of the simplex EM converges slowly, and only the
+    # few sequences whose maximiser lies there should keep paying for iterations.
+    active = torch.arange(lag_probs.shape[0])
     for _ in range(max_iter):
-        # lambda_g * (dl/dlambda_g) / N sums to one exactly; renormalising only removes rounding.
-        new_weights = weights * _log_gradient_terms(torch.log(weights), log_lag_probs) / n_scored
-        new_weights = new_weights / new_weights.sum(dim=-1, keepdim=True)
-        change = (new_weights - weights).abs().max().item()
-        weights = new_weights
-        if change < tol:
+        current, rows = weights[active], scaled[active]
+        mixture = einops.einsum(rows, current, "b k g, b g -> b k")
+        new_weights = current * einops.einsum(rows, 1.0 / mixture, "b k g, b k -> b g") / n_scored
+        new_weights = new_weights / new_weights.sum(dim=-1, keepdim=True)  # rounding only
+        converged = (new_weights - current).abs().amax(dim=-1) < tol
+        weights[active] = new_weights
+        active = active[~converged]
+        if active.numel() == 0:
             return weights
-    warnings.warn(f"mle_weights: EM did not reach tol={tol} in {max_iter} iterations", stacklevel=2)
+    warnings.warn(
+        f"mle_weights: EM did not reach tol={tol} in {max_iter} iterations for {active.numel()} "
+        f"sequence(s) (their maximiser is on or near a face of the simplex)",
+        stacklevel=2,
+    )
     return weights
 
 

@@ -18,7 +18,9 @@ How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalizatio
 - **Scores**: ``score(i, j) = h_i W_A h_j^T`` with ``d_head = d_model + W``, ``W_Q = [W_A | 0]``
   (trainable; only the ``D_{l-1} x D_{l-1}`` corner that reads earlier blocks is initialised
   non-zero, and every other entry gets exactly zero gradient, so it stays zero), ``W_K = [I | 0]``
-  frozen. Hence ``model.QK[l] == W_A``.
+  frozen. Hence ``model.QK[l] == W_A``. The forward computes ``q``, ``k``, ``v`` only on the
+  ``D_{l-1}`` coordinates layer ``l`` can read (everything after them is still zero) and pads them
+  to ``d_head`` for the hooks: the same values as TL's full products at a fraction of the cost.
 - **Values**: ``W_V = [I | 0]`` frozen (the value is the residual itself) and the value RPE fills
   the last ``W`` coordinates of ``z``: ``z_i = sum_j A_ij [h_j ; r_l(i - j)]``. Keeping the RPE
   inside ``z`` means ``hook_z`` / ``hook_result`` carry the whole head output, so TL's per-head
@@ -148,10 +150,19 @@ class DisentangledAttention(Attention):
             raise ValueError("the disentangled transformer does not support split q/k/v inputs")
         batch, n_pos, _ = query_input.shape
 
-        # Content score h_i W_A h_j^T: TL's q = h W_Q, k = h W_K = [h | 0], v = [h | 0].
-        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        # Layer l reads only the blocks written before it, the first D_{l-1} = read coordinates (the
+        # rest of its input is zero in any residual the model produces). q = h W_A, k = v = h are
+        # computed on those coordinates and zero-padded to TL's d_head for hook_q/k/v: the same
+        # values as TL's h W_Q, h W_K = [h | 0], h W_V = [h | 0], at a fraction of the width
+        # (layer 1 of a 5-layer model reads 5 of 284 coordinates). Entries of W_Q outside the W_A
+        # corner get zero gradient and stay zero; they are not read. All biases are frozen zeros.
+        read, pad_to_head = self.read_width, (0, self.cfg.d_head - self.read_width)
+        readable_query = query_input[..., :read]
+        q = self.hook_q(F.pad(readable_query @ self.W_A, pad_to_head).unsqueeze(2))  # [batch, pos, 1, d_head]
+        k = self.hook_k(F.pad(key_input[..., :read], pad_to_head).unsqueeze(2))
+        v = self.hook_v(F.pad(value_input[..., :read], pad_to_head).unsqueeze(2))
         # Content score h_i W_A h_j^T (no attention scale; a fresh tensor, summed into in place below).
-        attn_scores = torch.einsum("bqhd,bkhd->bhqk", q, k)  # [batch, 1, query, key]
+        attn_scores = torch.einsum("bqhd,bkhd->bhqk", q[..., :read], k[..., :read])  # [batch, 1, query, key]
 
         offset = self._offsets(n_pos, query_input.device)  # offset[i, j] = i - j
         causal = offset >= 0
@@ -188,10 +199,11 @@ class DisentangledAttention(Attention):
         pattern = self.hook_pattern(pattern)  # [batch, 1, query, key]
 
         # z_i = sum_j A_ij [h_j ; r(i - j)]: the content value plus the value RPE in the last W coords.
-        content_z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        content_z = torch.einsum("bhqk,bkhd->bqhd", pattern, v[..., :read])  # [batch, pos, 1, read]
         pattern_by_offset = self._square_to_band(pattern[:, 0], offset)  # [batch, pos, window]
         rel_values = self.hook_rel_values((pattern_by_offset @ self.rel_value).unsqueeze(2))
-        z = self.hook_z(content_z + F.pad(rel_values, (self.cfg.d_model, 0)))
+        d_model = self.cfg.d_model
+        z = self.hook_z(torch.cat([F.pad(content_z, (0, d_model - read)), rel_values], dim=-1))
 
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
