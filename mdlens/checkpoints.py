@@ -205,7 +205,7 @@ def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
     if config.get("md_params") is not None:
         model.md_params = _from_json(config["md_params"])
     model.output_type = config["output_type"]
-    return model.to(device)
+    return model.to(device, print_details=False)
 
 
 def load_task(directory: str | Path) -> MTDTask | None:
