@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+# One intra-op thread: the analyses are many small tensor ops, which two threads slow down
+# (they spin-wait on each other; 10-100x on a busy 2-core machine). ~2 min on 2 cores.
 demo: $(STAMP)
-	$(VENV)/bin/mdlens reproduce estimators --out $(DEMO_OUT)/estimators
+	OMP_NUM_THREADS=1 $(VENV)/bin/mdlens reproduce estimators --out $(DEMO_OUT)/estimators
 
 test: $(STAMP)
 	$(PY) -m pytest
