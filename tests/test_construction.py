@@ -14,14 +14,6 @@ from mdlens.models import DisentangledTransformer
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two fighting for a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_transition(q: int, seed: int, tiny: float | None = 1e-6) -> torch.Tensor:
     """Dirichlet(1) rows; with ``tiny``, one random entry per row is set to ``tiny`` (renormalised)."""

@@ -13,14 +13,6 @@ from mdlens.models import DisentangledTransformer, disentangled_transformer
 SHIPPED = {"disentangled-3l", "standard-3l", "disentangled-5l"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_every_shipped_model_loads_and_predicts():
     names = mdlens.list_pretrained()

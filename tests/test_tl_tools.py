@@ -19,14 +19,6 @@ Q, M, T, ETA = 4, 3, 10, 0.2
 RPE_HOOKS = ("hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores", "hook_rel_values")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two fighting for a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def task():

@@ -15,14 +15,6 @@ from mdlens.training import TrainConfig, learning_rate, next_token_targets, sequ
 TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_config(**overrides) -> TrainConfig:
     """A few-second run: short sequences, small batches, a small held-out batch, no Bayes reference."""
