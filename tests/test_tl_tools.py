@@ -72,9 +72,9 @@ def test_run_with_cache_has_every_hook_with_the_right_shapes(construction, clean
     assert set(cache.keys()) == expected
     assert cache["hook_embed"].shape == (batch, T, d_model)
     for layer in range(3):
-        for name in ("hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores",
-                     "hook_attn_scores", "hook_pattern"):
+        for name in ("hook_rel_scores", "hook_key_pos_scores", "hook_attn_scores", "hook_pattern"):
             assert cache[f"blocks.{layer}.attn.{name}"].shape == (batch, 1, T, T), name
+        assert cache[f"blocks.{layer}.attn.hook_rel_query_scores"].shape == (batch, 1, T, window)
         assert cache[f"blocks.{layer}.attn.hook_rel_values"].shape == (batch, T, 1, window)
         assert cache[f"blocks.{layer}.attn.hook_z"].shape == (batch, T, 1, d_model + window)
         for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_post"):
@@ -85,7 +85,13 @@ def test_run_with_cache_has_every_hook_with_the_right_shapes(construction, clean
     for layer in range(3):
         attn = f"blocks.{layer}.attn."
         content = torch.einsum("bqhd,bkhd->bhqk", cache[attn + "hook_q"], cache[attn + "hook_k"])
-        total = content + sum(cache[attn + name] for name in RPE_HOOKS[:3])
+        # The query-dependent term is kept by offset: entry [.., i, o] belongs to key j = i - o.
+        band = cache[attn + "hook_rel_query_scores"]
+        rel_query = torch.zeros_like(content)
+        for i in range(T):
+            for o in range(min(window, i + 1)):
+                rel_query[:, :, i, i - o] = band[:, :, i, o]
+        total = content + cache[attn + "hook_rel_scores"] + cache[attn + "hook_key_pos_scores"] + rel_query
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         assert torch.allclose(cache[attn + "hook_attn_scores"][..., causal], total[..., causal], atol=1e-6)
 

@@ -36,13 +36,14 @@ How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalizatio
      the paper, but mdlens reads every position;
   3. ``rel_query[:, o]`` (``U_l``, ``[d_model, W]``), a query-dependent score per offset in the
      window: ``score(i, j) += h_i . U_l[:, i - j]`` for ``0 <= i - j < W`` ->
-     ``hook_rel_query_scores``;
+     ``hook_rel_query_scores`` ``[batch, head, query_pos, W]``, indexed by offset like
+     ``hook_rel_values`` (entry ``o`` at query ``i`` belongs to key ``i - o``; unused when ``o > i``);
   4. ``rel_value[o]`` (``r_l(o)`` in ``R^W``, zero beyond the window), whose attention-weighted sum
      ``sum_j A_ij r_l(i - j)`` -> ``hook_rel_values`` ``[batch, pos, head, W]``.
 
-  The per-pair score hooks have TL's pattern shape ``[batch, head, query_pos, key_pos]`` (the
-  position-only ones are expanded views over the batch); entries above the diagonal are zero and
-  irrelevant (the causal mask follows). ``hook_attn_scores`` = content + the three terms, masked.
+  The two position-only score hooks have TL's pattern shape ``[batch, head, query_pos, key_pos]``
+  (expanded views over the batch); entries above the diagonal are zero and
+  irrelevant (the causal mask follows). ``hook_attn_scores`` = content + the three terms (the band placed at its keys), masked.
 - **Output**: TL's unembed, ``W_U`` ``[d_model, q]`` trainable, ``b_U`` frozen at zero (the
   paper's readout is linear). ``model.output_type = "probs"``: the raw output at a position is read
   as the next-token probability vector (the paper trains it with MSE on the last position).
@@ -126,7 +127,7 @@ class DisentangledAttention(Attention):
 
         self.hook_rel_scores = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_key_pos_scores = HookPoint()  # [batch, head, query_pos, key_pos]
-        self.hook_rel_query_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_rel_query_scores = HookPoint()  # [batch, head, query_pos, window] (by offset)
         self.hook_rel_values = HookPoint()  # [batch, pos, head, window]
 
     @property
@@ -182,9 +183,15 @@ class DisentangledAttention(Attention):
         position_scores = position_scores.masked_fill(~causal, float("-inf"))
         # h_i . U[:, i - j] for offsets in the window: (h U)[i, o] placed at key j = i - o.
         query_by_offset = query_input @ self.rel_query  # [batch, pos, window]
-        rel_query_scores = self.hook_rel_query_scores(self._band_to_square(query_by_offset).unsqueeze(1))
+        # Kept in its natural band shape [batch, head, query_pos, offset] (entries with offset > query_pos
+        # have no key and are unused) and added into the scores diagonal by diagonal: no
+        # [batch, pos, pos] tensor that is mostly zeros.
+        rel_query_scores = self.hook_rel_query_scores(query_by_offset.unsqueeze(1))
 
-        attn_scores = attn_scores.add_(position_scores).add_(rel_query_scores)
+        attn_scores = attn_scores.add_(position_scores)
+        for o in range(min(self.window, n_pos)):
+            # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
+            attn_scores.diagonal(offset=-o, dim1=-2, dim2=-1).add_(rel_query_scores[..., o:, o])
         if attention_mask is not None:  # padding: TransformerLens' causal-and-padding mask
             attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
         if additive_attention_mask is not None:
@@ -213,15 +220,6 @@ class DisentangledAttention(Attention):
     def _offsets(self, n_pos: int, device: torch.device) -> Int[Tensor, "query key"]:
         positions = torch.arange(n_pos, device=device)
         return positions[:, None] - positions[None, :]
-
-    def _band_to_square(self, by_offset: Float[Tensor, "batch query window"]) -> Float[Tensor, "batch query key"]:
-        """``out[b, i, j] = by_offset[b, i, i - j]`` inside the window ``0 <= i - j < W``, else 0."""
-        batch, n_pos, _ = by_offset.shape
-        square = by_offset.new_zeros(batch, n_pos, n_pos)
-        for o in range(min(self.window, n_pos)):
-            # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
-            square.diagonal(offset=-o, dim1=1, dim2=2).copy_(by_offset[:, o:, o])
-        return square
 
     def _square_to_band(
         self, square: Float[Tensor, "batch query key"], offset: Int[Tensor, "query key"]
