@@ -14,6 +14,13 @@ from torch import Tensor
 SIMPLEX_ATOL = 1e-6
 
 
+def check_int(value: int, name: str, minimum: int) -> int:
+    """An ``int`` (not a ``bool``) at least ``minimum``; ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_order(order: int) -> int:
     """The MTD order ``m`` (number of lags): a positive int."""
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mdlens._random import log_gamma_sample
 from mdlens._validation import (
+    check_int,
     check_distribution,
     check_order,
     check_positive,
@@ -135,12 +136,6 @@ def _check_weights_keep_graph(weights: Tensor, order: int, batch_size: int) -> T
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    return steps
-
-
 def _log_gradient_terms(log_weights: Tensor, log_lag_probs: Tensor) -> Tensor:
     """``dl/dlambda_g = sum_k P[k,g] / sum_h lambda_h P[k,h]``, computed from logs, ``[B, m]``."""
     log_mixture = torch.logsumexp(log_weights.unsqueeze(1) + log_lag_probs, dim=-1, keepdim=True)
@@ -157,7 +152,7 @@ def md_weights(
     ``lambda_g <- lambda_g exp(eta * dl/dlambda_g) / Z`` in log space.
     """
     eta = check_positive(eta, "eta")
-    steps = _check_steps(steps)
+    steps = check_int(steps, "steps", 1)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
     log_weights = torch.log_softmax(eta * order * gamma.sum(dim=1), dim=-1)
@@ -182,7 +177,7 @@ def mle_weights(
     ``tol``. Warns if ``max_iter`` is reached first. Returns ``[B, m]``.
     """
     tol = check_positive(tol, "tol")
-    max_iter = _check_steps(max_iter)
+    max_iter = check_int(max_iter, "max_iter", 1)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     n_scored = lag_probs.shape[1]
     # EM is invariant to scaling each position's row of P; scaling by the row max keeps the
@@ -271,7 +266,7 @@ def tune_eta(
             f"target_probs must have shape [B={tokens.shape[0]}, q={transition.shape[0]}], "
             f"got {tuple(target_probs.shape)}"
         )
-    steps = _check_steps(steps)
+    steps = check_int(steps, "steps", 1)
     etas = default_eta_grid() if etas is None else _check_etas(etas)
     mean_kl = torch.empty(len(etas), dtype=torch.float64)
     for i, eta in enumerate(etas.tolist()):
@@ -320,9 +315,8 @@ def bayes_weights(
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     if method == "exact":
         return _exact_posterior_mean(lag_probs, alpha)
-    num_samples = _check_steps(num_samples)
-    if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-        raise ValueError(f"burn_in must be an int >= 0, got {burn_in!r}")
+    num_samples = check_int(num_samples, "num_samples", 1)
+    check_int(burn_in, "burn_in", 0)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     elif not isinstance(generator, torch.Generator):

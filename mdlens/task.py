@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens._random import dirichlet_sample
-from mdlens._validation import check_order, check_positive, check_transition
+from mdlens._validation import check_int, check_order, check_positive, check_transition
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,6 @@ class MTDSample:
     lags: Int[Tensor, "batch pos"]
     next_probs: Float[Tensor, "batch q"]
 
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class MTDTask:
@@ -78,7 +73,7 @@ class MTDTask:
         else:
             if vocab_size is None:
                 raise ValueError("give vocab_size (to draw a transition matrix) or transition")
-            vocab_size = _check_int(vocab_size, "vocab_size", 2)
+            vocab_size = check_int(vocab_size, "vocab_size", 2)
             rows = torch.full((vocab_size, vocab_size), self.transition_concentration, dtype=torch.float64)
             self.transition = dirichlet_sample(rows, self.generator)
         self.vocab_size = self.transition.shape[0]
@@ -88,8 +83,8 @@ class MTDTask:
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None) -> MTDSample:
         """Draw ``batch_size`` sequences of length ``seq_len`` (> order), each with fresh ``lambda``."""
-        batch_size = _check_int(batch_size, "batch_size", 1)
-        seq_len = _check_int(seq_len, "seq_len", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
+        seq_len = check_int(seq_len, "seq_len", 1)
         if seq_len <= self.order:
             raise ValueError(f"seq_len must exceed the order: seq_len={seq_len} <= m={self.order}")
         if generator is None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_positive, check_tokens, check_transition, check_weights
+from mdlens._validation import check_int, check_positive, check_tokens, check_transition, check_weights
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 LOSSES = ("mse", "ce")
@@ -100,13 +100,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), name, 1)
         for name in ("warmup_steps", "curriculum_steps", "eval_every", "checkpoint_every", "seed", "eval_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_int(getattr(self, name), name, 0)
         check_positive(self.lr, "lr")
         if self.grad_clip is not None:
             check_positive(self.grad_clip, "grad_clip")

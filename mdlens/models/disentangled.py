@@ -66,6 +66,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import Attention
 from transformer_lens.hook_points import HookPoint
 
+from mdlens._validation import check_int
 from mdlens.models._tl import (
     check_output_type,
     preserve_global_rng,
@@ -262,8 +263,7 @@ class DisentangledTransformer(HookedTransformer):
     ):
         for value, name, minimum in ((vocab_size, "vocab_size", 2), (n_ctx, "n_ctx", 2),
                                      (n_layers, "n_layers", 1), (window, "window", 1), (seed, "seed", 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(value, name, minimum)
         if n_layers > MAX_LAYERS:
             raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
         if dtype not in (torch.float32, torch.float64):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from mdlens._validation import check_int
 from mdlens.models._tl import (
     check_output_type,
     preserve_global_rng,
@@ -18,11 +19,6 @@ from mdlens.models._tl import (
 POSITIONS = {"standard": "standard", "rotary": "rotary"}
 NORMALIZATIONS = ("LN", None)
 
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def standard_transformer(
@@ -56,17 +52,17 @@ def standard_transformer(
             output is the probability vector itself, as the paper trains with MSE).
         device: where the weights live (initialisation is seeded the same on every device).
     """
-    _check_int(vocab_size, "vocab_size", 2)
-    _check_int(n_ctx, "n_ctx", 2)
-    _check_int(n_layers, "n_layers", 1)
-    _check_int(d_model, "d_model", 1)
-    _check_int(n_heads, "n_heads", 1)
-    _check_int(seed, "seed", 0)
+    check_int(vocab_size, "vocab_size", 2)
+    check_int(n_ctx, "n_ctx", 2)
+    check_int(n_layers, "n_layers", 1)
+    check_int(d_model, "d_model", 1)
+    check_int(n_heads, "n_heads", 1)
+    check_int(seed, "seed", 0)
     if d_model % n_heads:
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
     if d_mlp is None:
         d_mlp = 4 * d_model
-    _check_int(d_mlp, "d_mlp", 1)
+    check_int(d_mlp, "d_mlp", 1)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if positions not in POSITIONS:
