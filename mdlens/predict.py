@@ -17,8 +17,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens._validation import check_tokens
+from mdlens.models._tl import OUTPUT_TYPES
 
-OUTPUT_TYPES = ("logits", "probs")
 
 
 def output_type_of(model: torch.nn.Module) -> str:

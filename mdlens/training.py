@@ -492,9 +492,7 @@ def run_train_command(args: argparse.Namespace) -> None:
 
     fields_ = resolve_train_fields(args)
     if fields_["threads"] is not None:
-        if isinstance(fields_["threads"], bool) or not isinstance(fields_["threads"], int) or fields_["threads"] < 1:
-            raise ValueError(f"--threads must be a positive int, got {fields_['threads']!r}")
-        torch.set_num_threads(fields_["threads"])  # a process setting, not part of the recipe
+        torch.set_num_threads(check_int(fields_["threads"], "--threads", 1))  # a process setting, not part of the recipe
     out = Path(fields_["out"])
     task = MTDTask(vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"])
     model = build_model(fields_)

@@ -66,7 +66,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import Attention
 from transformer_lens.hook_points import HookPoint
 
-from mdlens._validation import check_int
+from mdlens._validation import check_int, check_order
 from mdlens.models._tl import (
     check_output_type,
     preserve_global_rng,
@@ -360,8 +360,7 @@ def disentangled_transformer(
     init_std: float = DEFAULT_INIT_STD,
 ) -> DisentangledTransformer:
     """A disentangled transformer for MTD of order ``m = order``; window defaults to ``m + 1``."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be a positive int, got {order!r}")
+    check_order(order)
     return DisentangledTransformer(
         vocab_size, n_ctx, n_layers=n_layers, window=order + 1 if window is None else window,
         seed=seed, dtype=dtype, device=device, init_std=init_std, order=order,
