@@ -17,6 +17,7 @@ from pathlib import Path
 REPRODUCTIONS: dict[str, str] = {
     "estimators": "analyses.estimators",
     "trained": "analyses.trained",
+    "two-step": "analyses.causal_two_step",
 }
 
 

@@ -1,0 +1,168 @@
+"""Can a causal model run the *second* mirror-descent step? Two-step MD and what a transformer can form.
+
+One-step MD needs, at the last position, only the mean responsibility under the uniform prior, a
+quantity every position can compute from its own lag window and that uniform attention averages.
+The second step needs, at every position ``k``, the lag likelihoods weighed by the *final* first-step
+estimate ``lambda1`` (the one from all ``T`` tokens): position ``k`` of a causal model cannot see it,
+only its prefix estimate ``lambda1(k)``. This analysis measures how much of two-step MD's gain over
+one-step MD survives that restriction. All four variants share the form
+
+    g0(k)      = mean_{j <= k} gamma_j                       (prefix-mean responsibility, uniform prior)
+    lambda1(k) = softmax(a g0(k))                            (first step; ``final``: k = T at every row)
+    g1         = mean_k  s_k(lambda1(k))                     (second-step term)
+    lambda2    = softmax(b g0(T) + c g1)                     (the weights of the prediction)
+
+with the second-step term either
+
+- ``grad``: ``s_k,g = P[k, g] / sum_h lambda1_h P[k, h]``, the log-likelihood gradient (two-step MD), or
+- ``resp``: ``s_k,g = lambda1_g P[k, g] / sum_h lambda1_h P[k, h]``, the responsibilities under
+  ``lambda1(k)``: a softmax over the lag window, the thing one attention layer can output.
+
+``final-grad`` with ``a = b = eta m (T - m)`` and ``c = eta (T - m)`` *is* two-step MD (the test checks
+it against ``mdlens.estimators.md_weights``); ``online-*`` use ``lambda1(k)`` and are what a causal
+model can form. The three scales are fitted per length by Adam on a tuning batch (from tuned MD1, tuned MD2
+and three fixed starts; the best scales seen are kept) and scored by mean KL to the truth on a fresh batch, next to tuned one- and two-step MD.
+The ``online`` numbers are a lower bound on what such a model reaches only within this three-scale
+family; a trained model is free to find more.
+
+Run with ``mdlens reproduce two-step --out DIR``: writes ``two_step.json`` and ``two_step.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import matplotlib.ticker
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from analyses import plotting
+from analyses.estimators import sample_batches, tune_step_size
+from mdlens import MTDTask
+from mdlens import estimators as E
+
+TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
+FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 256, "n_eval": 1024, "adam_steps": 150}
+QUICK = {"lengths": [8, 24], "n_tune": 64, "n_eval": 64, "adam_steps": 40}
+VARIANTS = ("final-grad", "final-resp", "online-grad", "online-resp")
+# Starting scales (a, b, c) besides tuned MD1 and MD2: a large first step, and a balanced one.
+STARTS = ((40.0, 15.0, 0.0), (10.0, 10.0, 10.0))
+ADAM_LR = 0.3
+VARIANT_STYLE = {
+    "final-grad": {"color": "tab:orange", "marker": "s", "linestyle": "-"},
+    "final-resp": {"color": "tab:olive", "marker": "D", "linestyle": "-"},
+    "online-grad": {"color": "tab:red", "marker": "^", "linestyle": "--"},
+    "online-resp": {"color": "tab:purple", "marker": "v", "linestyle": "--"},
+}
+
+
+def two_step_weights(
+    tokens: Int[Tensor, "batch T"], transition: Float[Tensor, "q q"], order: int,
+    a: Tensor | float, b: Tensor | float, c: Tensor | float, variant: str,
+) -> Float[Tensor, "batch m"]:
+    """``lambda2`` of one variant (see the module docstring), ``[batch, m]``; differentiable in a, b, c."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    lag_probs = E.lag_likelihoods(tokens, transition, order)  # P[b, k, g], [batch, T-m, m]
+    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+    rows = torch.arange(1, lag_probs.shape[1] + 1, dtype=lag_probs.dtype)
+    prefix_mean = gamma.cumsum(dim=1) / rows[None, :, None]  # g0(k)
+    final_mean = prefix_mean[:, -1]  # g0(T), [batch, m]
+    if variant.startswith("online"):
+        first_step = torch.softmax(a * prefix_mean, dim=-1)  # lambda1(k) at row k
+    else:
+        first_step = torch.softmax(a * final_mean, dim=-1)[:, None, :]  # lambda1(T) at every row
+    mixture = (first_step * lag_probs).sum(dim=-1, keepdim=True)
+    if variant.endswith("grad"):
+        second_term = (lag_probs / mixture).mean(dim=1)
+    else:
+        second_term = (first_step * lag_probs / mixture).mean(dim=1)
+    return torch.softmax(b * final_mean + c * second_term, dim=-1)
+
+
+def fit_scales(tokens: Tensor, transition: Tensor, order: int, target: Tensor, variant: str,
+               starts: list[tuple[float, float, float]], adam_steps: int) -> tuple[list[float], float]:
+    """The ``(a, b, c)`` with the lowest mean KL seen along Adam runs from each start, and that KL."""
+    best_scales, best_kl = None, float("inf")
+    for start in starts:
+        scales = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.Adam([scales], lr=ADAM_LR)
+        for _ in range(adam_steps + 1):
+            optimiser.zero_grad()
+            weights = two_step_weights(tokens, transition, order, *scales, variant)
+            loss = E.kl_divergence(target, E.predictive(tokens, transition, weights)).mean()
+            if loss.item() < best_kl:  # the loss of the current scales, before this step moves them
+                best_scales, best_kl = scales.detach().tolist(), loss.item()
+            loss.backward()
+            optimiser.step()
+    return best_scales, best_kl
+
+
+def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
+    """Tuned MD1 and MD2 and the four fitted variants at one length: mean KL on a fresh batch."""
+    pi, m = task.transition, task.order
+    tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
+
+    def eval_kl(weights: Tensor) -> float:
+        return E.kl_divergence(evaluation.next_probs, E.predictive(evaluation.tokens, pi, weights)).mean().item()
+
+    row: dict = {"seq_len": seq_len, "kl": {}, "scales": {}, "eta": {}}
+    for name, steps in (("md1_tuned", 1), ("md2_tuned", 2)):
+        eta = tune_step_size(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
+        row["eta"][name] = eta
+        row["kl"][name] = eval_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
+    # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).
+    context = seq_len - m
+    eta1, eta2 = row["eta"]["md1_tuned"], row["eta"]["md2_tuned"]
+    starts = [(eta1 * m * context, eta1 * m * context, 0.0), (eta2 * m * context, eta2 * m * context, eta2 * context),
+              *STARTS]
+    for variant in VARIANTS:
+        scales, _ = fit_scales(tune.tokens, pi, m, tune.next_probs, variant, starts, sizes["adam_steps"])
+        row["scales"][variant] = scales
+        with torch.no_grad():
+            row["kl"][variant] = eval_kl(two_step_weights(evaluation.tokens, pi, m, *scales, variant))
+    row["ratio_to_md2"] = {name: kl / row["kl"]["md2_tuned"] for name, kl in row["kl"].items()}
+    return row
+
+
+def plot_ratios(results: list[dict], path: Path) -> Path:
+    lengths = [row["seq_len"] for row in results]
+    with plotting.style():
+        fig, (ax,) = plotting.new_figure(width=6.0)
+        for name in ("md1_tuned", *VARIANTS):
+            style = VARIANT_STYLE.get(name) or plotting.method_style(name)
+            ax.plot(lengths, [row["ratio_to_md2"][name] for row in results], label=name, **style)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(1.1, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xticks(lengths)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("mean KL / tuned 2-step MD")
+        ax.set_title("What survives of step 2 without the final estimate")
+        plotting.legend_outside(ax)
+        return plotting.save_figure(fig, path)
+
+
+def run(out_dir: Path, quick: bool = False) -> dict:
+    """Run the analysis; writes ``two_step.json`` and ``two_step.png`` to ``out_dir``."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    task = MTDTask(**TASK)
+    results = [evaluate_length(task, seq_len, sizes) for seq_len in tqdm(sizes["lengths"], desc="lengths")]
+    report = {"config": {"task": TASK, **sizes, "starts": STARTS, "adam_lr": ADAM_LR}, "results": results,
+              "wall_clock_s": time.perf_counter() - start}
+    json_path = out_dir / "two_step.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    png_path = plot_ratios(results, out_dir / "two_step.png")
+    for row in results:
+        ratios = "  ".join(f"{name} {ratio:.3f}" for name, ratio in row["ratio_to_md2"].items())
+        print(f"T={row['seq_len']:4d}  KL / tuned MD2:  {ratios}")
+    report["files"] = [str(json_path), str(png_path)]
+    return report

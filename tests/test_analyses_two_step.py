@@ -1,0 +1,71 @@
+"""The causal two-step analysis: its variants against mdlens.estimators, and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analyses import causal_two_step as two_step
+from mdlens import MTDTask
+from mdlens import estimators as E
+
+
+@pytest.fixture(scope="module")
+def sample():
+    task = MTDTask(vocab_size=4, order=3, alpha=1.0, seed=3)
+    return task, task.sample(16, 40, generator=torch.Generator().manual_seed(7))
+
+
+def test_final_grad_at_md_scales_is_two_step_mirror_descent(sample):
+    task, batch = sample
+    m, eta, context = task.order, 0.07, batch.tokens.shape[1] - task.order
+    weights = two_step.two_step_weights(batch.tokens, task.transition, m, eta * m * context,
+                                        eta * m * context, eta * context, "final-grad")
+    expected = E.md_weights(batch.tokens, task.transition, m, eta, steps=2)
+    torch.testing.assert_close(weights, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", two_step.VARIANTS)
+def test_without_second_step_every_variant_is_one_step_mirror_descent(sample, variant):
+    task, batch = sample
+    m, eta, context = task.order, 0.05, batch.tokens.shape[1] - task.order
+    weights = two_step.two_step_weights(batch.tokens, task.transition, m, 3.0, eta * m * context, 0.0, variant)
+    torch.testing.assert_close(weights, E.md_weights(batch.tokens, task.transition, m, eta), rtol=1e-10, atol=1e-12)
+
+
+def test_online_and_final_agree_on_the_rows_where_the_prefix_is_the_whole_sequence(sample):
+    # With T = m + 1 there is one row: lambda1(k) at that row is the final estimate.
+    task, batch = sample
+    m = task.order
+    tokens = batch.tokens[:, : m + 1]
+    for kind in ("grad", "resp"):
+        online = two_step.two_step_weights(tokens, task.transition, m, 4.0, 2.0, 3.0, f"online-{kind}")
+        final = two_step.two_step_weights(tokens, task.transition, m, 4.0, 2.0, 3.0, f"final-{kind}")
+        torch.testing.assert_close(online, final, rtol=1e-12, atol=1e-14)
+
+
+def test_unknown_variant_is_a_value_error(sample):
+    task, batch = sample
+    with pytest.raises(ValueError, match="variant"):
+        two_step.two_step_weights(batch.tokens, task.transition, task.order, 1.0, 1.0, 1.0, "online")
+
+
+def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(tmp_path):
+    report = two_step.run(tmp_path, quick=True)
+    data = json.loads((tmp_path / "two_step.json").read_text())
+    assert [row["seq_len"] for row in data["results"]] == two_step.QUICK["lengths"]
+    task = MTDTask(**two_step.TASK)
+    for row in data["results"]:
+        assert set(row["kl"]) == {"md1_tuned", "md2_tuned", *two_step.VARIANTS}
+        # final-grad contains two-step MD, and the fit starts there: on the tuning batch it is no worse.
+        tune, _ = two_step.sample_batches(task, row["seq_len"], two_step.QUICK["n_tune"], two_step.QUICK["n_eval"])
+        m, eta = task.order, row["eta"]["md2_tuned"]
+        md2_kl = E.kl_divergence(tune.next_probs, E.predictive(
+            tune.tokens, task.transition, E.md_weights(tune.tokens, task.transition, m, eta, 2))).mean()
+        fitted = two_step.two_step_weights(tune.tokens, task.transition, m, *row["scales"]["final-grad"], "final-grad")
+        fitted_kl = E.kl_divergence(tune.next_probs, E.predictive(tune.tokens, task.transition, fitted)).mean()
+        assert fitted_kl <= md2_kl + 1e-12
+    assert (tmp_path / "two_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(report["files"]) == sorted(str(tmp_path / name) for name in ("two_step.json", "two_step.png"))
