@@ -97,9 +97,14 @@ def _cache_ratios(size: dict) -> tuple[float, float, float]:
     return cached, forward, plain_cached / plain_forward
 
 
+def has_glibc() -> bool:
+    """Whether this Python runs on glibc, whose malloc reads ``GLIBC_TUNABLES``."""
+    return sys.platform.startswith("linux") and "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "").lower()
+
+
 def _cache_ratios_keeping_freed_memory(quick: bool) -> tuple[float, float, float] | None:
     """:func:`_cache_ratios` in a child process whose glibc keeps freed memory; None off glibc."""
-    if not sys.platform.startswith("linux") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or "").lower():
+    if not has_glibc():
         return None
     env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.run(

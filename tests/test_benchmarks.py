@@ -1,18 +1,13 @@
 """The benchmarks' plumbing (their numbers are measured by ``mdlens bench``, never asserted here)."""
 
 import math
-import os
-import sys
 
 import pytest
 
 from analyses import bench_models
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or "").lower(),
-    reason="the allocator comparison needs glibc",
-)
+@pytest.mark.skipif(not bench_models.has_glibc(), reason="the allocator comparison needs glibc")
 def test_cache_benchmark_child_process_with_glibc_tunables_reports_three_timings():
     cached, forward, plain_ratio = bench_models._cache_ratios_keeping_freed_memory(quick=True)
     for value in (cached, forward, plain_ratio):
