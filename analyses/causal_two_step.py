@@ -116,7 +116,7 @@ def fit_scales(tokens: Tensor, transition: Tensor, order: int, target: Tensor, v
 
 
 def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
-    """Tuned MD1 and MD2 and the four fitted variants at one length: mean KL on a fresh batch."""
+    """Tuned MD1 and MD2 and every fitted variant at one length: mean KL on a fresh batch."""
     pi, m = task.transition, task.order
     tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
 
@@ -143,6 +143,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
 
 
 def plot_ratios(results: list[dict], path: Path) -> Path:
+    """Mean KL of each variant and of tuned MD1 over tuned MD2's, against T; writes the PNG."""
     lengths = [row["seq_len"] for row in results]
     with plotting.style():
         fig, (ax,) = plotting.new_figure(width=6.0)
