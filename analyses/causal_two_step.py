@@ -48,11 +48,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses import plotting
-from analyses.estimators import sample_batches, tune_step_size
+from analyses.estimators import TASK, sample_batches, tune_step_size
 from mdlens import MTDTask
 from mdlens import estimators as E
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 256, "n_eval": 1024, "adam_steps": 150}
 QUICK = {"lengths": [8, 24], "n_tune": 64, "n_eval": 64, "adam_steps": 40}
 VARIANTS = ("final-grad", "final-resp", "online-grad", "online-resp", "attend-final")
@@ -157,7 +156,7 @@ def plot_ratios(results: list[dict], path: Path) -> Path:
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("mean KL / tuned 2-step MD")
-        ax.set_title("What survives of step 2 without the final estimate")
+        ax.set_title("Forms of MD step 2 against the exact one")
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
