@@ -84,9 +84,8 @@ def _models(size: dict):
     return disentangled, plain, tokens
 
 
-def _cache_ratios(size: dict) -> tuple[float, float, float]:
+def _cache_ratios(disentangled, plain, tokens, size: dict) -> tuple[float, float, float]:
     """``(run_with_cache s, forward s, TL's plain-model cache ratio)`` for the disentangled model."""
-    disentangled, plain, tokens = _models(size)
     with torch.no_grad():
         cached, forward = _time_pair(
             lambda: disentangled.run_with_cache(tokens), lambda: disentangled(tokens), size["repeats"], size["warmup"]
@@ -125,7 +124,7 @@ def main(quick: bool = False) -> list[dict]:
           flush=True)
 
     results = []
-    cached, forward, plain_ratio = _cache_ratios(size)
+    cached, forward, plain_ratio = _cache_ratios(disentangled, plain, tokens, size)
     results.append(_report("run_with_cache vs forward (disentangled, default allocator)", cached, forward,
                            "run_with_cache", "forward"))
     # Reference (no target): TransformerLens' own caching overhead on the plain model of equal size.
@@ -150,6 +149,7 @@ def main(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     if "--cache-ratios-only" in sys.argv:  # the child process of _cache_ratios_keeping_freed_memory
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        print(*_cache_ratios(QUICK if "--quick" in sys.argv else FULL))
+        child_size = QUICK if "--quick" in sys.argv else FULL
+        print(*_cache_ratios(*_models(child_size), child_size))
     else:
         main(quick="--quick" in sys.argv)
