@@ -409,6 +409,7 @@ def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
 # save a loadable checkpoint (``mdlens.load``) plus ``train.json`` with the command and the numbers.
 
 MODEL_KINDS = ("disentangled", "standard")
+NEW_LAYER_RULES = ("fresh", "repeat_last")  # see DisentangledTransformer.load_shallower
 
 # CLI field -> (flag, type, default, help). ``--config FILE.json`` may set any of these fields.
 CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
@@ -434,6 +435,10 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "eval_every": ("--eval-every", int, 250, "evaluate every N steps (0: at the end only)"),
     "checkpoint_every": ("--checkpoint-every", int, 500, "write the training state every N steps"),
     "seed": ("--seed", int, 0, "seed of the model initialisation and of the training batches"),
+    "init_from": ("--init-from", str, None, "start from a saved disentangled model with at most --layers layers "
+                  "(grown into this model, see --new-layers; same task)"),
+    "new_layers": ("--new-layers", str, "fresh", "with --init-from: fresh (new layers on top, freshly "
+                   "initialised) | repeat_last (inserted before the last layer, as copies of it)"),
     "device": ("--device", str, "auto", "auto | cpu | cuda"),
     "threads": ("--threads", int, None, "torch intra-op CPU threads (default: torch's choice); 1 is often "
                 "fastest on a busy machine"),
@@ -465,6 +470,10 @@ def resolve_train_fields(args: argparse.Namespace) -> dict:
         raise ValueError("mdlens train needs --out (or 'out' in the config file)")
     if fields_["model"] not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {MODEL_KINDS}, got {fields_['model']!r}")
+    if fields_["new_layers"] not in NEW_LAYER_RULES:
+        raise ValueError(f"--new-layers must be one of {NEW_LAYER_RULES}, got {fields_['new_layers']!r}")
+    if fields_["new_layers"] != "fresh" and fields_["init_from"] is None:
+        raise ValueError("--new-layers only applies with --init-from")
     return fields_
 
 
@@ -486,6 +495,23 @@ def build_model(fields_: dict) -> HookedTransformer:
     )
 
 
+def grow_from(model: HookedTransformer, task, directory: str, new_layers: str = "fresh") -> None:
+    """``--init-from``: copy the saved model in ``directory`` into ``model``'s first layers.
+
+    See :meth:`mdlens.models.DisentangledTransformer.load_shallower`; the saved model must have been
+    trained on the same task (same transition matrix and order).
+    """
+    import mdlens
+    from mdlens.models import DisentangledTransformer
+
+    if not isinstance(model, DisentangledTransformer):
+        raise ValueError("--init-from works for disentangled models only")
+    source_task = mdlens.load_task(directory)
+    if source_task is None or source_task.order != task.order or not torch.equal(source_task.transition, task.transition):
+        raise ValueError(f"--init-from {directory}: that model was not trained on this task")
+    model.load_shallower(mdlens.load(directory), new_layers=new_layers)
+
+
 def run_train_command(args: argparse.Namespace) -> None:
     import mdlens
     from mdlens.task import MTDTask
@@ -496,6 +522,8 @@ def run_train_command(args: argparse.Namespace) -> None:
     out = Path(fields_["out"])
     task = MTDTask(vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"])
     model = build_model(fields_)
+    if fields_["init_from"] is not None:
+        grow_from(model, task, fields_["init_from"], fields_["new_layers"])
     config = TrainConfig(
         steps=fields_["steps"], batch_size=fields_["batch"], seq_len=fields_["seq_len"], lr=fields_["lr"],
         optimizer=fields_["optimizer"], weight_decay=fields_["weight_decay"], lr_schedule=fields_["lr_schedule"],

@@ -274,3 +274,73 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
     with pytest.raises(ValueError, match="--out"):
         cli_main(["train", "--steps", "2"])
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Growing a deeper model from a trained shallower one (``--init-from``)
+
+
+@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last"])
+def test_grown_model_computes_the_shallower_models_function(new_layers):
+    shallow = disentangled_transformer(5, 3, 16, n_layers=2, seed=1, init_std=0.5)
+    with torch.no_grad():  # non-trivial position and value terms too, not just the initial ones
+        for block in shallow.blocks:
+            block.attn.rel_score.normal_(generator=torch.Generator().manual_seed(2))
+            block.attn.rel_value.add_(0.3)
+    deep = disentangled_transformer(5, 3, 16, n_layers=4, seed=0)
+    deep.load_shallower(shallow, new_layers=new_layers)
+    tokens = TASK.sample(8, 16, generator=torch.Generator().manual_seed(0)).tokens
+    with torch.no_grad():
+        _, deep_cache = deep.run_with_cache(tokens)
+        _, shallow_cache = shallow.run_with_cache(tokens)
+        assert torch.allclose(deep(tokens), shallow(tokens), atol=1e-6)
+    # The shallow residual is a prefix of the deep one, layer by layer.
+    width = shallow.cfg.d_model
+    assert torch.allclose(deep_cache["resid_post", 1][..., :width], shallow_cache["resid_post", 1], atol=1e-6)
+    if new_layers == "fresh":  # the new layers start from the deep model's own initialisation
+        assert deep.blocks[2].attn.W_A.abs().sum() > 0 and deep.blocks[3].attn.rel_score.abs().sum() == 0
+    else:  # layers 2..4 all start as the shallow model's layer 2
+        read = shallow.blocks[1].attn.read_width
+        for block in deep.blocks[1:]:
+            assert torch.equal(block.attn.W_A[:read, :read], shallow.blocks[1].attn.W_A)
+            assert torch.equal(block.attn.rel_score, shallow.blocks[1].attn.rel_score)
+
+
+def test_load_shallower_rejects_models_that_do_not_fit():
+    deep = disentangled_transformer(5, 3, 16, n_layers=2)
+    with pytest.raises(ValueError, match="more than"):
+        deep.load_shallower(disentangled_transformer(5, 3, 16, n_layers=3))
+    with pytest.raises(ValueError, match="vocabulary"):
+        deep.load_shallower(disentangled_transformer(4, 3, 16, n_layers=1))
+    with pytest.raises(ValueError, match="window"):
+        deep.load_shallower(disentangled_transformer(5, 2, 16, n_layers=1))
+    with pytest.raises(ValueError, match="n_ctx"):
+        deep.load_shallower(disentangled_transformer(5, 3, 24, n_layers=1))
+    with pytest.raises(ValueError, match="DisentangledTransformer"):
+        deep.load_shallower(standard_transformer(5, 16, n_layers=1, d_model=8))
+    with pytest.raises(ValueError, match="new_layers"):
+        deep.load_shallower(disentangled_transformer(5, 3, 16, n_layers=1), new_layers="copy")
+
+
+@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last"])
+def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
+    common = ["--seq-len", "16", "--batch", "8", "--eval-every", "0", "--device", "cpu", "--no-progress"]
+    cli_main(["train", "--layers", "1", "--steps", "4", *common, "--out", str(tmp_path / "one")])
+    cli_main(["train", "--layers", "2", "--steps", "3", "--init-from", str(tmp_path / "one"), "--new-layers",
+              new_layers, *common, "--out", str(tmp_path / "two")])
+    # The same through the Python API: grow, then train with the same recipe.
+    reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    reference.load_shallower(mdlens.load(tmp_path / "one"), new_layers=new_layers)
+    train(reference, TASK, TrainConfig(steps=3, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False))
+    assert_same_weights(weights_of(reference), weights_of(mdlens.load(tmp_path / "two")))
+
+    with pytest.raises(ValueError, match="not trained on this task"):
+        cli_main(["train", "--layers", "2", "--steps", "1", "--task-seed", "1", "--init-from", str(tmp_path / "one"),
+                  *common, "--out", str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="disentangled models only"):
+        cli_main(["train", "--model", "standard", "--layers", "1", "--steps", "1", "--init-from",
+                  str(tmp_path / "one"), *common, "--out", str(tmp_path / "std")])
+    with pytest.raises(ValueError, match="--new-layers must"):
+        cli_main(["train", "--new-layers", "copy", "--init-from", str(tmp_path / "one"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="only applies with --init-from"):
+        cli_main(["train", "--new-layers", "repeat_last", "--out", str(tmp_path / "x")])
