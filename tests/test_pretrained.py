@@ -126,3 +126,27 @@ def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
     # The tuned step is the best of a grid, so on the evaluation batch it cannot be far worse than eta = 0.05.
     ratio = by_length[seq_len]["kl"]["md1_tuned"]["mean"] / expected
     assert ratio < 1.2
+
+
+def test_paired_ratio_and_its_standard_error_against_resampling():
+    """The delta-method standard error of mean(a)/mean(b) on paired samples matches the spread of the
+    ratio over many independent draws of the same size; an exactly proportional pair has zero error."""
+    from analyses.trained import paired_ratio
+
+    exact = paired_ratio(2.5 * torch.arange(1.0, 9.0, dtype=torch.float64), torch.arange(1.0, 9.0, dtype=torch.float64))
+    assert exact["ratio"] == pytest.approx(2.5) and exact["se"] == pytest.approx(0.0, abs=1e-12)
+    assert exact["n_infinite"] == 0
+    with_inf = paired_ratio(torch.tensor([1.0, 3.0, float("inf")]), torch.tensor([1.0, 1.0, 5.0]))
+    assert with_inf["ratio"] is None and with_inf["n_infinite"] == 1 and with_inf["finite_ratio"] == pytest.approx(2.0)
+
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(n):  # heavy-tailed, correlated per-sequence "KLs", like a model's and MD's
+        reference = torch.empty(n, dtype=torch.float64).exponential_(generator=generator) ** 2
+        noise = torch.empty(n, dtype=torch.float64).exponential_(generator=generator)
+        return 1.1 * reference + 0.2 * noise, reference
+
+    n = 400
+    ratios = torch.tensor([paired_ratio(*draw(n))["ratio"] for _ in range(2000)])
+    predicted = paired_ratio(*draw(200_000))["se"] * (200_000 / n) ** 0.5
+    assert ratios.std().item() == pytest.approx(predicted, rel=0.1)
