@@ -209,6 +209,7 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
         ({"eval_every": -1}, "eval_every"),
         ({"curriculum_start_len": 100}, "curriculum_start_len"),
         ({"resume": True}, "checkpoint_dir"),
+        ({"freeze_layers": -1}, "freeze_layers"),
     ],
 )
 def test_bad_config_raises(fields, message):
@@ -224,6 +225,26 @@ def test_train_rejects_a_model_that_does_not_fit():
         train(disentangled_transformer(4, 3, 16, n_layers=1), TASK, small_config())
     with pytest.raises(ValueError, match="n_ctx"):
         train(probs_model, TASK, small_config(seq_len=32))
+    with pytest.raises(ValueError, match="freeze_layers=2 exceeds"):
+        train(probs_model, TASK, small_config(freeze_layers=2))
+
+
+@pytest.mark.parametrize("model_kind", ["disentangled", "standard"])
+def test_frozen_layers_keep_their_weights_and_the_rest_trains(model_kind):
+    model = (disentangled_transformer(5, 3, 16, n_layers=3, seed=0) if model_kind == "disentangled"
+             else standard_transformer(5, 16, n_layers=3, d_model=16, seed=0))
+    before = weights_of(model)
+    trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
+    train(model, TASK, small_config(steps=5, freeze_layers=2))
+    after = weights_of(model)
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        if name.startswith(("blocks.0.", "blocks.1.")):
+            assert not changed, f"{name} is in a frozen layer but changed"
+        elif name in trainable_before and name.startswith(("blocks.2.attn.W_Q", "unembed.W_U")):
+            assert changed, f"{name} should have trained"
+    # Training leaves the model as trainable as it found it.
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable_before
 
 
 # ---------------------------------------------------------------------------------------------------
