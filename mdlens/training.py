@@ -436,7 +436,6 @@ def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: tor
 # save a loadable checkpoint (``mdlens.load``) plus ``train.json`` with the command and the numbers.
 
 MODEL_KINDS = ("disentangled", "standard")
-NEW_LAYER_RULES = ("fresh", "repeat_last")  # see DisentangledTransformer.load_shallower
 
 # CLI field -> (flag, type, default, help). ``--config FILE.json`` may set any of these fields.
 CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
@@ -466,7 +465,8 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "init_from": ("--init-from", str, None, "start from a saved disentangled model with at most --layers layers "
                   "(grown into this model, see --new-layers; same task)"),
     "new_layers": ("--new-layers", str, "fresh", "with --init-from: fresh (new layers on top, freshly "
-                   "initialised) | repeat_last (inserted before the last layer, as copies of it)"),
+                   "initialised) | repeat_last (inserted before the last layer, as copies of it) | "
+                   "insert_fresh (fresh, between the saved layers and a copy of its last layer on top)"),
     "device": ("--device", str, "auto", "auto | cpu | cuda"),
     "threads": ("--threads", int, None, "torch intra-op CPU threads (default: torch's choice); 1 is often "
                 "fastest on a busy machine"),
@@ -498,6 +498,8 @@ def resolve_train_fields(args: argparse.Namespace) -> dict:
         raise ValueError("mdlens train needs --out (or 'out' in the config file)")
     if fields_["model"] not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {MODEL_KINDS}, got {fields_['model']!r}")
+    from mdlens.models.disentangled import NEW_LAYER_RULES
+
     if fields_["new_layers"] not in NEW_LAYER_RULES:
         raise ValueError(f"--new-layers must be one of {NEW_LAYER_RULES}, got {fields_['new_layers']!r}")
     if fields_["new_layers"] != "fresh" and fields_["init_from"] is None:

@@ -301,7 +301,7 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
 # Growing a deeper model from a trained shallower one (``--init-from``)
 
 
-@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last"])
+@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last", "insert_fresh"])
 def test_grown_model_computes_the_shallower_models_function(new_layers):
     shallow = disentangled_transformer(5, 3, 16, n_layers=2, seed=1, init_std=0.5)
     with torch.no_grad():  # non-trivial position and value terms too, not just the initial ones
@@ -318,13 +318,14 @@ def test_grown_model_computes_the_shallower_models_function(new_layers):
     # The shallow residual is a prefix of the deep one, layer by layer.
     width = shallow.cfg.d_model
     assert torch.allclose(deep_cache["resid_post", 1][..., :width], shallow_cache["resid_post", 1], atol=1e-6)
-    if new_layers == "fresh":  # the new layers start from the deep model's own initialisation
-        assert deep.blocks[2].attn.W_A.abs().sum() > 0 and deep.blocks[3].attn.rel_score.abs().sum() == 0
-    else:  # layers 2..4 all start as the shallow model's layer 2
-        read = shallow.blocks[1].attn.read_width
-        for block in deep.blocks[1:]:
+    read = shallow.blocks[1].attn.read_width
+    copies_of_last = {"fresh": [1], "repeat_last": [1, 2, 3], "insert_fresh": [1, 3]}[new_layers]
+    for index, block in enumerate(deep.blocks[1:], start=1):
+        if index in copies_of_last:  # the shallow model's layer 2, reading the same coordinates
             assert torch.equal(block.attn.W_A[:read, :read], shallow.blocks[1].attn.W_A)
             assert torch.equal(block.attn.rel_score, shallow.blocks[1].attn.rel_score)
+        else:  # the deep model's own initialisation: small random W_A, zero position scores
+            assert block.attn.W_A.abs().sum() > 0 and block.attn.rel_score.abs().sum() == 0
 
 
 def test_load_shallower_rejects_models_that_do_not_fit():
@@ -343,16 +344,17 @@ def test_load_shallower_rejects_models_that_do_not_fit():
         deep.load_shallower(disentangled_transformer(5, 3, 16, n_layers=1), new_layers="copy")
 
 
-@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last"])
+@pytest.mark.parametrize("new_layers", ["fresh", "repeat_last", "insert_fresh"])
 def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
     common = ["--seq-len", "16", "--batch", "8", "--eval-every", "0", "--device", "cpu", "--no-progress"]
     cli_main(["train", "--layers", "1", "--steps", "4", *common, "--out", str(tmp_path / "one")])
     cli_main(["train", "--layers", "2", "--steps", "3", "--init-from", str(tmp_path / "one"), "--new-layers",
-              new_layers, *common, "--out", str(tmp_path / "two")])
+              new_layers, "--freeze-layers", "1", *common, "--out", str(tmp_path / "two")])
     # The same through the Python API: grow, then train with the same recipe.
     reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
     reference.load_shallower(mdlens.load(tmp_path / "one"), new_layers=new_layers)
-    train(reference, TASK, TrainConfig(steps=3, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False))
+    train(reference, TASK, TrainConfig(steps=3, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False,
+                                       freeze_layers=1))
     assert_same_weights(weights_of(reference), weights_of(mdlens.load(tmp_path / "two")))
 
     with pytest.raises(ValueError, match="not trained on this task"):

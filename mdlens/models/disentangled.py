@@ -75,6 +75,7 @@ from mdlens.models._tl import (
 from mdlens.models.layout import ResidualLayout
 
 MAX_LAYERS = 8
+NEW_LAYER_RULES = ("fresh", "repeat_last", "insert_fresh")  # how load_shallower places new layers
 DEFAULT_INIT_STD = 0.02
 
 
@@ -350,14 +351,21 @@ class DisentangledTransformer(HookedTransformer):
           coordinates at every depth), and ``W_U`` reads the last layer's block where ``source`` read
           its layer ``L``'s (progressive stacking). The last layer stays the readout, and every
           earlier copy starts out computing the same attention pattern.
+        - ``"insert_fresh"``: ``source``'s layers stay layers ``1..L``, the new layers ``L+1..n-1``
+          keep this model's own initialisation, and layer ``n`` is a second copy of ``source``'s
+          last layer, which ``W_U`` reads. Made for growing one-step MD into two: the first
+          estimate ``lambda1`` stays in block ``L{L}`` where a fresh layer can attend with it
+          (paper-notes §6; ``mdlens reproduce two-step``), and the readout above can add what the
+          fresh layers write to its lag scores. A fresh layer starts near uniform attention, so
+          every key gets gradient (a copy of a lag-selecting layer masks all but ``m`` keys).
 
         Either way the grown model computes exactly ``source``'s function: the new blocks are read by
         nothing until training teaches the model to use them.
         """
         if not isinstance(source, DisentangledTransformer):
             raise ValueError(f"source must be a DisentangledTransformer, got {type(source).__name__}")
-        if new_layers not in ("fresh", "repeat_last"):
-            raise ValueError(f"new_layers must be 'fresh' or 'repeat_last', got {new_layers!r}")
+        if new_layers not in NEW_LAYER_RULES:
+            raise ValueError(f"new_layers must be one of {NEW_LAYER_RULES}, got {new_layers!r}")
         mismatched = [
             f"{name} {theirs} != {ours}"
             for name, theirs, ours in (
@@ -375,10 +383,13 @@ class DisentangledTransformer(HookedTransformer):
             raise ValueError(f"source has {n_source} layers, more than this model's {n_target}")
 
         # Which source layer each target layer copies (None: keep this model's initialisation).
-        if new_layers == "fresh":
-            copied = list(range(n_source)) + [None] * (n_target - n_source)
-        else:
-            copied = list(range(n_source - 1)) + [n_source - 1] * (n_target - n_source + 1)
+        n_new, last = n_target - n_source, n_source - 1
+        if new_layers == "fresh" or n_new == 0:
+            copied = list(range(n_source)) + [None] * n_new
+        elif new_layers == "repeat_last":
+            copied = list(range(last)) + [last] * (n_new + 1)
+        else:  # insert_fresh
+            copied = list(range(n_source)) + [None] * (n_new - 1) + [last]
         for ours, index in zip(self.blocks, copied):
             if index is None:
                 continue
@@ -392,12 +403,12 @@ class DisentangledTransformer(HookedTransformer):
                 getattr(ours.attn, name).copy_(getattr(theirs, name))
 
         # Readout: source coordinates -> ours. The prefix up to the source's last read is shared;
-        # the source's last block [copy of D_{L-1} ; rel] maps to the block of the target layer
-        # that copies it (layer L for "fresh", the last layer for "repeat_last").
+        # the source's last block [copy of D_{L-1} ; rel] maps to the block of the highest target
+        # layer that copies it (layer L for "fresh", the last layer for the two other rules).
         W_U, source_W_U = self.unembed.W_U, source.unembed.W_U
         W_U.zero_()
         last_read = source.blocks[-1].attn.read_width  # D_{L-1}
-        reader = self.blocks[n_source - 1 if new_layers == "fresh" else n_target - 1].attn
+        reader = self.blocks[max(i for i, index in enumerate(copied) if index == last)].attn
         block_start = reader.read_width  # the copy part of that layer's block starts at its read width
         W_U[:last_read] = source_W_U[:last_read]
         W_U[block_start : block_start + last_read] = source_W_U[last_read : 2 * last_read]
