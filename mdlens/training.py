@@ -564,7 +564,7 @@ def run_train_command(args: argparse.Namespace) -> None:
         resume=args.resume, seed=fields_["seed"], device=fields_["device"], progress=not args.no_progress,
     )
     result = train(model, task, config)
-    mdlens.save(model.cpu(), out, task=task)
+    mdlens.save(model.to("cpu", print_details=False), out, task=task)  # TL's .cpu() prints a line
     final = result.final_eval
     report = {
         "fields": fields_,
