@@ -135,8 +135,8 @@ class TrainResult:
     ``losses`` holds ``(step, loss)`` pairs; ``evals`` holds one dict per evaluation with the model's
     mean KL to the truth next to the references on the same held-out batch (``kl_md1`` / ``kl_md2`` are
     one- / two-step MD with ``eta_md1`` / ``eta_md2`` tuned on that batch, ``kl_bayes`` the exact
-    posterior mean, ``kl_uniform`` the
-    uniform-weights guess). ``wall_clock_s`` counts this call only (not the run it resumed from).
+    posterior mean, ``kl_uniform`` the uniform-weights guess). ``wall_clock_s`` counts this call only
+    (not the run it resumed from).
     """
 
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -306,7 +306,9 @@ def load_train_state(
     meta = json.loads((directory / STATE_JSON).read_text())
     # Resuming under another recipe (another lr, schedule length, batch, seed...) would silently give
     # a run that neither config describes; only the fields that cannot change the weights may differ.
-    saved, current = meta["config"], asdict(config)
+    # A field the saved config lacks (added to TrainConfig after it was written) had its default then.
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **meta["config"]}
+    current = asdict(config)
     changed = sorted(name for name in current if name not in RUNTIME_FIELDS and saved.get(name) != current[name])
     if changed:
         raise ValueError(

@@ -187,6 +187,20 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
         train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, changed)
 
 
+def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_path):
+    train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, small_config(steps=4, checkpoint_dir=str(tmp_path)))
+    state = tmp_path / "train_state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["freeze_layers"]  # as written before TrainConfig had the field
+    state.write_text(json.dumps(meta))
+    result = train(disentangled_transformer(5, 3, 16, n_layers=2), TASK,
+                   small_config(steps=4, checkpoint_dir=str(tmp_path), resume=True))
+    assert result.losses[-1][0] == 4 and result.samples == 4 * 16  # the saved run, loaded
+    with pytest.raises(ValueError, match="freeze_layers"):
+        train(disentangled_transformer(5, 3, 16, n_layers=2), TASK,
+              small_config(steps=4, freeze_layers=1, checkpoint_dir=str(tmp_path), resume=True))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -359,7 +359,7 @@ class DisentangledTransformer(HookedTransformer):
           fresh layers write to its lag scores. A fresh layer starts near uniform attention, so
           every key gets gradient (a copy of a lag-selecting layer masks all but ``m`` keys).
 
-        Either way the grown model computes exactly ``source``'s function: the new blocks are read by
+        Whatever the rule, the grown model computes exactly ``source``'s function: the new blocks are read by
         nothing until training teaches the model to use them.
         """
         if not isinstance(source, DisentangledTransformer):
