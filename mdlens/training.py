@@ -32,6 +32,7 @@ from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
 from mdlens._validation import check_int, check_positive, check_tokens, check_transition, check_weights
+from mdlens.models.disentangled import NEW_LAYER_RULES
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 LOSSES = ("mse", "ce")
@@ -500,8 +501,6 @@ def resolve_train_fields(args: argparse.Namespace) -> dict:
         raise ValueError("mdlens train needs --out (or 'out' in the config file)")
     if fields_["model"] not in MODEL_KINDS:
         raise ValueError(f"--model must be one of {MODEL_KINDS}, got {fields_['model']!r}")
-    from mdlens.models.disentangled import NEW_LAYER_RULES
-
     if fields_["new_layers"] not in NEW_LAYER_RULES:
         raise ValueError(f"--new-layers must be one of {NEW_LAYER_RULES}, got {fields_['new_layers']!r}")
     if fields_["new_layers"] != "fresh" and fields_["init_from"] is None:
