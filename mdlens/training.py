@@ -60,6 +60,11 @@ class TrainConfig:
         loss: "mse" on the predicted distribution (the paper) or "ce" (cross-entropy against the true
             predictive distribution; needs a model with ``output_type == "logits"``).
         targets: "last" (the paper) or "all" (every position ``t > m``, see the module docstring).
+        position_weight_exponent: with ``targets="all"``, the loss at position ``t`` is weighted by
+            ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the
+            plain mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like
+            ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
+            leans on short ones.
         freeze_layers: the parameters of the first this many blocks stay as they are (e.g. the layers
             a deeper model was grown from with ``--init-from``); 0 trains every layer.
         curriculum_start_len: if set, ``T`` grows linearly from this length to ``seq_len`` over the
@@ -87,6 +92,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     loss: str = "mse"
     targets: str = "all"
+    position_weight_exponent: float = 0.0
     freeze_layers: int = 0
     curriculum_start_len: int | None = None
     curriculum_steps: int = 0
@@ -125,6 +131,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.curriculum_start_len is not None and not 1 <= self.curriculum_start_len <= self.seq_len:
             raise ValueError(f"curriculum_start_len must lie in [1, seq_len={self.seq_len}], got {self.curriculum_start_len}")
+        if not math.isfinite(self.position_weight_exponent):
+            raise ValueError(f"position_weight_exponent must be finite, got {self.position_weight_exponent}")
+        if self.position_weight_exponent != 0 and self.targets != "all":
+            raise ValueError("position_weight_exponent weights the positions of targets='all'; with "
+                             f"targets={self.targets!r} there is one position")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
@@ -189,12 +200,25 @@ def _supervised_output(output: Tensor, order: int, targets: str) -> Tensor:
     return output[:, -1:, :] if targets == "last" else output[:, order:, :]
 
 
-def _loss(output: Tensor, target: Tensor, output_type: str, loss: str) -> Tensor:
-    """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary)."""
+def position_weights(n_positions: int, exponent: float) -> Float[Tensor, "n_positions"]:
+    """Loss weight of the supervised positions ``t = m+1..m+n_positions``: ``(t - m) ** exponent``,
+    normalised to mean 1 (so exponent 0 gives the plain mean and the loss scale does not change)."""
+    prefix_beyond_order = torch.arange(1, n_positions + 1, dtype=torch.float64)  # t - m
+    weights = prefix_beyond_order**exponent
+    return weights / weights.mean()
+
+
+def _loss(output: Tensor, target: Tensor, output_type: str, loss: str, weights: Tensor | None = None) -> Tensor:
+    """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary),
+    each position weighted by ``weights`` ``[pos]`` when given."""
     if loss == "ce":
-        return -(target * torch.log_softmax(output, dim=-1)).sum(-1).mean()
-    probs = output if output_type == "probs" else torch.softmax(output, dim=-1)
-    return (probs - target).pow(2).sum(-1).mean()
+        per_position = -(target * torch.log_softmax(output, dim=-1)).sum(-1)
+    else:
+        probs = output if output_type == "probs" else torch.softmax(output, dim=-1)
+        per_position = (probs - target).pow(2).sum(-1)  # [batch, pos]
+    if weights is not None:
+        per_position = per_position * weights
+    return per_position.mean()
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -408,8 +432,11 @@ def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: tor
         if config.targets == "last":
             target = target[:, -1:, :]
         output = model(sample.tokens.to(device))
+        weights = None
+        if config.position_weight_exponent != 0:
+            weights = position_weights(target.shape[1], config.position_weight_exponent).to(device, output.dtype)
         loss = _loss(_supervised_output(output, order, config.targets), target.to(device, output.dtype),
-                     output_type, config.loss)
+                     output_type, config.loss, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -452,6 +479,8 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "d_model": ("--d-model", int, 64, "residual width of a standard model"),
     "loss": ("--loss", str, "mse", "mse | ce"),
     "targets": ("--targets", str, "all", "last | all"),
+    "position_weight_exponent": ("--position-weight-exponent", float, 0.0, "with --targets all: weight "
+                                 "the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes"),
     "freeze_layers": ("--freeze-layers", int, 0, "keep the first N layers as they are (e.g. those of --init-from)"),
     "steps": ("--steps", int, 2000, "optimizer steps"),
     "batch": ("--batch", int, 64, "sequences per step"),
@@ -559,6 +588,7 @@ def run_train_command(args: argparse.Namespace) -> None:
         steps=fields_["steps"], batch_size=fields_["batch"], seq_len=fields_["seq_len"], lr=fields_["lr"],
         optimizer=fields_["optimizer"], weight_decay=fields_["weight_decay"], lr_schedule=fields_["lr_schedule"],
         warmup_steps=fields_["warmup"], loss=fields_["loss"], targets=fields_["targets"],
+        position_weight_exponent=fields_["position_weight_exponent"],
         freeze_layers=fields_["freeze_layers"],
         curriculum_start_len=fields_["curriculum_start_len"], curriculum_steps=fields_["curriculum_steps"],
         eval_every=fields_["eval_every"], checkpoint_dir=str(out), checkpoint_every=fields_["checkpoint_every"],

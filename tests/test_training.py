@@ -87,6 +87,30 @@ def test_curriculum_grows_the_length_linearly():
     assert sequence_length(1000, config, order=3) == 40
 
 
+@pytest.mark.parametrize("exponent", [0.0, 1.0, -0.5])
+def test_position_weighted_loss_matches_an_explicit_sum(exponent):
+    # The loss the loop records at step 1 is that of the initial model on the first batch: recompute
+    # it position by position, weighting position t (1-indexed) by (t - m)^exponent / mean.
+    config = small_config(steps=1, seq_len=10, batch_size=3, position_weight_exponent=exponent)
+    model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
+    initial = weights_of(model)
+    recorded = train(model, TASK, config).losses[0][1]
+
+    model.load_state_dict(initial)
+    sample = TASK.sample(3, 10, generator=torch.Generator().manual_seed(config.seed))
+    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition)
+    with torch.no_grad():
+        output = model(sample.tokens).double()
+    m = TASK.order
+    raw = [(t - m) ** exponent for t in range(m + 1, 11)]
+    weights = [w * len(raw) / sum(raw) for w in raw]
+    total = 0.0
+    for b in range(3):
+        for row, t in enumerate(range(m + 1, 11)):  # the output at 0-indexed t - 1 predicts y_{t+1}
+            total += weights[row] * ((output[b, t - 1] - targets[b, row]) ** 2).sum().item()
+    assert recorded == pytest.approx(total / (3 * len(raw)), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A tiny run learns
 
@@ -224,6 +248,8 @@ def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_pat
         ({"curriculum_start_len": 100}, "curriculum_start_len"),
         ({"resume": True}, "checkpoint_dir"),
         ({"freeze_layers": -1}, "freeze_layers"),
+        ({"position_weight_exponent": float("nan")}, "position_weight_exponent"),
+        ({"position_weight_exponent": 1.0, "targets": "last"}, "one position"),
     ],
 )
 def test_bad_config_raises(fields, message):
