@@ -64,7 +64,8 @@ class TrainConfig:
             ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the
             plain mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like
             ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
-            leans on short ones.
+            leans on short ones (-0.5 from scratch keeps a probability model's outputs positive on
+            short prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL).
         freeze_layers: the parameters of the first this many blocks stay as they are (e.g. the layers
             a deeper model was grown from with ``--init-from``); 0 trains every layer.
         curriculum_start_len: if set, ``T`` grows linearly from this length to ``seq_len`` over the
