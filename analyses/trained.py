@@ -155,6 +155,13 @@ def check_criteria(results: list[dict]) -> dict:
     return checks
 
 
+def model_label(results: list[dict], name: str) -> str:
+    """Legend label of a trained model; names the lengths its curve skips because some KL was inf."""
+    infinite = [f"T={r['seq_len']} ({r['kl'][name]['n_infinite']} seq)" for r in results
+                if r["kl"].get(name) and r["kl"][name]["mean"] is None]
+    return f"trained {name}" + (f"\nKL = inf, not drawn: {', '.join(infinite)}" if infinite else "")
+
+
 def plot_kl(results: list[dict], model_names: list[str], path: Path) -> Path:
     lengths = [r["seq_len"] for r in results]
     with plotting.style():
@@ -168,7 +175,7 @@ def plot_kl(results: list[dict], model_names: list[str], path: Path) -> Path:
                       if r["kl"].get(name) and r["kl"][name]["mean"] is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, label=f"trained {name}", markersize=5,
+                ax.plot(xs, ys, label=model_label(results, name), markersize=5,
                         **MODEL_STYLE.get(name, {"marker": "o", "linestyle": "-"}))
         plotting.log_log(ax, "sequence length $T$", "mean KL(true || prediction) of $y_{T+1}$",
                          "Trained transformers vs mirror descent and Bayes", xticks=lengths)
@@ -187,7 +194,7 @@ def plot_ratio(results: list[dict], model_names: list[str], path: Path) -> Path:
                 continue
             style = MODEL_STYLE.get(name) or plotting.method_style(name)
             xs, ys = zip(*points)
-            ax.plot(xs, ys, label=REFERENCES.get(name, f"trained {name}"), **style)
+            ax.plot(xs, ys, label=REFERENCES.get(name) or model_label(results, name), **style)
         ax.axhline(1.0, color="tab:blue", linewidth=1, label="1-step MD, best $\\eta$ (= 1)")
         ax.axhline(1.1, color="tab:blue", linewidth=0.8, linestyle=":", label="+10%")
         plotting.log_log(ax, "sequence length $T$", "mean KL / mean KL of tuned 1-step MD",

@@ -150,3 +150,14 @@ def test_paired_ratio_and_its_standard_error_against_resampling():
     ratios = torch.tensor([paired_ratio(*draw(n))["ratio"] for _ in range(2000)])
     predicted = paired_ratio(*draw(200_000))["se"] * (200_000 / n) ** 0.5
     assert ratios.std().item() == pytest.approx(predicted, rel=0.1)
+
+
+def test_plot_label_names_the_lengths_left_out_for_an_infinite_kl():
+    """A length whose mean KL is inf is not drawn; the legend must say which and on how many sequences."""
+    from analyses.trained import model_label
+
+    results = [{"seq_len": 8, "kl": {"m": {"mean": None, "n_infinite": 2}}},
+               {"seq_len": 16, "kl": {"m": {"mean": 0.01, "n_infinite": 0}}},
+               {"seq_len": 32, "kl": {"m": None}}]
+    assert model_label(results, "m") == "trained m\nKL = inf, not drawn: T=8 (2 seq)"
+    assert model_label(results[1:], "m") == "trained m"
