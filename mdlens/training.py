@@ -66,6 +66,11 @@ class TrainConfig:
             ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
             leans on short ones (-0.5 from scratch keeps a probability model's outputs positive on
             short prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL).
+        shortfall_weight: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2``
+            to each position's loss, where ``p*`` is the true predictive and ``p`` the model's. It is
+            zero unless the model puts less than half the true probability on some token, the error
+            that makes the KL large (and infinite once ``p_v <= 0``) while costing MSE almost nothing
+            when ``p*_v`` is small. 0 is the paper's plain MSE.
         freeze_layers: the parameters of the first this many blocks stay as they are (e.g. the layers
             a deeper model was grown from with ``--init-from``); 0 trains every layer.
         curriculum_start_len: if set, ``T`` grows linearly from this length to ``seq_len`` over the
@@ -94,6 +99,7 @@ class TrainConfig:
     loss: str = "mse"
     targets: str = "all"
     position_weight_exponent: float = 0.0
+    shortfall_weight: float = 0.0
     freeze_layers: int = 0
     curriculum_start_len: int | None = None
     curriculum_steps: int = 0
@@ -137,6 +143,10 @@ class TrainConfig:
         if self.position_weight_exponent != 0 and self.targets != "all":
             raise ValueError("position_weight_exponent weights the positions of targets='all'; with "
                              f"targets={self.targets!r} there is one position")
+        if not (math.isfinite(self.shortfall_weight) and self.shortfall_weight >= 0):
+            raise ValueError(f"shortfall_weight must be finite and >= 0, got {self.shortfall_weight}")
+        if self.shortfall_weight != 0 and self.loss != "mse":
+            raise ValueError(f"shortfall_weight adds to loss='mse'; loss={self.loss!r} is already infinite at p_v = 0")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
 
@@ -209,14 +219,21 @@ def position_weights(n_positions: int, exponent: float) -> Float[Tensor, "n_posi
     return weights / weights.mean()
 
 
-def _loss(output: Tensor, target: Tensor, output_type: str, loss: str, weights: Tensor | None = None) -> Tensor:
-    """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary),
+def _loss(
+    output: Tensor, target: Tensor, output_type: str, loss: str, weights: Tensor | None = None,
+    shortfall_weight: float = 0.0,
+) -> Tensor:
+    """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary,
+    plus ``shortfall_weight`` times the squared shortfall below half the truth, see :class:`TrainConfig`),
     each position weighted by ``weights`` ``[pos]`` when given."""
     if loss == "ce":
         per_position = -(target * torch.log_softmax(output, dim=-1)).sum(-1)
     else:
         probs = output if output_type == "probs" else torch.softmax(output, dim=-1)
         per_position = (probs - target).pow(2).sum(-1)  # [batch, pos]
+        if shortfall_weight:
+            shortfall = torch.relu(target / 2 - probs)  # > 0 only where p_v < p*_v / 2
+            per_position = per_position + shortfall_weight * shortfall.pow(2).sum(-1)
     if weights is not None:
         per_position = per_position * weights
     return per_position.mean()
@@ -437,7 +454,7 @@ def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: tor
         if config.position_weight_exponent != 0:
             weights = position_weights(target.shape[1], config.position_weight_exponent).to(device, output.dtype)
         loss = _loss(_supervised_output(output, order, config.targets), target.to(device, output.dtype),
-                     output_type, config.loss, weights)
+                     output_type, config.loss, weights, config.shortfall_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -482,6 +499,8 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "targets": ("--targets", str, "all", "last | all"),
     "position_weight_exponent": ("--position-weight-exponent", float, 0.0, "with --targets all: weight "
                                  "the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes"),
+    "shortfall_weight": ("--shortfall-weight", float, 0.0, "with --loss mse: add this times the squared "
+                         "shortfall of each output below half its true probability (keeps small ones positive)"),
     "freeze_layers": ("--freeze-layers", int, 0, "keep the first N layers as they are (e.g. those of --init-from)"),
     "steps": ("--steps", int, 2000, "optimizer steps"),
     "batch": ("--batch", int, 64, "sequences per step"),
@@ -589,7 +608,7 @@ def run_train_command(args: argparse.Namespace) -> None:
         steps=fields_["steps"], batch_size=fields_["batch"], seq_len=fields_["seq_len"], lr=fields_["lr"],
         optimizer=fields_["optimizer"], weight_decay=fields_["weight_decay"], lr_schedule=fields_["lr_schedule"],
         warmup_steps=fields_["warmup"], loss=fields_["loss"], targets=fields_["targets"],
-        position_weight_exponent=fields_["position_weight_exponent"],
+        position_weight_exponent=fields_["position_weight_exponent"], shortfall_weight=fields_["shortfall_weight"],
         freeze_layers=fields_["freeze_layers"],
         curriculum_start_len=fields_["curriculum_start_len"], curriculum_steps=fields_["curriculum_steps"],
         eval_every=fields_["eval_every"], checkpoint_dir=str(out), checkpoint_every=fields_["checkpoint_every"],

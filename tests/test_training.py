@@ -111,6 +111,33 @@ def test_position_weighted_loss_matches_an_explicit_sum(exponent):
     assert recorded == pytest.approx(total / (3 * len(raw)), rel=1e-5)
 
 
+def test_shortfall_penalty_matches_an_explicit_sum():
+    # Step-1 loss with shortfall_weight w: MSE plus w * (p*_v / 2 - p_v)^2 for every token whose output
+    # p_v is below half its true probability p*_v, recomputed entry by entry.
+    shortfall_weight = 10.0
+    config = small_config(steps=1, seq_len=10, batch_size=3, shortfall_weight=shortfall_weight)
+    model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
+    initial = weights_of(model)
+    recorded = train(model, TASK, config).losses[0][1]
+
+    model.load_state_dict(initial)
+    sample = TASK.sample(3, 10, generator=torch.Generator().manual_seed(config.seed))
+    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition).tolist()
+    with torch.no_grad():
+        output = model(sample.tokens).double().tolist()
+    m, squared_error, shortfall = TASK.order, 0.0, 0.0
+    for b in range(3):
+        for row, t in enumerate(range(m + 1, 11)):
+            for v in range(TASK.vocab_size):
+                predicted, true = output[b][t - 1][v], targets[b][row][v]
+                squared_error += (predicted - true) ** 2
+                if predicted < true / 2:
+                    shortfall += (true / 2 - predicted) ** 2
+    assert shortfall > 0  # the untrained model does fall short somewhere, so the term is exercised
+    n_positions = 3 * (10 - m)
+    assert recorded == pytest.approx((squared_error + shortfall_weight * shortfall) / n_positions, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A tiny run learns
 
@@ -250,6 +277,9 @@ def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_pat
         ({"freeze_layers": -1}, "freeze_layers"),
         ({"position_weight_exponent": float("nan")}, "position_weight_exponent"),
         ({"position_weight_exponent": 1.0, "targets": "last"}, "one position"),
+        ({"shortfall_weight": -1.0}, "shortfall_weight"),
+        ({"shortfall_weight": float("inf")}, "shortfall_weight"),
+        ({"shortfall_weight": 1.0, "loss": "ce"}, "shortfall_weight"),
     ],
 )
 def test_bad_config_raises(fields, message):
