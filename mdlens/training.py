@@ -66,11 +66,12 @@ class TrainConfig:
             ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
             leans on short ones (-0.5 from scratch keeps a probability model's outputs positive on
             short prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL).
-        shortfall_weight: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2``
-            to each position's loss, where ``p*`` is the true predictive and ``p`` the model's. It is
-            zero unless the model puts less than half the true probability on some token, the error
-            that makes the KL large (and infinite once ``p_v <= 0``) while costing MSE almost nothing
-            when ``p*_v`` is small. 0 is the paper's plain MSE.
+        shortfall_weight: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2 / p*_v``
+            (over ``p*_v > 0``) to each position's loss, where ``p*`` is the true predictive and ``p`` the
+            model's. It is zero unless the model puts less than half the true probability on some token:
+            the error that makes the KL large (infinite once ``p_v <= 0``) while costing MSE almost
+            nothing when ``p*_v`` is small, hence the chi-square-like division by ``p*_v``. 0 is the
+            paper's plain MSE.
         freeze_layers: the parameters of the first this many blocks stay as they are (e.g. the layers
             a deeper model was grown from with ``--init-from``); 0 trains every layer.
         curriculum_start_len: if set, ``T`` grows linearly from this length to ``seq_len`` over the
@@ -224,7 +225,8 @@ def _loss(
     shortfall_weight: float = 0.0,
 ) -> Tensor:
     """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary,
-    plus ``shortfall_weight`` times the squared shortfall below half the truth, see :class:`TrainConfig`),
+    plus ``shortfall_weight`` times the squared shortfall below half the truth over the truth, see
+    :class:`TrainConfig`),
     each position weighted by ``weights`` ``[pos]`` when given."""
     if loss == "ce":
         per_position = -(target * torch.log_softmax(output, dim=-1)).sum(-1)
@@ -233,7 +235,9 @@ def _loss(
         per_position = (probs - target).pow(2).sum(-1)  # [batch, pos]
         if shortfall_weight:
             shortfall = torch.relu(target / 2 - probs)  # > 0 only where p_v < p*_v / 2
-            per_position = per_position + shortfall_weight * shortfall.pow(2).sum(-1)
+            # divided by p*_v, as in a chi-square: a shortfall on a tiny probability is what costs KL
+            relative = torch.where(target > 0, shortfall.pow(2) / torch.where(target > 0, target, 1.0), 0.0)
+            per_position = per_position + shortfall_weight * relative.sum(-1)
     if weights is not None:
         per_position = per_position * weights
     return per_position.mean()
@@ -499,8 +503,8 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "targets": ("--targets", str, "all", "last | all"),
     "position_weight_exponent": ("--position-weight-exponent", float, 0.0, "with --targets all: weight "
                                  "the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes"),
-    "shortfall_weight": ("--shortfall-weight", float, 0.0, "with --loss mse: add this times the squared "
-                         "shortfall of each output below half its true probability (keeps small ones positive)"),
+    "shortfall_weight": ("--shortfall-weight", float, 0.0, "with --loss mse: add this times (p*/2 - p)^2 / p* "
+                         "for each output p below half its true probability p* (keeps small ones positive)"),
     "freeze_layers": ("--freeze-layers", int, 0, "keep the first N layers as they are (e.g. those of --init-from)"),
     "steps": ("--steps", int, 2000, "optimizer steps"),
     "batch": ("--batch", int, 64, "sequences per step"),

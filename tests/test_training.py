@@ -10,7 +10,7 @@ from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.cli import main as cli_main
 from mdlens.models import DisentangledTransformer, disentangled_transformer, standard_transformer
-from mdlens.training import TrainConfig, learning_rate, next_token_targets, sequence_length, train
+from mdlens.training import TrainConfig, _loss, learning_rate, next_token_targets, sequence_length, train
 
 TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
 
@@ -112,8 +112,8 @@ def test_position_weighted_loss_matches_an_explicit_sum(exponent):
 
 
 def test_shortfall_penalty_matches_an_explicit_sum():
-    # Step-1 loss with shortfall_weight w: MSE plus w * (p*_v / 2 - p_v)^2 for every token whose output
-    # p_v is below half its true probability p*_v, recomputed entry by entry.
+    # Step-1 loss with shortfall_weight w: MSE plus w * (p*_v / 2 - p_v)^2 / p*_v for every token whose
+    # output p_v is below half its true probability p*_v, recomputed entry by entry.
     shortfall_weight = 10.0
     config = small_config(steps=1, seq_len=10, batch_size=3, shortfall_weight=shortfall_weight)
     model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
@@ -132,10 +132,20 @@ def test_shortfall_penalty_matches_an_explicit_sum():
                 predicted, true = output[b][t - 1][v], targets[b][row][v]
                 squared_error += (predicted - true) ** 2
                 if predicted < true / 2:
-                    shortfall += (true / 2 - predicted) ** 2
+                    shortfall += (true / 2 - predicted) ** 2 / true
     assert shortfall > 0  # the untrained model does fall short somewhere, so the term is exercised
     n_positions = 3 * (10 - m)
     assert recorded == pytest.approx((squared_error + shortfall_weight * shortfall) / n_positions, rel=1e-5)
+
+
+def test_shortfall_penalty_by_hand_and_zero_where_the_truth_is_zero():
+    # truth (0, .5, .5), output (-.1, .1, 1): squared error .01 + .16 + .25 = .42. Token 0 has truth 0,
+    # so no shortfall (its KL term is 0 whatever the output); token 1 falls .25 - .1 = .15 short of half
+    # its truth: .15^2 / .5 = .045; token 2 is above. With weight 2: .42 + .09.
+    target = torch.tensor([[[0.0, 0.5, 0.5]]], dtype=torch.float64)
+    output = torch.tensor([[[-0.1, 0.1, 1.0]]], dtype=torch.float64)
+    assert _loss(output, target, "probs", "mse", shortfall_weight=2.0).item() == pytest.approx(0.51)
+    assert _loss(output, target, "probs", "mse").item() == pytest.approx(0.42)
 
 
 # ---------------------------------------------------------------------------------------------------
