@@ -87,20 +87,26 @@ def test_curriculum_grows_the_length_linearly():
     assert sequence_length(1000, config, order=3) == 40
 
 
+def first_step_loss(**fields):
+    """The loss a one-step run (3 sequences of T=10) records, with the initial model's output and the
+    targets of that first batch, for recomputing the loss by hand: (recorded, output, targets)."""
+    config = small_config(steps=1, seq_len=10, batch_size=3, **fields)
+    model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
+    initial = weights_of(model)
+    recorded = train(model, TASK, config).losses[0][1]
+    model.load_state_dict(initial)
+    sample = TASK.sample(3, 10, generator=torch.Generator().manual_seed(config.seed))  # the first batch
+    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition)
+    with torch.no_grad():
+        output = model(sample.tokens).double()
+    return recorded, output, targets
+
+
 @pytest.mark.parametrize("exponent", [0.0, 1.0, -0.5])
 def test_position_weighted_loss_matches_an_explicit_sum(exponent):
     # The loss the loop records at step 1 is that of the initial model on the first batch: recompute
     # it position by position, weighting position t (1-indexed) by (t - m)^exponent / mean.
-    config = small_config(steps=1, seq_len=10, batch_size=3, position_weight_exponent=exponent)
-    model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
-    initial = weights_of(model)
-    recorded = train(model, TASK, config).losses[0][1]
-
-    model.load_state_dict(initial)
-    sample = TASK.sample(3, 10, generator=torch.Generator().manual_seed(config.seed))
-    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition)
-    with torch.no_grad():
-        output = model(sample.tokens).double()
+    recorded, output, targets = first_step_loss(position_weight_exponent=exponent)
     m = TASK.order
     raw = [(t - m) ** exponent for t in range(m + 1, 11)]
     weights = [w * len(raw) / sum(raw) for w in raw]
@@ -115,16 +121,8 @@ def test_shortfall_penalty_matches_an_explicit_sum():
     # Step-1 loss with shortfall_weight w: MSE plus w * (p*_v / 2 - p_v)^2 / p*_v for every token whose
     # output p_v is below half its true probability p*_v, recomputed entry by entry.
     shortfall_weight = 10.0
-    config = small_config(steps=1, seq_len=10, batch_size=3, shortfall_weight=shortfall_weight)
-    model = disentangled_transformer(TASK.vocab_size, TASK.order, 10, n_layers=2, seed=4)
-    initial = weights_of(model)
-    recorded = train(model, TASK, config).losses[0][1]
-
-    model.load_state_dict(initial)
-    sample = TASK.sample(3, 10, generator=torch.Generator().manual_seed(config.seed))
-    targets = next_token_targets(sample.tokens, sample.weights, TASK.transition).tolist()
-    with torch.no_grad():
-        output = model(sample.tokens).double().tolist()
+    recorded, output, targets = first_step_loss(shortfall_weight=shortfall_weight)
+    output, targets = output.tolist(), targets.tolist()
     m, squared_error, shortfall = TASK.order, 0.0, 0.0
     for b in range(3):
         for row, t in enumerate(range(m + 1, 11)):
