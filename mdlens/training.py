@@ -224,10 +224,9 @@ def _loss(
     output: Tensor, target: Tensor, output_type: str, loss: str, weights: Tensor | None = None,
     shortfall_weight: float = 0.0,
 ) -> Tensor:
-    """Mean over sequences and positions of the per-distribution loss (MSE summed over the vocabulary,
-    plus ``shortfall_weight`` times the squared shortfall below half the truth over the truth, see
-    :class:`TrainConfig`),
-    each position weighted by ``weights`` ``[pos]`` when given."""
+    """Mean over sequences and positions of the per-distribution loss, each position weighted by
+    ``weights`` ``[pos]`` when given. For "mse": the squared error summed over the vocabulary, plus
+    ``shortfall_weight`` times the shortfall penalty of :class:`TrainConfig`."""
     if loss == "ce":
         per_position = -(target * torch.log_softmax(output, dim=-1)).sum(-1)
     else:
