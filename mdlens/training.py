@@ -64,8 +64,9 @@ class TrainConfig:
             ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the
             plain mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like
             ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
-            leans on short ones (-0.5 from scratch keeps a probability model's outputs positive on
-            short prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL).
+            leans on short ones (-0.5 from scratch kept the 3-layer model's outputs positive on short
+            prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL; it did not
+            for 5 layers, ``shortfall_weight`` did).
         shortfall_weight: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2 / p*_v``
             (over ``p*_v > 0``) to each position's loss, where ``p*`` is the true predictive and ``p`` the
             model's. It is zero unless the model puts less than half the true probability on some token:
@@ -235,7 +236,8 @@ def _loss(
         if shortfall_weight:
             shortfall = torch.relu(target / 2 - probs)  # > 0 only where p_v < p*_v / 2
             # divided by p*_v, as in a chi-square: a shortfall on a tiny probability is what costs KL
-            relative = torch.where(target > 0, shortfall.pow(2) / torch.where(target > 0, target, 1.0), 0.0)
+            positive = target > 0  # where p*_v = 0 its KL term is 0 whatever p_v, so no penalty
+            relative = torch.where(positive, shortfall.pow(2) / torch.where(positive, target, 1.0), 0.0)
             per_position = per_position + shortfall_weight * relative.sum(-1)
     if weights is not None:
         per_position = per_position * weights
