@@ -107,7 +107,7 @@ def _cache_ratios_keeping_freed_memory(quick: bool) -> tuple[float, float, float
         return None
     env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.run(
-        [sys.executable, "-m", "analyses.bench_models", "--cache-ratios-only", *(["--quick"] if quick else [])],
+        [sys.executable, "-m", "mdlens.analyses.bench_models", "--cache-ratios-only", *(["--quick"] if quick else [])],
         env=env, capture_output=True, text=True, check=True,
     )
     cached, forward, plain_ratio = (float(x) for x in child.stdout.split()[-3:])

@@ -47,8 +47,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses import plotting
-from analyses.estimators import TASK, sample_batches, tune_step_size
+from mdlens.analyses import plotting
+from mdlens.analyses.estimators import TASK, sample_batches, tune_step_size
 from mdlens import MTDTask
 from mdlens import estimators as E
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analyses import plotting
+from mdlens.analyses import plotting
 from mdlens import MTDTask
 from mdlens import estimators as E
 

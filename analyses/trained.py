@@ -1,7 +1,7 @@
 """Do trained transformers reach mirror descent? KL to the truth vs sequence length (paper §5).
 
 For the shipped models (``mdlens.list_pretrained()``: ``disentangled-3l``, ``disentangled-5l``,
-``standard-3l``) and, on the same sequences, the reference estimators of ``analyses.estimators``:
+``standard-3l``) and, on the same sequences, the reference estimators of ``mdlens.analyses.estimators``:
 
 - ``uniform``      lambda = 1/m,
 - ``md1_tuned``    one-step mirror descent, eta grid-searched per length on a separate tuning batch,
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import mdlens
-from analyses import plotting
-from analyses.estimators import batch_seeds, mean_and_se, sample_batches, tune_step_size
+from mdlens.analyses import plotting
+from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches, tune_step_size
 from mdlens import MTDTask
 from mdlens import estimators as E
 

@@ -1,6 +1,6 @@
 """The ``mdlens`` command line: ``reproduce``, ``bench`` (and ``train``, from mdlens.training).
 
-The analyses live in the top-level ``analyses`` package, downstream of the library; the CLI is
+The analyses live in ``mdlens.analyses`` (the repository folder ``analyses/``), downstream of the library; the CLI is
 the one place that reaches them, and it imports them lazily so that ``import mdlens`` never does.
 """
 
@@ -15,18 +15,18 @@ from pathlib import Path
 
 # name -> module in ``analyses`` with a ``run(out_dir: Path, quick: bool) -> dict`` function.
 REPRODUCTIONS: dict[str, str] = {
-    "estimators": "analyses.estimators",
-    "trained": "analyses.trained",
-    "two-step": "analyses.causal_two_step",
+    "estimators": "mdlens.analyses.estimators",
+    "trained": "mdlens.analyses.trained",
+    "two-step": "mdlens.analyses.causal_two_step",
 }
 
 
 def _benchmark_modules() -> list[str]:
     """Every ``analyses/bench_*.py`` module, each with a ``main(quick: bool)`` that prints ratios."""
-    import analyses
+    import mdlens.analyses as analyses
 
     return sorted(
-        f"analyses.{info.name}"
+        f"mdlens.analyses.{info.name}"
         for info in pkgutil.iter_modules(analyses.__path__)
         if info.name.startswith("bench_")
     )
@@ -50,7 +50,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.only:
         modules = [m for m in modules if m.endswith(f"bench_{args.only}")]
         if not modules:
-            known = ", ".join(m.removeprefix("analyses.bench_") for m in _benchmark_modules())
+            known = ", ".join(m.removeprefix("mdlens.analyses.bench_") for m in _benchmark_modules())
             raise SystemExit(f"unknown benchmark {args.only!r}; known: {known}")
     for name in modules:
         print(f"\n=== {name} ===", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from analyses import estimators
+from mdlens.analyses import estimators
 
 
 def test_quick_run_writes_every_method_and_plots(tmp_path):

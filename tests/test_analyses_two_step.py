@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from analyses import causal_two_step as two_step
+from mdlens.analyses import causal_two_step as two_step
 from mdlens import MTDTask
 from mdlens import estimators as E
 

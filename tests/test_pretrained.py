@@ -98,8 +98,8 @@ def test_loader_errors_say_what_is_wrong(tiny_root, tmp_path_factory):
 def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
     """``mdlens reproduce trained`` on a root holding the exact one-step-MD construction: its KL must be
     one-step MD's KL at the construction's step, recomputed here from the estimators."""
-    from analyses import trained
-    from analyses.estimators import sample_batches
+    from mdlens.analyses import trained
+    from mdlens.analyses.estimators import sample_batches
     from mdlens import estimators as E
     from mdlens.construction import build_md_transformer
 
@@ -131,7 +131,7 @@ def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
 def test_paired_ratio_and_its_standard_error_against_resampling():
     """The delta-method standard error of mean(a)/mean(b) on paired samples matches the spread of the
     ratio over many independent draws of the same size; an exactly proportional pair has zero error."""
-    from analyses.trained import paired_ratio
+    from mdlens.analyses.trained import paired_ratio
 
     exact = paired_ratio(2.5 * torch.arange(1.0, 9.0, dtype=torch.float64), torch.arange(1.0, 9.0, dtype=torch.float64))
     assert exact["ratio"] == pytest.approx(2.5) and exact["se"] == pytest.approx(0.0, abs=1e-12)
@@ -154,7 +154,7 @@ def test_paired_ratio_and_its_standard_error_against_resampling():
 
 def test_plot_label_names_the_lengths_left_out_for_an_infinite_kl():
     """A length whose mean KL is inf is not drawn; the legend must say which and on how many sequences."""
-    from analyses.trained import model_label
+    from mdlens.analyses.trained import model_label
 
     results = [{"seq_len": 8, "kl": {"m": {"mean": None, "n_infinite": 2}}},
                {"seq_len": 16, "kl": {"m": {"mean": 0.01, "n_infinite": 0}}},
