@@ -163,6 +163,38 @@ def md_weights(
     return log_weights.exp()
 
 
+def prefix_md_weights(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, beta: float, steps: int = 1
+) -> Float[Tensor, "batch n_scored m"]:
+    """``steps``-step MD on every prefix ``y_1..y_t``, ``t = m+1..T``, with the construction's step
+    ``eta_t = beta / (m (t - m))`` (paper-notes §4): ``[B, T-m, m]``, row ``t - m - 1`` = prefix ``t``.
+
+    Row ``t - m - 1`` equals ``md_weights(tokens[:, :t], ..., eta=eta_t, steps)``. One step is
+    ``softmax(beta * mean_{k<=t} gamma_k)``; later steps add ``eta_t * sum_{k<=t} P[k,g] / sum_h
+    lambda_h(t) P[k,h]``, where every prefix has its own ``lambda(t)`` (``O(T^2 m)`` per sequence).
+    """
+    beta = check_positive(beta, "beta")
+    steps = check_int(steps, "steps", 1)
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    n_scored = lag_probs.shape[1]
+    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+    n_seen = torch.arange(1, n_scored + 1, dtype=torch.float64)  # t - m
+    mean_gamma = gamma.cumsum(dim=1) / n_seen[None, :, None]
+    log_weights = torch.log_softmax(beta * mean_gamma, dim=-1)  # [B, t, m]
+    if steps == 1:
+        return log_weights.exp()
+    eta = beta / (order * n_seen)  # [t]
+    # The gradient is unchanged by rescaling a position's row of P: rows scaled to max 1 keep the
+    # mixture sum_h lambda_h(t) P[k,h] >= min_h lambda_h(t) > 0, so plain products are safe.
+    scaled = lag_probs / lag_probs.amax(dim=-1, keepdim=True)  # [B, k, m]
+    seen = (n_seen[None, :] <= n_seen[:, None]).to(torch.float64)  # seen[t, k]: k is in prefix t
+    for _ in range(steps - 1):
+        mixture = einops.einsum(log_weights.exp(), scaled, "b t h, b k h -> b t k")
+        gradient = einops.einsum(seen / mixture, scaled, "b t k, b k g -> b t g")  # sum over k <= t
+        log_weights = torch.log_softmax(log_weights + eta[None, :, None] * gradient, dim=-1)
+    return log_weights.exp()
+
+
 def mle_weights(
     tokens: TokensLike,
     transition: Float[Tensor, "q q"],
@@ -324,7 +356,21 @@ def bayes_weights(
     return _gibbs_posterior_mean(lag_probs, alpha, num_samples, burn_in, generator)
 
 
-def _exact_posterior_mean(lag_probs: Tensor, alpha: float) -> Tensor:
+def prefix_bayes_weights(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, alpha: float = 1.0
+) -> Float[Tensor, "batch n_scored m"]:
+    """Exact ``E[lambda | y_1..y_t]`` for every prefix ``t = m+1..T``: ``[B, T-m, m]``, row ``t - m - 1``.
+
+    The dynamic programme of ``bayes_weights(method="exact")`` passes every prefix on its way, so
+    all ``T - m`` posterior means come out of one pass (row ``t - m - 1`` equals
+    ``bayes_weights(tokens[:, :t], ...)``).
+    """
+    alpha = check_positive(alpha, "alpha")
+    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
+    return _exact_posterior_mean(lag_probs, alpha, every_prefix=True)
+
+
+def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = False) -> Tensor:
     """Exact posterior mean by dynamic programming over lag-count vectors.
 
     Expanding ``prod_k sum_g lambda_g P[k,g]`` gives ``sum_n W(n) prod_g lambda_g^{n_g}`` with
@@ -332,19 +378,29 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float) -> Tensor:
     conjugate, so the posterior is the mixture of ``Dirichlet(alpha + n)`` with weights
     ``W(n) B(alpha + n) / B(alpha)``, and its mean is ``sum_n w(n) (alpha + n) / (m alpha + N)``.
 
-    Range control: we track ``V_k(n) = W_k(n) / multinomial(k; n)``, the *average* over
-    assignments with counts ``n`` of ``prod P``. Dividing ``W_k(n) = sum_g W_{k-1}(n - e_g) P[k,g]``
-    by ``k! / prod n_g!`` gives ``V_k(n) = sum_g (n_g / k) V_{k-1}(n - e_g) P[k,g]``. Unlike ``W``,
-    ``V`` carries no combinatorial factor (which spans ``m^N``), so its spread across ``n`` is the
-    genuine evidence; each position's ``P`` is also divided by its max and ``V`` by its max every
-    few steps (per-sequence constants, which cancel in the normalised posterior).
+    The table holds those mixture weights up to a per-sequence constant:
+    ``U_k(n) = W_k(n) B(alpha + n) / (B(alpha) * rising(m alpha, k))`` (``rising(x, k) = x (x+1) ..
+    (x+k-1)``). As ``B(alpha + n) / B(alpha) = prod_g rising(alpha, n_g) / rising(m alpha, k)``, the
+    recursion ``W_k(n) = sum_g W_{k-1}(n - e_g) P[k,g]`` becomes
+
+        U_k(n) = sum_g U_{k-1}(n - e_g) P[k,g] (alpha + n_g - 1) / (m alpha + k - 1),
+
+    the Polya-urn form of the Dirichlet prior: no combinatorial factor (``W`` alone spans ``m^N``),
+    and after step ``k`` the table is the posterior over counts of the first ``k`` positions. Each
+    position's ``P`` is divided by its max and ``U`` by its max every few steps (per-sequence
+    constants, which cancel in the normalised posterior).
 
     The table is dense over ``(n_1..n_{m-1})`` (``n_m = k - sum`` implied); at step ``k`` only
     counts ``<= k`` are touched, and shifting by ``e_g`` is a slice.
+
+    ``every_prefix``: since the table after step ``k`` is the posterior of the first ``k`` scored
+    positions, one pass gives the mean of every prefix: ``[B, N, m]`` (row ``k - 1`` = the first
+    ``k`` scored positions) instead of ``[B, m]``.
     """
     batch_size, n_scored, m = lag_probs.shape
     if m == 1:
-        return torch.ones(batch_size, 1, dtype=torch.float64)
+        shape = (batch_size, n_scored, 1) if every_prefix else (batch_size, 1)
+        return torch.ones(shape, dtype=torch.float64)
     side = n_scored + 1
     cells = side ** (m - 1)
     if cells > MAX_EXACT_CELLS:
@@ -359,35 +415,57 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float) -> Tensor:
 
     scaled = lag_probs / lag_probs.amax(dim=-1, keepdim=True)  # max_g = 1 at every position
     chunk = max(1, _EXACT_CHUNK_CELLS // cells)
-    log_tables = []
+    means = []
     for start in range(0, batch_size, chunk):
-        log_tables.append(_count_table(scaled[start : start + chunk], count_grids, free_total))
-    log_table = torch.cat(log_tables)  # [B, side, .., side] = log V_N(n_1..n_{m-1})
+        part = scaled[start : start + chunk]
+        if every_prefix:
+            prefix_means = torch.empty(part.shape[0], n_scored, m, dtype=torch.float64)
 
-    # Posterior weight of n: V(n) * multinomial(N; n) * B(alpha + n) / B(alpha)
-    #   = V(n) * prod_g Gamma(alpha + n_g) / n_g!  * (a constant in n).
-    last_count = n_scored - free_total  # n_m; negative outside the simplex
-    valid = last_count >= 0
-    counts = torch.stack([*count_grids, last_count.clamp_min(0)])  # [m, side, .., side]
-    log_prior_term = (torch.lgamma(alpha + counts) - torch.lgamma(counts + 1)).sum(dim=0)
-    log_post = torch.where(valid, log_table + log_prior_term, -torch.inf)
-    post = torch.softmax(einops.rearrange(log_post, "b ... -> b (...)"), dim=-1)  # [B, cells]
-    component_means = einops.rearrange(counts, "g ... -> (...) g") + alpha
-    component_means = component_means / (m * alpha + n_scored)  # mean of Dirichlet(alpha + n)
-    return post @ component_means
+            def record(k: int, table: Tensor) -> None:
+                prefix_means[:, k - 1] = _mixture_mean(table, k, alpha)
+
+            _count_table(part, count_grids, free_total, alpha, on_step=record)
+            means.append(prefix_means)
+        else:
+            table = _count_table(part, count_grids, free_total, alpha)
+            means.append(_mixture_mean(table, n_scored, alpha))
+    return torch.cat(means)
 
 
-def _count_table(scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor) -> Tensor:
-    """``log V_N(n)`` over the dense count table for a chunk of sequences, ``[b, side, .., side]``.
+def _mixture_mean(table: Tensor, n_scored: int, alpha: float) -> Tensor:
+    """``sum_n U(n) (alpha + n) / (m alpha + N) / sum_n U(n)`` over a table of free counts, ``[b, m]``.
 
-    Step ``k``: ``V_k(n) = (n_m / k) P[k,m] V_{k-1}(n) + sum_{g<m} (n_g / k) P[k,g] V_{k-1}(n - e_g)``.
-    The factor ``n_g P[k,g]`` of a free lag is an outer product of a per-sequence scalar and the
-    counts along axis ``g``, so each free lag costs one fused multiply-add over the table.
+    ``table[b, n_1, .., n_{m-1}]`` starts at counts 0; ``U`` is zero wherever the counts are
+    unreachable (``n_1 + .. + n_{m-1} > N``), so only the free counts need weighing, each through
+    its marginal; the mean count of lag ``m`` is ``N`` minus the others'.
+    """
+    m = table.ndim
+    axes = [f"n{i}" for i in range(m - 1)]
+    mean_counts = []
+    for axis in axes:
+        marginal = einops.reduce(table, f"b {' '.join(axes)} -> b {axis}", "sum")  # [b, side]
+        counts = torch.arange(marginal.shape[1], dtype=torch.float64)
+        mean_counts.append(marginal @ counts / marginal.sum(dim=-1))
+    mean_counts.append(n_scored - sum(mean_counts))  # E[n_m]
+    return (alpha + torch.stack(mean_counts, dim=-1)) / (m * alpha + n_scored)  # E[(alpha + n) / (m alpha + N)]
+
+
+def _count_table(
+    scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor, alpha: float, on_step=None
+) -> Tensor:
+    """``U_N(n)`` (module docstring of :func:`_exact_posterior_mean`) for a chunk of sequences, up to
+    a per-sequence constant, ``[b, side, .., side]``.
+
+    Step ``k``: ``U_k(n) = (alpha + n_m - 1) P[k,m] U_{k-1}(n) + sum_{g<m} (alpha + n_g - 1) P[k,g]
+    U_{k-1}(n - e_g)`` (the common factor ``1 / (m alpha + k - 1)`` is dropped, with ``1 / k`` put in
+    its place to keep the scale). The factor of a free lag is an outer product of a per-sequence
+    scalar and the counts along axis ``g``, so each free lag costs one fused multiply-add.
+    ``on_step(k, U_k[region])``, when given, sees the reachable part of the table after every step.
     """
     batch_size, n_scored, m = scaled.shape
     shape = (batch_size,) + free_total.shape
     table = torch.zeros(shape, dtype=torch.float64)
-    table[(slice(None),) + (0,) * (m - 1)] = 1.0  # V_0 = 1 at n = 0
+    table[(slice(None),) + (0,) * (m - 1)] = 1.0  # U_0 = 1 at n = 0
     spare = torch.zeros(shape, dtype=torch.float64)
     per_sequence = (slice(None),) + (None,) * (m - 1)  # [b] -> [b, 1, .., 1]
     counts = count_grids[0].new_tensor(range(free_total.shape[0]))  # 0..N along one axis
@@ -399,23 +477,26 @@ def _count_table(scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Te
         region = (slice(None),) + (slice(0, k + 1),) * (m - 1)  # counts reachable after k positions
         old, new = table[region], spare[region]
         p = scaled[:, k - 1, :] / k  # [b, m]
-        # lag m: n_m = k - (n_1 + .. + n_{m-1}) is implied, the free counts stay put.
-        torch.mul(old, (k - free_total)[region[1:]], out=new)
+        # lag m: n_m = k - (n_1 + .. + n_{m-1}) is implied, the free counts stay put. Where the
+        # new n_m would be 0 the source is unreachable (zero), so the factor there does not matter.
+        torch.mul(old, (k - free_total + alpha - 1)[region[1:]], out=new)
         new.mul_(p[:, m - 1][per_sequence])
-        # lag g < m: from n - e_g, weighted by n_g (only n_g >= 1 receives).
+        # lag g < m: from n - e_g, weighted by alpha + n_g - 1 (only n_g >= 1 receives).
         for g in range(m - 1):
             dst, src = list(region), list(region)
             dst[g + 1], src[g + 1] = slice(1, k + 1), slice(0, k)
-            counts_g = einops.rearrange(counts[1 : k + 1], f"n -> {' '.join(axes_except(g))}")
+            counts_g = einops.rearrange(counts[1 : k + 1] + (alpha - 1), f"n -> {' '.join(axes_except(g))}")
             weight = p[:, g][per_sequence] * counts_g  # [b, 1, .., k, .., 1]
             spare[tuple(dst)].addcmul_(table[tuple(src)], weight)
         table, spare = spare, table
         if k % 16 == 0 or k == n_scored:
-            # V only shrinks (its coefficients sum to <= 1); rescale each sequence by its peak.
-            # The factor is a per-sequence constant, which cancels in the normalised posterior.
-            peak = einops.reduce(table, "b ... -> b", "max")
-            table.div_(peak[per_sequence])
-    return torch.log(table)
+            # Rescale each sequence by its peak: a per-sequence constant, which cancels in the
+            # normalised posterior, and it keeps the table far from underflow.
+            peak = einops.reduce(table[region], "b ... -> b", "max")
+            table[region] /= peak[per_sequence]
+        if on_step is not None:
+            on_step(k, table[region])
+    return table
 
 
 def _gibbs_posterior_mean(
