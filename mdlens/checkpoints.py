@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from mdlens.models import DisentangledTransformer, standard_transformer
+from mdlens.models._tl import preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models.layout import ResidualLayout
 from mdlens.task import MTDTask
 
 FORMAT_NAME = "mdlens-checkpoint"
@@ -196,8 +199,6 @@ def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
     model.load_state_dict(weights, strict=True)
 
     if config.get("layout") is not None:
-        from mdlens.models.layout import ResidualLayout
-
         layout = ResidualLayout.from_dict(config["layout"])
         if layout.leaves() != model.layout.leaves():
             raise ValueError(f"{directory}: the saved residual layout does not match the rebuilt model's")
@@ -227,6 +228,30 @@ def load_task(directory: str | Path) -> MTDTask | None:
     return MTDTask(order=record["order"], alpha=record["alpha"], seed=record["seed"], transition=transition)
 
 
+def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
+    """A freshly initialised model of ``model``'s architecture, seeded by ``seed`` (its weights
+    untrained): the "same probe on a random model" control of :mod:`mdlens.hooks`.
+
+    mdlens-built models are rebuilt from their builder arguments; any other ``HookedTransformer`` from
+    a copy of its config with ``seed`` (TransformerLens initialises it). Global random streams are
+    left as they were.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
+    if kind in MODEL_KINDS and isinstance(args, dict):
+        fresh = _build({"kind": kind, "args": {**args, "seed": seed}})
+    elif isinstance(model, HookedTransformer):
+        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+            cfg = HookedTransformerConfig.from_dict({**model.cfg.to_dict(), "seed": seed})
+            fresh = HookedTransformer(cfg)
+        fresh.output_type = getattr(model, "output_type", "logits")
+    else:
+        raise ValueError(f"model must be a HookedTransformer, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    return fresh.to(device) if device.type != "cpu" else fresh
+
+
 def _build(config: dict) -> HookedTransformer:
     args = dict(config["args"])
     if args.get("dtype") not in DTYPES:
@@ -234,11 +259,7 @@ def _build(config: dict) -> HookedTransformer:
     args["dtype"] = DTYPES[args["dtype"]]
     try:
         if config["kind"] == "disentangled":
-            from mdlens.models import DisentangledTransformer
-
             return DisentangledTransformer(**args)
-        from mdlens.models import standard_transformer
-
         return standard_transformer(**args)
     except TypeError as error:
         raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
