@@ -1,0 +1,506 @@
+"""Linear probes: does a layer's activation hold an algorithmic quantity, linearly, out of sample?
+
+A probe is closed-form ridge regression from activations ``[N, d]`` onto a target ``[N, k]``. Rows
+come in *groups* (the sequence each position came from): a held-out test part of the groups is
+never seen in training, and the ridge strength is chosen by cross-validation over the rest, again
+split by group. The held-out ``R^2`` is the number to read; two controls say how much of it is the
+model's doing:
+
+- the same probe on a **randomly initialised model** of the same architecture
+  (:func:`mdlens.checkpoints.build_like`): what the architecture gives for free (e.g. the one-hot
+  token blocks of a disentangled model);
+- a **control target** (Hewitt & Liang 2019, :func:`mdlens.hooks.targets.control_target`): a fixed
+  random function of the tokens at ``t-m..t``; ``selectivity = R^2 - control R^2``.
+
+Everything is computed from sufficient statistics (per-fold sums of ``x``, ``y``, ``x x^T``,
+``x y^T``, ``y^2``), accumulated chunk by chunk: one pass over the activations fits every ridge
+strength, every fold and every target at once, and no ``[N, d]`` matrix of a whole run is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mdlens.checkpoints import build_like
+from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
+from mdlens.hooks.targets import control_target
+
+N_FOLDS = 5
+TEST_FRACTION = 0.2
+# Ridge strengths, relative to the mean variance of the activation coordinates (scale-free).
+RELATIVE_RIDGES = tuple(10.0**p for p in range(-10, 3))
+
+
+@dataclass
+class Probe:
+    """A fitted linear probe: ``prediction = acts @ weight + bias``.
+
+    weight: ``[d, k]`` float64; bias: ``[k]``; ridge: the strength chosen by cross-validation;
+    r2: held-out R^2 pooled over the test rows, averaged over the ``k`` coordinates;
+    r2_per_target: ``[k]``, the same per coordinate. ``hook_name`` / ``block`` / ``target_name``
+    say where the probe reads and what it predicts (when fit by :func:`probe_model`).
+    """
+
+    weight: Float[Tensor, "d k"]
+    bias: Float[Tensor, " k"]
+    ridge: float
+    r2: float
+    r2_per_target: Float[Tensor, " k"]
+    n_train: int
+    n_test: int
+    hook_name: str | None = None
+    block: str | None = None
+    target_name: str | None = None
+
+    def predict(self, acts: Float[Tensor, "n d"]) -> Float[Tensor, "n k"]:
+        acts = check_activations(acts)
+        if acts.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"acts have d={acts.shape[1]}, the probe reads d={self.weight.shape[0]}")
+        return acts @ self.weight + self.bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Sufficient statistics and the closed-form fit
+# ----------------------------------------------------------------------------------------------
+
+
+class _Moments:
+    """Per-partition sums over rows: ``n``, ``sum x``, ``sum y``, ``X^T X``, ``X^T Y``, ``sum y^2``.
+
+    Partition 0 is the test set, partitions ``1..n_folds`` the cross-validation folds.
+    """
+
+    def __init__(self, n_partitions: int, d: int, k: int):
+        self.count = torch.zeros(n_partitions, dtype=torch.float64)
+        self.sum_x = torch.zeros(n_partitions, d, dtype=torch.float64)
+        self.sum_y = torch.zeros(n_partitions, k, dtype=torch.float64)
+        self.xx = torch.zeros(n_partitions, d, d, dtype=torch.float64)
+        self.xy = torch.zeros(n_partitions, d, k, dtype=torch.float64)
+        self.yy = torch.zeros(n_partitions, k, dtype=torch.float64)
+
+    def add(self, acts: Tensor, target: Tensor, partition: Tensor) -> None:
+        for p in partition.unique().tolist():
+            rows = partition == p
+            x, y = acts[rows], target[rows]
+            self.count[p] += x.shape[0]
+            self.sum_x[p] += x.sum(dim=0)
+            self.sum_y[p] += y.sum(dim=0)
+            self.xx[p] += x.T @ x
+            self.xy[p] += x.T @ y
+            self.yy[p] += (y * y).sum(dim=0)
+
+    def columns(self, columns: slice) -> "_Moments":
+        """The same partitions, restricted to some target columns."""
+        part = _Moments.__new__(_Moments)
+        part.count, part.sum_x, part.xx = self.count, self.sum_x, self.xx
+        part.sum_y, part.xy, part.yy = self.sum_y[:, columns], self.xy[..., columns], self.yy[:, columns]
+        return part
+
+    def select(self, partitions: list[int], columns: slice = slice(None)) -> "_Moments":
+        """The summed moments of some partitions (and some target columns)."""
+        total = _Moments.__new__(_Moments)
+        total.count = self.count[partitions].sum(dim=0)
+        total.sum_x = self.sum_x[partitions].sum(dim=0)
+        total.sum_y = self.sum_y[partitions, columns].sum(dim=0)
+        total.xx = self.xx[partitions].sum(dim=0)
+        total.xy = self.xy[partitions][..., columns].sum(dim=0)
+        total.yy = self.yy[partitions, columns].sum(dim=0)
+        return total
+
+
+class _RidgePath:
+    """Ridge fits on one set of training moments for many strengths at once (one eigendecomposition).
+
+    With training means ``mx, my`` and centred moments ``Sxx = X^T X - n mx mx^T``,
+    ``Sxy = X^T Y - n mx my^T``: ``W(r) = (Sxx + r I)^-1 Sxy`` and ``b = my - mx W``.
+    """
+
+    def __init__(self, train: _Moments):
+        n = train.count
+        if n < 2:
+            raise ValueError("a probe needs at least 2 training rows")
+        self.mean_x, self.mean_y = train.sum_x / n, train.sum_y / n
+        centred_xx = train.xx - n * torch.outer(self.mean_x, self.mean_x)
+        self.centred_xy = train.xy - n * torch.outer(self.mean_x, self.mean_y)
+        centred_xx = (centred_xx + centred_xx.T) / 2
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(centred_xx)
+        self.eigenvalues = self.eigenvalues.clamp_min(0.0)  # rounding can leave -1e-12
+        self.scale = max(float(centred_xx.diagonal().mean() / n), 1e-300)  # mean variance per coordinate
+        self.n = n
+
+    def fit(self, relative_ridge: float) -> tuple[Tensor, Tensor]:
+        ridge = relative_ridge * self.scale * self.n
+        rotated = self.eigenvectors.T @ self.centred_xy
+        weight = self.eigenvectors @ (rotated / (self.eigenvalues + ridge)[:, None])
+        return weight, self.mean_y - self.mean_x @ weight
+
+
+def _errors(held_out: _Moments, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of squared errors of ``x W + b`` and total sum of squares about the held-out mean,
+    per target coordinate, from the held-out moments alone."""
+    n = held_out.count
+    predicted_sq = einops.einsum(weight, held_out.xx, weight, "d k, d e, e k -> k")
+    sse = (
+        held_out.yy
+        + n * bias**2
+        + predicted_sq
+        - 2 * bias * held_out.sum_y
+        - 2 * einops.einsum(held_out.xy, weight, "d k, d k -> k")
+        + 2 * bias * (held_out.sum_x @ weight)
+    )
+    sst = held_out.yy - held_out.sum_y**2 / n
+    return sse.clamp_min(0.0), sst
+
+
+def _r2(sse: Tensor, sst: Tensor) -> Tensor:
+    """``1 - SSE/SST`` per coordinate; a coordinate that is constant on the held-out rows has no
+    variance to explain: 1 if it is predicted exactly, else NaN (left out of the mean)."""
+    constant = sst <= 1e-12 * sst.abs().max().clamp_min(1.0)
+    r2 = 1 - sse / sst.where(~constant, torch.ones_like(sst))
+    exact = sse <= 1e-12 * sst.abs().max().clamp_min(1.0)
+    return torch.where(constant, torch.where(exact, 1.0, float("nan")), r2)
+
+
+def _fit_from_moments(moments: _Moments, n_folds: int, relative_ridges: tuple[float, ...]) -> Probe:
+    """Choose the ridge by grouped cross-validation on partitions ``1..n_folds``, refit on all of
+    them, score on partition 0."""
+    folds = list(range(1, n_folds + 1))
+    cv_error = torch.zeros(len(relative_ridges), dtype=torch.float64)
+    for fold in folds:
+        path = _RidgePath(moments.select([f for f in folds if f != fold]))
+        held_out = moments.select([fold])
+        for i, ridge in enumerate(relative_ridges):
+            sse, sst = _errors(held_out, *path.fit(ridge))
+            # Pooled over folds: the sum of squared errors, normalised per coordinate by its variance.
+            cv_error[i] += (sse / sst.clamp_min(1e-300)).sum()
+    best = int(torch.argmin(cv_error))
+    path = _RidgePath(moments.select(folds))
+    weight, bias = path.fit(relative_ridges[best])
+    r2_per_target = _r2(*_errors(moments.select([0]), weight, bias))
+    return Probe(
+        weight=weight,
+        bias=bias,
+        ridge=relative_ridges[best] * path.scale * float(path.n),
+        r2=float(r2_per_target.nanmean()),
+        r2_per_target=r2_per_target,
+        n_train=int(path.n),
+        n_test=int(moments.count[0]),
+    )
+
+
+def _partition_of_groups(
+    unique_groups: int, n_folds: int, test_fraction: float, seed: int
+) -> Int[Tensor, " groups"]:
+    """Partition id (0 = test, 1..n_folds = CV folds) of each group ``0..unique_groups-1``, seeded."""
+    if unique_groups < n_folds + 1:
+        raise ValueError(f"need at least {n_folds + 1} groups (sequences) for a test part and {n_folds} folds, got {unique_groups}")
+    order = torch.randperm(unique_groups, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(test_fraction * unique_groups))
+    n_test = min(n_test, unique_groups - n_folds)
+    partition = torch.empty(unique_groups, dtype=torch.int64)
+    partition[order[:n_test]] = 0
+    partition[order[n_test:]] = 1 + torch.arange(unique_groups - n_test) % n_folds
+    return partition
+
+
+def _check_probe_settings(n_folds: int, test_fraction: float, relative_ridges) -> tuple[float, ...]:
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    ridges = tuple(float(r) for r in (RELATIVE_RIDGES if relative_ridges is None else relative_ridges))
+    if not ridges or not all(r > 0 and math.isfinite(r) for r in ridges):
+        raise ValueError("relative_ridges must be a non-empty sequence of finite numbers > 0")
+    return ridges
+
+
+def fit_probe(
+    acts: Float[Tensor, "n d"],
+    target: Float[Tensor, "n k"] | Float[Tensor, " n"],
+    groups: Int[Tensor, " n"] | None = None,
+    *,
+    n_folds: int = N_FOLDS,
+    test_fraction: float = TEST_FRACTION,
+    relative_ridges: tuple[float, ...] | None = None,
+    seed: int = 0,
+) -> Probe:
+    """Ridge regression from ``acts [N, d]`` onto ``target [N, k]`` with a grouped held-out test.
+
+    ``groups[N]`` labels the sequence each row came from (default: every row its own group): a
+    ``test_fraction`` of the groups (chosen with ``seed``) is held out, the rest is split into
+    ``n_folds`` folds of whole groups to choose the ridge strength (``relative_ridges`` times the
+    mean activation variance), then the probe is refit on all training groups. ``Probe.r2`` is the
+    held-out R^2. Rows must be finite (drop positions ``t <= m``, where targets are NaN, first).
+    """
+    relative_ridges = _check_probe_settings(n_folds, test_fraction, relative_ridges)
+    acts = check_activations(acts)
+    if not isinstance(target, Tensor) or not target.is_floating_point():
+        raise ValueError("target must be a floating-point torch.Tensor")
+    target = target.detach().to(torch.float64).cpu()
+    target = target.unsqueeze(1) if target.ndim == 1 else target
+    if target.ndim != 2 or target.shape[0] != acts.shape[0]:
+        raise ValueError(f"target must have shape [N={acts.shape[0]}, k] (or [N]), got {tuple(target.shape)}")
+    if not torch.isfinite(target).all():
+        raise ValueError("target contains NaN or inf (targets are NaN at t <= m: drop those rows)")
+    if groups is None:
+        groups = torch.arange(acts.shape[0])
+    if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.shape != (acts.shape[0],):
+        raise ValueError(f"groups must be an integer tensor of shape [N={acts.shape[0]}]")
+    unique, group_index = torch.unique(groups.cpu(), return_inverse=True)
+    partition = _partition_of_groups(len(unique), n_folds, test_fraction, seed)[group_index]
+    moments = _Moments(n_folds + 1, acts.shape[1], target.shape[1])
+    moments.add(acts, target, partition)
+    return _fit_from_moments(moments, n_folds, relative_ridges)
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing a model layer by layer
+# ----------------------------------------------------------------------------------------------
+
+
+def default_hook_names(model: HookedTransformer) -> list[str]:
+    """``hook_embed`` then ``blocks.{l}.hook_resid_post`` for every layer: index 0 = embedding."""
+    return ["hook_embed"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+
+
+@dataclass
+class ProbeReport:
+    """Held-out R^2 of every (reading point, target), with its controls.
+
+    rows: the reading points, in order (hook names, or ``"hook:block"`` for a named residual block);
+    r2[target][i]: the probe's R^2 at ``rows[i]``; random_model_r2: the same probe on a randomly
+    initialised model of the same architecture; control_target_r2: a probe for the control target
+    (same width) at the same point of the real model; selectivity = r2 - control_target_r2;
+    probes[(row, target)]: the fitted :class:`Probe` (for patching along its directions).
+    """
+
+    rows: list[str]
+    targets: list[str]
+    r2: dict[str, list[float]]
+    random_model_r2: dict[str, list[float]] | None
+    control_target_r2: dict[str, list[float]]
+    selectivity: dict[str, list[float]]
+    n_sequences: int
+    n_rows: int
+    probes: dict[tuple[str, str], Probe] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "targets": self.targets,
+            "r2": self.r2,
+            "random_model_r2": self.random_model_r2,
+            "control_target_r2": self.control_target_r2,
+            "selectivity": self.selectivity,
+            "n_sequences": self.n_sequences,
+            "n_rows": self.n_rows,
+        }
+
+    def table(self) -> str:
+        """One line per reading point: ``R^2 (random model / control target)`` per target."""
+        width = max(len(row) for row in self.rows)
+        header = f"{'reading point':<{width}}  " + "  ".join(f"{t:>28}" for t in self.targets)
+        lines = [header, "-" * len(header)]
+        for i, row in enumerate(self.rows):
+            cells = []
+            for t in self.targets:
+                random_r2 = "  -  " if self.random_model_r2 is None else f"{self.random_model_r2[t][i]:5.2f}"
+                cells.append(f"{self.r2[t][i]:7.3f} ({random_r2} / {self.control_target_r2[t][i]:5.2f})")
+            lines.append(f"{row:<{width}}  " + "  ".join(f"{c:>28}" for c in cells))
+        lines.append("R^2 held out (random-init model / control target)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, title: str | None = None):
+        """R^2 per reading point, one panel per target, with both controls dashed. A matplotlib Figure."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self.targets), figsize=(3.4 * len(self.targets), 3.2), squeeze=False)
+        x = list(range(len(self.rows)))
+        for ax, target in zip(axes[0], self.targets):
+            ax.plot(x, self.r2[target], "o-", label="model")
+            if self.random_model_r2 is not None:
+                ax.plot(x, self.random_model_r2[target], "s--", color="0.5", label="random-init model")
+            ax.plot(x, self.control_target_r2[target], "x:", color="tab:red", label="control target")
+            ax.set_title(target, fontsize=9)
+            ax.set_xticks(x, [_short_label(r) for r in self.rows], rotation=45, fontsize=7)
+            ax.set_ylim(min(-0.1, *(v for v in self.control_target_r2[target] if math.isfinite(v))), 1.05)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("held-out $R^2$")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        return fig
+
+
+def _short_label(row: str) -> str:
+    """``blocks.1.hook_resid_post`` -> ``L2``, ``hook_embed`` -> ``embed``; blocks keep their name."""
+    hook, _, block = row.partition(":")
+    if block:
+        return block
+    if hook == "hook_embed":
+        return "embed"
+    parts = hook.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_post":
+        return f"L{int(parts[1]) + 1}"
+    return hook
+
+
+def _hook_holding(block: str) -> str:
+    """The first residual hook that holds a disentangled block: ``L{l}...`` is written by layer
+    ``l`` (``blocks.{l-1}.hook_resid_post``); anything else (``tokens``) is there from the start."""
+    head = block.split(".")[0]
+    if head.startswith("L") and head[1:].isdigit():
+        return f"blocks.{int(head[1:]) - 1}.hook_resid_post"
+    return "blocks.0.hook_resid_pre"
+
+
+def _read_full_width(probe: Probe, coordinates: slice, d_model: int) -> Probe:
+    """A probe fit on some coordinates, rewritten to read the whole activation (zero elsewhere)."""
+    if coordinates == slice(None):
+        return probe
+    weight = torch.zeros(d_model, probe.weight.shape[1], dtype=torch.float64)
+    weight[coordinates] = probe.weight
+    probe.weight = weight
+    return probe
+
+
+def _infer_order(targets: dict[str, Tensor], tokens: Tensor) -> int:
+    """The number of leading positions where the targets are NaN (``t <= m``), the same for all."""
+    orders = set()
+    for name, values in targets.items():
+        if not isinstance(values, Tensor) or values.ndim != 3 or values.shape[:2] != tokens.shape:
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(f"target {name!r} must have shape [B, T, k] = [{tokens.shape[0]}, {tokens.shape[1]}, k], got {shape}")
+        defined = torch.isfinite(values).all(dim=-1).all(dim=0)  # [T]
+        order = int((~defined).sum())
+        if not defined[order:].all() or (order and defined[:order].any()):
+            raise ValueError(f"target {name!r} must be finite exactly at positions t > m (NaN before)")
+        orders.add(order)
+    if len(orders) != 1:
+        raise ValueError(f"targets disagree on the first defined position: {sorted(orders)}")
+    return orders.pop()
+
+
+def probe_model(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    targets: dict[str, Float[Tensor, "batch pos k"]],
+    hook_names: list[str] | None = None,
+    *,
+    blocks: list[str] | None = None,
+    random_model: bool = True,
+    control_seed: int = 0,
+    seed: int = 0,
+    n_folds: int = N_FOLDS,
+    test_fraction: float = TEST_FRACTION,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> ProbeReport:
+    """Probe every reading point of ``model`` for every target, with both controls (module docstring).
+
+    Args:
+        tokens: ``[B, T]`` MTD tokens (one group per sequence).
+        targets: name -> ``[B, T, k]``, NaN exactly at ``t <= m`` (as :func:`mdlens.hooks.targets`
+            returns them); only positions ``t > m`` are probed.
+        hook_names: where to read (default :func:`default_hook_names`: ``hook_embed`` then every
+            ``blocks.{l}.hook_resid_post``; index 0 is the embedding).
+        blocks: names of ``model.layout`` blocks (e.g. ``"L2.mean_responsibility"``), read from the
+            final residual (a disentangled layer's block never changes once written), as extra rows.
+        random_model: also probe :func:`mdlens.checkpoints.build_like` ``(model, seed=control_seed + 1)``.
+        control_seed: seed of the control target's random function.
+        seed: the seed of the group split.
+    """
+    if not isinstance(targets, dict) or not targets:
+        raise ValueError("targets must be a non-empty dict name -> [B, T, k] tensor")
+    relative_ridges = _check_probe_settings(n_folds, test_fraction, None)
+    tokens = check_model_tokens(model, tokens)
+    order = _infer_order(targets, tokens)
+    if order < 1:
+        raise ValueError("targets must be NaN at positions t <= m (none is): pass mdlens.hooks.targets output")
+    hook_names = default_hook_names(model) if hook_names is None else list(hook_names)
+    layout = getattr(model, "layout", None)
+    blocks = list(blocks or [])
+    if blocks and layout is None:
+        raise ValueError("blocks= needs a model with a named residual layout (model.layout)")
+    readings = [(hook, slice(None)) for hook in hook_names]
+    for name in blocks:
+        if name not in layout:
+            raise ValueError(f"no residual block named {name!r} in model.layout; known: {', '.join(layout.names())}")
+        readings.append((_hook_holding(name), layout[name]))
+    rows = hook_names + [f"{hook}:{name}" for (hook, _), name in zip(readings[len(hook_names):], blocks)]
+
+    names = list(targets)
+    widths = [targets[name].shape[-1] for name in names]
+    control_widths = sorted(set(widths))
+    controls = {w: control_target(tokens, model.cfg.d_vocab, order, w, seed=control_seed) for w in control_widths}
+    # All target columns side by side, then one control per width.
+    columns, start = {}, 0
+    for name, width in zip(names, widths):
+        columns[name], start = slice(start, start + width), start + width
+    for width in control_widths:
+        columns[f"control:{width}"], start = slice(start, start + width), start + width
+    all_targets = torch.cat([targets[n].to(torch.float64).cpu() for n in names] + [controls[w] for w in control_widths], dim=-1)
+
+    partition = _partition_of_groups(tokens.shape[0], n_folds, test_fraction, seed)
+    models = {"model": model}
+    if random_model:
+        models["random"] = build_like(model, seed=control_seed + 1)
+    moments = {
+        (which, i): None for which in models for i in range(len(readings))
+    }
+    needed = sorted({hook for hook, _ in readings})
+    chunks = range(0, tokens.shape[0], batch_size)
+    for start in tqdm(chunks, desc="probing", disable=not progress):
+        chunk = tokens[start : start + batch_size]
+        chunk_partition = einops.repeat(partition[start : start + batch_size], "b -> (b t)", t=tokens.shape[1] - order)
+        chunk_targets = einops.rearrange(all_targets[start : start + batch_size, order:], "b t k -> (b t) k")
+        for which, runner in models.items():
+            with torch.inference_mode():
+                _, cache = runner.run_with_cache(chunk.to(model_device(runner)), names_filter=needed)
+            for i, (hook, coordinates) in enumerate(readings):
+                acts = cache[hook][:, order:, coordinates].to(torch.float64).cpu()
+                acts = einops.rearrange(acts, "b t d -> (b t) d")
+                if moments[(which, i)] is None:
+                    moments[(which, i)] = _Moments(n_folds + 1, acts.shape[1], all_targets.shape[-1])
+                moments[(which, i)].add(acts, chunk_targets, chunk_partition)
+            del cache
+
+    def fit(which: str, i: int, column: str) -> Probe:
+        return _fit_from_moments(moments[(which, i)].columns(columns[column]), n_folds, relative_ridges)
+
+    r2 = {name: [] for name in names}
+    random_r2 = {name: [] for name in names} if random_model else None
+    control_r2 = {name: [] for name in names}
+    probes = {}
+    for i, row in enumerate(rows):
+        control_probes = {w: fit("model", i, f"control:{w}") for w in control_widths}
+        for name, width in zip(names, widths):
+            probe = _read_full_width(fit("model", i, name), readings[i][1], model.cfg.d_model)
+            probe.hook_name, probe.target_name = readings[i][0], name
+            probe.block = row.partition(":")[2] or None
+            probes[(row, name)] = probe
+            r2[name].append(probe.r2)
+            control_r2[name].append(control_probes[width].r2)
+            if random_model:
+                random_r2[name].append(fit("random", i, name).r2)
+    selectivity = {name: [a - b for a, b in zip(r2[name], control_r2[name])] for name in names}
+    return ProbeReport(
+        rows=rows, targets=names, r2=r2, random_model_r2=random_r2, control_target_r2=control_r2,
+        selectivity=selectivity, n_sequences=tokens.shape[0], n_rows=tokens.shape[0] * (tokens.shape[1] - order),
+        probes=probes,
+    )
