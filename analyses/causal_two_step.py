@@ -48,7 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlens.analyses import plotting
-from mdlens.analyses.estimators import TASK, sample_batches, tune_step_size
+from mdlens.analyses.estimators import TASK, sample_batches
 from mdlens import MTDTask
 from mdlens import estimators as E
 
@@ -124,7 +124,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
 
     row: dict = {"seq_len": seq_len, "kl": {}, "scales": {}, "eta": {}}
     for name, steps in (("md1_tuned", 1), ("md2_tuned", 2)):
-        eta = tune_step_size(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
+        eta = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
         row["eta"][name] = eta
         row["kl"][name] = eval_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
     # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).

@@ -51,8 +51,7 @@ QUICK = {
     "gibbs_burn_in": 20,
 }
 # Coarse log-spaced eta grid, then a fine grid around the coarse optimum (one coarse step each side).
-COARSE_ETAS = (1e-4, 10.0, 61)
-FINE_POINTS = 21
+COARSE_ETAS, FINE_POINTS = E.COARSE_ETAS, E.FINE_POINTS  # the tuning grid, recorded in the JSON
 TUNED_STEPS = {"md1_tuned": 1, "md2_tuned": 2, "md5_tuned": 5}
 
 METHOD_LABELS = {
@@ -79,25 +78,6 @@ def sample_batches(task: MTDTask, seq_len: int, n_tune: int, n_eval: int):
     tune = task.sample(n_tune, seq_len, generator=torch.Generator().manual_seed(seeds["tune"]))
     evaluation = task.sample(n_eval, seq_len, generator=torch.Generator().manual_seed(seeds["eval"]))
     return tune, evaluation
-
-
-def tune_step_size(tokens: Tensor, transition: Tensor, order: int, target: Tensor, steps: int) -> dict:
-    """Two-stage grid search of the MD step: a coarse log grid (which contains 1/(m+1)), then a
-    fine grid spanning one coarse step either side of the coarse optimum."""
-    low, high, points = COARSE_ETAS
-    coarse = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
-    coarse = torch.sort(torch.cat([coarse, torch.tensor([1.0 / (order + 1)], dtype=torch.float64)])).values
-    _, coarse_etas, coarse_kl = E.tune_eta(tokens, transition, order, target, etas=coarse, steps=steps)
-    ratio = (high / low) ** (1.0 / (points - 1))
-    centre = coarse_etas[int(torch.argmin(coarse_kl))].item()
-    fine = torch.logspace(
-        math.log10(centre / ratio), math.log10(centre * ratio), FINE_POINTS, dtype=torch.float64
-    )
-    _, fine_etas, fine_kl = E.tune_eta(tokens, transition, order, target, etas=fine, steps=steps)
-    etas = torch.cat([coarse_etas, fine_etas])
-    mean_kl = torch.cat([coarse_kl, fine_kl])
-    best = int(torch.argmin(mean_kl))
-    return {"eta": etas[best].item(), "tuning_kl": mean_kl[best].item(), "etas": etas, "mean_kl": mean_kl}
 
 
 def mean_and_se(values: Tensor) -> dict[str, float]:
@@ -144,7 +124,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
     tuned: dict[str, dict] = {}
     for name, steps in TUNED_STEPS.items():
         start = time.perf_counter()
-        tuned[name] = tune_step_size(tune.tokens, pi, m, tune.next_probs, steps)
+        tuned[name] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)
         seconds[f"tune_{name}"] = time.perf_counter() - start
     fixed_eta = 1.0 / (m + 1)
     fixed_on_tune = E.predictive(tune.tokens, pi, E.md_weights(tune.tokens, pi, m, fixed_eta))

@@ -29,7 +29,7 @@ import torch
 
 import mdlens
 from mdlens.analyses import plotting
-from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches, tune_step_size
+from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches
 from mdlens import MTDTask
 from mdlens import estimators as E
 
@@ -118,7 +118,7 @@ def evaluate_length(models: dict, task: MTDTask, seq_len: int, sizes: dict) -> d
     pi, m = task.transition, task.order
     tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
     tokens, truth = evaluation.tokens, evaluation.next_probs
-    etas = {name: tune_step_size(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
+    etas = {name: E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
             for name, steps in TUNED_STEPS.items()}
     weights = {
         "uniform": torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),

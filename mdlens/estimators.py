@@ -308,6 +308,40 @@ def tune_eta(
     return float(etas[best]), etas, mean_kl
 
 
+# The refined tuning grid: a coarse log grid of step sizes (low, high, points), then FINE_POINTS
+# log-spaced points spanning one coarse step either side of the coarse optimum.
+COARSE_ETAS = (1e-4, 10.0, 61)
+FINE_POINTS = 21
+
+
+def tune_eta_refined(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    steps: int = 1,
+) -> dict:
+    """"Tuned MD" as every analysis means it: a two-stage grid search of the step size.
+
+    A coarse log grid ``COARSE_ETAS`` (plus Theorem 1's ``1/(m+1)``), then ``FINE_POINTS`` points
+    spanning one coarse step either side of the coarse optimum. ``target_probs`` is usually the true
+    predictive; a model's own predictions give the step that model behaves like. Returns
+    ``{"eta", "tuning_kl", "etas", "mean_kl"}`` (the last two over both grids).
+    """
+    low, high, points = COARSE_ETAS
+    coarse = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+    coarse = torch.sort(torch.cat([coarse, torch.tensor([1.0 / (order + 1)], dtype=torch.float64)])).values
+    _, coarse_etas, coarse_kl = tune_eta(tokens, transition, order, target_probs, etas=coarse, steps=steps)
+    ratio = (high / low) ** (1.0 / (points - 1))
+    centre = coarse_etas[int(torch.argmin(coarse_kl))].item()
+    fine = torch.logspace(math.log10(centre / ratio), math.log10(centre * ratio), FINE_POINTS, dtype=torch.float64)
+    _, fine_etas, fine_kl = tune_eta(tokens, transition, order, target_probs, etas=fine, steps=steps)
+    etas = torch.cat([coarse_etas, fine_etas])
+    mean_kl = torch.cat([coarse_kl, fine_kl])
+    best = int(torch.argmin(mean_kl))
+    return {"eta": etas[best].item(), "tuning_kl": mean_kl[best].item(), "etas": etas, "mean_kl": mean_kl}
+
+
 def _check_etas(etas: Tensor) -> Tensor:
     if not isinstance(etas, Tensor):
         etas = torch.as_tensor(etas, dtype=torch.float64)

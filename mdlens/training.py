@@ -295,9 +295,9 @@ def make_held_out(task, config: TrainConfig) -> HeldOut:
     uniform = torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64)
     references = {}
     for steps in (1, 2):
-        eta, _, mean_kls = E.tune_eta(tokens, pi, m, truth, steps=steps)
-        references[f"eta_md{steps}"] = float(eta)
-        references[f"kl_md{steps}"] = float(torch.as_tensor(mean_kls).min())
+        tuned = E.tune_eta_refined(tokens, pi, m, truth, steps=steps)  # "tuned MD", as in the analyses
+        references[f"eta_md{steps}"] = tuned["eta"]
+        references[f"kl_md{steps}"] = tuned["tuning_kl"]
     references["kl_uniform"] = E.kl_divergence(truth, E.predictive(tokens, pi, uniform)).mean().item()
     if config.eval_bayes:
         bayes = E.predictive(tokens, pi, E.bayes_weights(tokens, pi, m, method="exact"))
