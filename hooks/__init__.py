@@ -4,12 +4,53 @@ Everything here reads a model through TransformerLens's hooks and caches (``run_
 ``run_with_hooks``, ``transformer_lens.patching``), never by reaching into a forward, so it works on
 the construction, the shipped disentangled models and plain ``HookedTransformer``s alike.
 
-- :func:`targets`: the algorithm's quantities at every position (responsibilities, their mean,
-  one- and two-step MD, Bayes, the latent lag), ``[B, T, k]``, NaN where undefined.
-- :func:`fit_probe` / :func:`probe_model`: held-out linear probes with controls.
+- targets: :func:`targets` (the algorithm's quantities at every position, ``[B, T, k]``, NaN
+  where undefined), :func:`control_target`;
+- probes: :func:`fit_probe`, :func:`probe_model` (held-out R^2 with a random-model and a
+  control-target control);
+- attention: :func:`attention_agreement`, :func:`responsibility_tv`, :func:`offset_mass`,
+  :func:`key_score_correlation`;
+- weights: :func:`learned_transition`, :func:`learned_transition_kl`,
+  :func:`score_block_correlation`, :func:`weight_alignment`;
+- behaviour: :func:`sensitivity_alignment`, :func:`input_jacobian`, :func:`implicit_weights`,
+  :func:`implicit_weights_distances`;
+- patching: :func:`patch_mean_responsibility`, :func:`patching_heatmap`,
+  :func:`plot_patching_heatmap`.
 """
 
+from mdlens.hooks.attention import AttentionAgreement, attention_agreement, offset_mass, responsibility_tv
+from mdlens.hooks.behaviour import (
+    ImplicitWeights,
+    closest_mtd_weights,
+    implicit_weights,
+    implicit_weights_distances,
+    input_jacobian,
+    sensitivity_alignment,
+)
+from mdlens.hooks.patching import (
+    PatchResult,
+    counterfactual_prediction,
+    patch_mean_responsibility,
+    patching_heatmap,
+    plot_patching_heatmap,
+)
 from mdlens.hooks.probes import Probe, ProbeReport, fit_probe, probe_model
+from mdlens.hooks.scores import key_score_correlation
 from mdlens.hooks.targets import control_target, targets
+from mdlens.hooks.weights import (
+    learned_transition,
+    learned_transition_kl,
+    score_block_correlation,
+    token_score_block,
+    weight_alignment,
+)
 
-__all__ = ["Probe", "ProbeReport", "control_target", "fit_probe", "probe_model", "targets"]
+__all__ = [
+    "AttentionAgreement", "ImplicitWeights", "PatchResult", "Probe", "ProbeReport",
+    "attention_agreement", "closest_mtd_weights", "control_target", "counterfactual_prediction",
+    "fit_probe", "implicit_weights", "implicit_weights_distances", "input_jacobian",
+    "key_score_correlation", "learned_transition", "learned_transition_kl", "offset_mass",
+    "patch_mean_responsibility", "patching_heatmap", "plot_patching_heatmap", "probe_model",
+    "responsibility_tv", "score_block_correlation", "sensitivity_alignment", "targets",
+    "token_score_block", "weight_alignment",
+]
