@@ -18,6 +18,7 @@ REPRODUCTIONS: dict[str, str] = {
     "estimators": "mdlens.analyses.estimators",
     "trained": "mdlens.analyses.trained",
     "two-step": "mdlens.analyses.causal_two_step",
+    "mechanisms": "mdlens.analyses.mechanisms",
 }
 
 

@@ -1,0 +1,433 @@
+"""Which parts of the one-step-MD construction does each model implement? (``mdlens.hooks`` on every model)
+
+For the construction (built with tuned one-step MD's step at the context length) and every shipped
+model, on the same sequences of the shared task:
+
+- **probes** (``hooks.probe_model``): held-out R^2 of the responsibilities, their mean, one-step MD's
+  weights (and their log), two-step MD and Bayes at every reading point (embedding, then each layer's
+  ``resid_post``), next to a random-init model of the same architecture and a control target;
+- **attention** (``hooks.attention_agreement``): per-layer TV / KL to the construction built with the
+  model's *own* step (the ``eta`` whose one-step MD is closest to the model's predictions), with
+  layer-ordered matching where depths differ; layer 1's TV to the responsibilities and its mass
+  at offset 0 (the query) and at offsets 1..m;
+- **weights** (``hooks.learned_transition``, ``hooks.weight_alignment``): the ``pi`` layer 1 stores
+  (disentangled models), KL to the true one (the paper: 0.0376), score-matrix cosines;
+- **behaviour** (``hooks.sensitivity_alignment``, ``hooks.implicit_weights``): input-gradient cosine
+  with the construction; the ``lambda`` each model predicts with, against one- and two-step MD, Bayes
+  and the true ``lambda`` at every length;
+- **patching** (``hooks.patch_mean_responsibility``): B's mean responsibility written into A's run
+  (the named block on the construction, the probe's subspace elsewhere) against the counterfactual
+  one-step-MD prediction; and layer x position heatmaps (``hooks.patching_heatmap``);
+- **two-step** (``hooks.key_score_correlation``): does any layer's last-position score follow
+  ``-<lambda1, gamma_k>`` over the keys, the weighing two-step MD needs (paper-notes §6)?
+
+Run with ``mdlens reproduce mechanisms --out DIR`` (``--quick``: small sizes, under 2 minutes).
+Writes ``mechanisms.json``, PNG figures and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import mdlens
+from mdlens import estimators as E
+from mdlens import hooks
+from mdlens.analyses import plotting
+from mdlens.construction import build_md_transformer
+from mdlens.models import DisentangledTransformer
+
+FULL = {
+    "seq_len": 192, "n_probe": 512, "n_tune": 512, "n_attention": 256, "n_sensitivity": 32,
+    "n_patch": 256, "n_heatmap": 16, "heatmap_len": 32, "n_implicit": 512,
+    "lengths": [8, 16, 32, 64, 128, 192],
+}
+QUICK = {
+    "seq_len": 48, "n_probe": 64, "n_tune": 128, "n_attention": 32, "n_sensitivity": 8,
+    "n_patch": 32, "n_heatmap": 4, "heatmap_len": 12, "n_implicit": 64, "lengths": [8, 48],
+}
+SEEDS = {"tune": 11, "probe": 12, "patch_a": 13, "patch_b": 14, "heatmap_clean": 15, "heatmap_corrupt": 16, "implicit": 17}
+PROBE_TARGETS = ("responsibility", "mean_responsibility", "md_weights", "log_md_weights", "md2_weights", "bayes_weights")
+CONSTRUCTION = "construction"
+
+
+def _sample(task, batch: int, seq_len: int, seed: int):
+    return task.sample(batch, seq_len, generator=torch.Generator().manual_seed(seed))
+
+
+def _json_ready(value):
+    """Tensors to lists and non-finite floats to None, recursively (JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        return _json_ready(value.tolist())
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _own_eta(model, tokens, pi, m) -> float:
+    """The one-step-MD step whose predictions are closest to the model's (least mean KL(model || MD))."""
+    return E.tune_eta_refined(tokens, pi, m, mdlens.predict_next(model, tokens), steps=1)["eta"]
+
+
+# Where the construction keeps the mean responsibility: the residual after layer 2. Patching a
+# probe's subspace there reaches every later layer (patching the final residual would only reach
+# the unembedding).
+PATCH_HOOK = "blocks.1.hook_resid_post"
+
+
+def measure_model(name: str, model, task, data: dict, sizes: dict, construction) -> dict:
+    """Every mechanism measurement of one model (module docstring)."""
+    pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
+    eta = construction.md_params["eta"] if name == CONSTRUCTION else _own_eta(model, data["tune"].tokens, pi, m)
+    beta = eta * m * (seq_len - m)
+    own_construction = construction if name == CONSTRUCTION else build_md_transformer(pi, m, seq_len, eta)
+    result: dict = {"eta": eta, "beta": beta, "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
+
+    # Probes, with both controls. md2 uses tuned two-step MD's scale (the two-step reference).
+    probe_tokens = data["probe"].tokens
+    values = hooks.targets(probe_tokens, pi, m, beta=beta, beta2=data["beta_md2"], alpha=task.alpha)
+    values = {key: values[key] for key in PROBE_TARGETS}
+    blocks = ["L1.responsibility", "L2.mean_responsibility", "L3.lag_weights"] if name == CONSTRUCTION else None
+    report = hooks.probe_model(model, probe_tokens, values, blocks=blocks)
+    layer_rows = [row for row in report.rows if ":" not in row]
+    result["probe_rows"] = layer_rows
+    result["probe_r2"] = {t: report.r2[t][: len(layer_rows)] for t in report.targets}
+    result["probe_control_r2"] = {t: report.control_target_r2[t][: len(layer_rows)] for t in report.targets}
+    result["probe_random_model_r2"] = {t: report.random_model_r2[t][: len(layer_rows)] for t in report.targets}
+    result["probe_selectivity"] = {t: report.selectivity[t][: len(layer_rows)] for t in report.targets}
+    if blocks:
+        result["probe_named_blocks"] = {
+            row.partition(":")[2]: {t: report.r2[t][i] for t in report.targets}
+            for i, row in enumerate(report.rows) if ":" in row
+        }
+
+    # Attention against the construction with the model's own step; layer 1 against the responsibilities.
+    attention_tokens = data["attention"].tokens
+    # Layer order kept: a deeper model's match for construction layer l+1 lies above its match for l.
+    agreement = hooks.attention_agreement(model, own_construction, attention_tokens, order=m, matching="ordered")
+    result["attention"] = agreement.to_dict()
+    result["pattern_tv"] = agreement.tv
+    # Layer 1 (blocks.0) against the responsibilities: the best of its heads.
+    result["responsibility_tv"] = min(
+        hooks.responsibility_tv(model, attention_tokens, pi, m, layer=0, head=head) for head in range(model.cfg.n_heads)
+    )
+    result["layer1_offset_mass"] = hooks.offset_mass(model, attention_tokens, m, layer=0)
+
+    # Weights.
+    if isinstance(model, DisentangledTransformer):
+        result["score_block_correlation"] = hooks.score_block_correlation(model, pi)
+        result["token_score_block"] = hooks.token_score_block(model)
+        try:
+            learned = hooks.learned_transition(model)
+            result["learned_transition"] = learned
+            result["learned_transition_kl"] = float(E.kl_divergence(pi, learned).mean())
+            result["learned_transition_reason"] = None
+        except ValueError as error:
+            result["learned_transition"] = None
+            result["learned_transition_kl"] = None
+            result["learned_transition_reason"] = str(error)
+    else:
+        result["learned_transition"] = None
+        result["learned_transition_kl"] = None
+        result["learned_transition_reason"] = "not a disentangled model: no single token-token score matrix to read"
+    result["weight_alignment"] = hooks.weight_alignment(
+        model, own_construction, tokens=data["patch_a"].tokens[:64], transition=pi, order=m
+    )
+
+    # Behaviour: input sensitivity and implicit weights per length.
+    sensitivity = hooks.sensitivity_alignment(model, own_construction, data["sensitivity"].tokens)
+    result["sensitivity"] = {key: value for key, value in sensitivity.items() if not isinstance(value, torch.Tensor)}
+    result["sensitivity_cosine"] = sensitivity["cosine"]
+    result["implicit_weights"] = {}
+    for length, (sample, references) in data["implicit"].items():
+        if length > model.cfg.n_ctx:
+            continue
+        result["implicit_weights"][length] = hooks.implicit_weights_distances(model, sample.tokens, pi, m, references)
+
+    # Patching: the construction through its named block, other models through the probe's subspace.
+    tokens_a, tokens_b = data["patch_a"].tokens, data["patch_b"].tokens
+    probe = None if name == CONSTRUCTION else report.probes[(PATCH_HOOK, "mean_responsibility")]
+    patch = hooks.patch_mean_responsibility(model, tokens_a, tokens_b, pi, m, beta=beta, probe=probe)
+    result["patching"] = patch.to_dict()
+    result["patching_agreement"] = patch.max_abs_deviation
+    heatmap_clean, heatmap_corrupt = data["heatmap_clean"].tokens, data["heatmap_corrupt"].tokens
+    result["patching_heatmap"] = hooks.patching_heatmap(model, heatmap_clean, heatmap_corrupt)
+
+    # Two-step: correlation of each layer's last-position scores with -<lambda1, gamma_k> over keys k > m.
+    lambda1 = E.md_weights(probe_tokens[:128], pi, m, data["eta_md1"])  # [B, m], the final first step
+    gamma = E.responsibilities(probe_tokens[:128], pi, m)  # [B, T-m, m]
+    key_quantity = torch.full(probe_tokens[:128].shape, float("nan"), dtype=torch.float64)
+    key_quantity[:, m:] = -torch.einsum("bg,bkg->bk", lambda1, gamma)
+    result["two_step_score_correlation"] = hooks.key_score_correlation(
+        model, probe_tokens[:128], key_quantity, first_key=m, last_key=seq_len - 2
+    )
+    return result
+
+
+def prepare_data(task, sizes: dict) -> dict:
+    """Every batch of sequences, the tuned steps and the references of the implicit weights."""
+    pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
+    data = {
+        "tune": _sample(task, sizes["n_tune"], seq_len, SEEDS["tune"]),
+        "probe": _sample(task, sizes["n_probe"], seq_len, SEEDS["probe"]),
+        "patch_a": _sample(task, sizes["n_patch"], seq_len, SEEDS["patch_a"]),
+        "patch_b": _sample(task, sizes["n_patch"], seq_len, SEEDS["patch_b"]),
+        "heatmap_clean": _sample(task, sizes["n_heatmap"], sizes["heatmap_len"], SEEDS["heatmap_clean"]),
+        "heatmap_corrupt": _sample(task, sizes["n_heatmap"], sizes["heatmap_len"], SEEDS["heatmap_corrupt"]),
+    }
+    data["attention"] = _sample(task, sizes["n_attention"], seq_len, SEEDS["probe"])
+    data["sensitivity"] = _sample(task, sizes["n_sensitivity"], seq_len, SEEDS["probe"])
+    tune = data["tune"]
+    data["eta_md1"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=1)["eta"]
+    data["eta_md2"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=2)["eta"]
+    data["beta_md2"] = data["eta_md2"] * m * (seq_len - m)
+    data["implicit"] = {}
+    for length in sizes["lengths"]:
+        length_tune = _sample(task, sizes["n_tune"], length, SEEDS["tune"] + 1000 * length)
+        sample = _sample(task, sizes["n_implicit"], length, SEEDS["implicit"] + 1000 * length)
+        etas = {steps: E.tune_eta_refined(length_tune.tokens, pi, m, length_tune.next_probs, steps=steps)["eta"]
+                for steps in (1, 2)}
+        references = {
+            "md1_tuned": E.md_weights(sample.tokens, pi, m, etas[1]),
+            "md2_tuned": E.md_weights(sample.tokens, pi, m, etas[2], steps=2),
+            "bayes_exact": E.bayes_weights(sample.tokens, pi, m, alpha=task.alpha),
+            "true": sample.weights,
+        }
+        data["implicit"][length] = (sample, references)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+MODEL_COLOURS = {CONSTRUCTION: "tab:green", "disentangled-3l": "tab:purple", "disentangled-5l": "tab:pink",
+                 "standard-3l": "black"}
+
+
+def plot_probes(results: dict, path: Path) -> Path:
+    """R^2 per reading point, one row per model, one column per target, controls dashed."""
+    names = list(results)
+    with plotting.style():
+        fig, axes = plotting.plt.subplots(len(names), len(PROBE_TARGETS), figsize=(2.6 * len(PROBE_TARGETS), 2.3 * len(names)),
+                                          squeeze=False, sharey=True)
+        for row, name in enumerate(names):
+            r = results[name]
+            x = list(range(len(r["probe_rows"])))
+            labels = ["emb"] + [f"L{i}" for i in range(1, len(x))]
+            for col, target in enumerate(PROBE_TARGETS):
+                ax = axes[row][col]
+                ax.plot(x, r["probe_r2"][target], "o-", color=MODEL_COLOURS.get(name, "tab:blue"), label="model")
+                ax.plot(x, r["probe_random_model_r2"][target], "s--", color="0.55", markersize=3, label="random-init model")
+                ax.plot(x, r["probe_control_r2"][target], "x:", color="tab:red", markersize=4, label="control target")
+                ax.set_xticks(x, labels, fontsize=7)
+                ax.set_ylim(-0.15, 1.05)
+                if row == 0:
+                    ax.set_title(target, fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(f"{name}\nheld-out $R^2$", fontsize=8)
+        axes[0][-1].legend(fontsize=6, loc="lower right")
+        fig.suptitle("Linear probes of the algorithm's quantities, layer by layer (T = positions m+1..T)", fontsize=10)
+        return plotting.save_figure(fig, path)
+
+
+def plot_attention(results: dict, path: Path) -> Path:
+    """Per-layer TV to the construction (own step), and layer 1's mass by offset."""
+    names = list(results)
+    with plotting.style():
+        fig, (left, right) = plotting.new_figure(ncols=2, width=5.2, height=3.6)
+        for name in names:
+            tvs = results[name]["pattern_tv"]
+            left.plot(range(1, len(tvs) + 1), tvs, "o-", color=MODEL_COLOURS.get(name), label=name)
+            for head, tv in zip(results[name]["attention"]["heads"], tvs):  # which model layer was matched
+                if head["model_layer"] != head["reference_layer"]:
+                    left.annotate(f"L{head['model_layer'] + 1}", (head["reference_layer"] + 1, tv), fontsize=7,
+                                  xytext=(4, 4), textcoords="offset points", color=MODEL_COLOURS.get(name))
+        left.set_xticks(range(1, len(tvs) + 1))
+        left.set_xlabel("construction layer (model layer matched in order, named where it differs)")
+        left.set_ylabel("mean TV(model pattern, construction pattern)")
+        left.set_title("Attention vs the construction with the model's own step", fontsize=9)
+        left.set_ylim(0, 1)
+        left.legend(fontsize=7)
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            mass = results[name]["layer1_offset_mass"][0]  # head 0, offsets 0..m
+            right.bar([o + i * width for o in range(len(mass))], mass, width=width, color=MODEL_COLOURS.get(name), label=name)
+        right.set_xticks([o + 0.4 for o in range(len(mass))], ["0 (self)"] + [str(o) for o in range(1, len(mass))])
+        right.set_xlabel("offset i - j")
+        right.set_ylabel("mean layer-1 attention mass")
+        right.set_title("Layer 1: mass on the lag window 1..m vs the query itself", fontsize=9)
+        return plotting.save_figure(fig, path)
+
+
+def plot_learned_transition(results: dict, transition: torch.Tensor, path: Path) -> Path:
+    """True pi, the pi layer 1 encodes where one is identified, and every disentangled model's layer-1
+    token-token score block (rows centred: what attention can see), beside the construction's (log pi)^T."""
+    with_scores = [name for name, r in results.items() if r.get("token_score_block") is not None]
+    learned = [name for name, r in results.items() if r.get("learned_transition") is not None and name != CONSTRUCTION]
+    with plotting.style():
+        fig, axes = plotting.new_figure(ncols=1 + len(learned) + len(with_scores), width=2.9, height=3.0)
+        panels = [(axes[0], "true $\\pi$ (row = parent a)", transition, "viridis", (0, 1))]
+        panels += [(ax, f"{name}: learned $\\pi$\nKL {results[name]['learned_transition_kl']:.3g}",
+                    torch.as_tensor(results[name]["learned_transition"]), "viridis", (0, 1))
+                   for ax, name in zip(axes[1:], learned)]
+        for ax, name in zip(axes[1 + len(learned):], with_scores):
+            scores = torch.as_tensor(results[name]["token_score_block"])
+            scores = scores - scores.mean(dim=1, keepdim=True)
+            corr = results[name]["score_block_correlation"]
+            limit = float(scores.abs().max())
+            title = (f"{name}: layer-1 scores\ncorr $(\\log\\pi)^T$ {corr['log_transition_T']:+.2f}, "
+                     f"$-\\pi^T$ {corr['neg_transition_T']:+.2f}")
+            panels.append((ax, title, scores, "RdBu_r", (-limit, limit)))
+        for ax, title, matrix, cmap, (low, high) in panels:
+            image = ax.imshow(torch.as_tensor(matrix).numpy(), vmin=low, vmax=high, cmap=cmap)
+            ax.set_title(title, fontsize=7)
+            ax.grid(False)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+        axes[0].set_xlabel("next token b")
+        for ax in axes[1 + len(learned):]:
+            ax.set_xlabel("key token (parent)")
+            ax.set_ylabel("query token (child)")
+        missing = [name for name in with_scores if results[name].get("learned_transition_reason")]
+        if missing:
+            fig.text(0.01, 0.01, "no row-stochastic pi gives these scores for: " + ", ".join(missing), fontsize=7)
+        return plotting.save_figure(fig, path)
+
+
+def plot_implicit(results: dict, path: Path) -> Path:
+    """Mean L1 distance of each model's implicit weights to each estimator, against T."""
+    references = ["md1_tuned", "md2_tuned", "bayes_exact", "true"]
+    names = [n for n in results if n != CONSTRUCTION]
+    with plotting.style():
+        fig, axes = plotting.new_figure(ncols=len(names), width=3.6, height=3.2)
+        for ax, name in zip(axes, names):
+            per_length = results[name]["implicit_weights"]
+            lengths = sorted(per_length, key=int)
+            for reference in references:
+                colour = "black" if reference == "true" else plotting.method_style(reference)["color"]
+                ax.plot([int(t) for t in lengths], [per_length[t][reference] for t in lengths], "o-",
+                        label=reference, color=colour)
+            ax.set_xscale("log")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("sequence length T")
+        axes[0].set_ylabel("mean L1(implicit $\\lambda$, estimator's $\\lambda$)")
+        axes[-1].legend(fontsize=7)
+        return plotting.save_figure(fig, path)
+
+
+def plot_heatmaps(results: dict, path: Path) -> Path:
+    names = list(results)
+    with plotting.style():
+        fig, axes = plotting.plt.subplots(len(names), 1, figsize=(7.5, 1.3 + 1.1 * len(names)), squeeze=False)
+        for ax, name in zip(axes[:, 0], names):
+            heatmap = torch.as_tensor(results[name]["patching_heatmap"]).numpy()
+            image = ax.imshow(heatmap, aspect="auto", cmap="magma")
+            ax.set_ylabel(f"{name}\nlayer", fontsize=7)
+            ax.set_yticks(range(heatmap.shape[0]))
+            ax.grid(False)
+            fig.colorbar(image, ax=ax, fraction=0.03)
+        axes[-1, 0].set_xlabel("position patched (resid_pre, clean <- corrupt)")
+        fig.suptitle("KL(clean || patched) of the next-token distribution", fontsize=9)
+        return plotting.save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary and entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    for name, r in report["models"].items():
+        lines.append(f"== {name} (own eta {r['eta']:.4g}, beta {r['beta']:.3g})")
+        for target in ("responsibility", "mean_responsibility", "log_md_weights", "md2_weights"):
+            cells = ", ".join(f"{_fmt(a, 2)}({_fmt(c, 2)})" for a, c in zip(r["probe_r2"][target], r["probe_control_r2"][target]))
+            lines.append(f"   R^2 {target:<20} by layer emb..L{len(r['probe_rows']) - 1} (control target): {cells}")
+        lines.append("   pattern TV to the construction per layer: " + ", ".join(_fmt(v) for v in r["pattern_tv"]))
+        mass = torch.as_tensor(r["layer1_offset_mass"])[0]
+        lines.append(f"   layer 1: TV to responsibilities {_fmt(r['responsibility_tv'])}, mass on self {_fmt(float(mass[0]))}, "
+                     f"on offsets 1..m {_fmt(float(mass[1:].sum()))}")
+        if r.get("score_block_correlation"):
+            corr = r["score_block_correlation"]
+            lines.append("   layer-1 token scores (rows centred) corr with " + ", ".join(f"{k} {_fmt(v)}" for k, v in corr.items()))
+        lines.append(f"   learned transition KL {_fmt(r['learned_transition_kl'], 4)}"
+                     + (f" ({r['learned_transition_reason']})" if r["learned_transition_reason"] else ""))
+        lines.append(f"   sensitivity cosine to the construction {_fmt(r['sensitivity_cosine'])}; patching: "
+                     f"max |patched - counterfactual MD| {_fmt(r['patching_agreement'], 4)}, KL patched "
+                     f"{_fmt(r['patching'].get('kl_patched'), 4)} / unpatched {_fmt(r['patching'].get('kl_unpatched'), 4)}"
+                     f" / random subspace {_fmt(r['patching'].get('kl_random'), 4)}")
+        implicit = r["implicit_weights"]
+        for length in sorted(implicit, key=int):
+            d = implicit[length]
+            lines.append(f"   implicit lambda at T={length}: L1 to " + ", ".join(f"{k} {_fmt(v)}" for k, v in d.items()))
+        lines.append("   last-position score corr with -<lambda1, gamma_k>, per layer: "
+                     + ", ".join(_fmt(heads[0]) for heads in r["two_step_score_correlation"]))
+    lines.append(f"total time {report['timings']['total_seconds']:.1f} s")
+    return lines
+
+
+def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> dict:
+    """Measure the construction and every shipped model; write ``mechanisms.json``, PNGs, a summary."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    names = mdlens.list_pretrained(root=root)
+    if not names:
+        raise ValueError("no pretrained models found (see mdlens/pretrained/MANIFEST.json) or pass root")
+    models, task = {}, None
+    for name in names:
+        model, model_task = mdlens.load_pretrained(name, root=root)
+        if task is not None and not torch.equal(task.transition, model_task.transition):
+            raise ValueError(f"pretrained model {name!r} was trained on another task than {names[0]!r}")
+        models[name], task = model.eval(), task or model_task
+    pi, m = task.transition, task.order
+    data = prepare_data(task, sizes)
+    construction = build_md_transformer(pi, m, sizes["seq_len"], data["eta_md1"])
+    all_models = {CONSTRUCTION: construction, **models}
+
+    results, timings = {}, {}
+    for name, model in tqdm(all_models.items(), desc="mechanisms"):
+        model_start = time.perf_counter()
+        results[name] = _json_ready(measure_model(name, model, task, data, sizes, construction))
+        timings[name] = time.perf_counter() - model_start
+
+    report = {
+        "config": {"task": {"vocab_size": task.vocab_size, "order": m, "alpha": task.alpha, "seed": task.seed},
+                   "quick": quick, **sizes, "seeds": SEEDS, "eta_md1": data["eta_md1"], "eta_md2": data["eta_md2"],
+                   "protocol": (
+                       "probes: held-out R^2 (20% of sequences held out, ridge by 5-fold grouped CV) at positions "
+                       "t > m; index 0 = hook_embed, then blocks.{l}.hook_resid_post. md_weights / log_md_weights "
+                       "use each model's own step (eta whose one-step MD is closest to its predictions), "
+                       "md2_weights tuned two-step MD's. Attention is compared with the construction built with the "
+                       "model's own step. Implicit weights: mean L1 after merging lags that point at the same token.")},
+        "models": results,
+        "timings": {**timings},
+    }
+    files = [
+        plot_probes(results, out_dir / "mechanisms_probes.png"),
+        plot_attention(results, out_dir / "mechanisms_attention.png"),
+        plot_learned_transition(results, pi, out_dir / "mechanisms_learned_transition.png"),
+        plot_implicit(results, out_dir / "mechanisms_implicit_weights.png"),
+        plot_heatmaps(results, out_dir / "mechanisms_patching_heatmaps.png"),
+    ]
+    json_path = out_dir / "mechanisms.json"
+    report["timings"]["total_seconds"] = time.perf_counter() - start
+    report["files"] = [str(json_path), *map(str, files)]
+    report["summary"] = summary_lines(report)
+    json_path.write_text(json.dumps(_json_ready(report), indent=1))
+    print("\n".join(report["summary"]))
+    return report
