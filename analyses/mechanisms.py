@@ -41,6 +41,7 @@ from mdlens import hooks
 from mdlens.analyses import plotting
 from mdlens.construction import build_md_transformer
 from mdlens.models import DisentangledTransformer
+from mdlens.pretrained import load_all_pretrained
 
 FULL = {
     "seq_len": 192, "n_probe": 512, "n_tune": 512, "n_attention": 256, "n_sensitivity": 32,
@@ -385,15 +386,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
-    names = mdlens.list_pretrained(root=root)
-    if not names:
-        raise ValueError("no pretrained models found (see mdlens/pretrained/MANIFEST.json) or pass root")
-    models, task = {}, None
-    for name in names:
-        model, model_task = mdlens.load_pretrained(name, root=root)
-        if task is not None and not torch.equal(task.transition, model_task.transition):
-            raise ValueError(f"pretrained model {name!r} was trained on another task than {names[0]!r}")
-        models[name], task = model.eval(), task or model_task
+    models, task = load_all_pretrained(root)
     pi, m = task.transition, task.order
     data = prepare_data(task, sizes)
     construction = build_md_transformer(pi, m, sizes["seq_len"], data["eta_md1"])

@@ -32,6 +32,7 @@ from mdlens.analyses import plotting
 from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.pretrained import load_all_pretrained
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 # n_eval: the criteria compare mean KLs within 10%, and per-sequence KL is heavy-tailed: with 512
@@ -67,20 +68,6 @@ def kl_summary(values: torch.Tensor) -> dict:
         "finite_mean": summary["mean"],
         "n_infinite": n_inf,
     }
-
-
-def load_models(root: str | Path | None) -> tuple[dict, MTDTask]:
-    """Every model in the manifest, and their shared task (they must share one)."""
-    names = mdlens.list_pretrained(root=root)
-    if not names:
-        raise ValueError("no pretrained models found: ship them (see mdlens/pretrained/MANIFEST.json) or pass root")
-    models, task = {}, None
-    for name in names:
-        model, model_task = mdlens.load_pretrained(name, root=root)
-        if task is not None and not torch.equal(task.transition, model_task.transition):
-            raise ValueError(f"pretrained model {name!r} was trained on another task than {names[0]!r}")
-        models[name], task = model.eval(), task or model_task
-    return models, task
 
 
 def paired_ratio(model_kl: torch.Tensor, reference_kl: torch.Tensor) -> dict:
@@ -236,7 +223,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
-    models, task = load_models(root)
+    models, task = load_all_pretrained(root)
     torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
 
     results = [evaluate_length(models, task, seq_len, sizes) for seq_len in sizes["lengths"]]

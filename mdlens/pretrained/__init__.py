@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformer_lens import HookedTransformer
 
 from mdlens.task import MTDTask
@@ -80,4 +81,19 @@ def load_pretrained(name: str, root: str | Path | None = None) -> tuple[HookedTr
     return model, task
 
 
-__all__ = ["list_pretrained", "load_pretrained", "manifest"]
+def load_all_pretrained(root: str | Path | None = None) -> tuple[dict[str, HookedTransformer], MTDTask]:
+    """Every shipped model (in eval mode) by name, and the task they share; ``ValueError`` when there
+    is none or when two were trained on different tasks (an analysis compares them on one task)."""
+    names = list_pretrained(root=root)
+    if not names:
+        raise ValueError("no pretrained models found: ship them (see mdlens/pretrained/MANIFEST.json) or pass root")
+    models, task = {}, None
+    for name in names:
+        model, model_task = load_pretrained(name, root=root)
+        if task is not None and not torch.equal(task.transition, model_task.transition):
+            raise ValueError(f"pretrained model {name!r} was trained on another task than {names[0]!r}")
+        models[name], task = model.eval(), task or model_task
+    return models, task
+
+
+__all__ = ["list_pretrained", "load_all_pretrained", "load_pretrained", "manifest"]
