@@ -325,6 +325,40 @@ def plot_implicit(results: dict, path: Path) -> Path:
         return plotting.save_figure(fig, path)
 
 
+def plot_attention_maps(models: dict, tokens: torch.Tensor, order: int, path: Path) -> Path:
+    """Every layer's attention pattern on one short sequence, one row per model (the paper's
+    attention-map figure, with the construction on top for comparison)."""
+    patterns = {}
+    for name, model in models.items():
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(tokens[None], names_filter=names)
+        patterns[name] = [cache[hook][0, 0].to(torch.float64).numpy() for hook in names]  # head 0
+    n_cols = max(len(p) for p in patterns.values())
+    labels = [f"{i + 1}" if i % 4 == 3 else "" for i in range(tokens.numel())]
+    with plotting.style():
+        fig, axes = plotting.plt.subplots(len(patterns), n_cols, figsize=(2.2 * n_cols, 2.3 * len(patterns)), squeeze=False)
+        for row, (name, layers) in enumerate(patterns.items()):
+            for col in range(n_cols):
+                ax = axes[row][col]
+                ax.grid(False)
+                if col >= len(layers):
+                    ax.axis("off")
+                    continue
+                ax.imshow(layers[col], vmin=0, vmax=1, cmap="Blues")
+                ax.axhline(order - 0.5, color="tab:red", linewidth=0.6)  # rows below: t > m
+                ax.set_xticks(range(tokens.numel()), labels, fontsize=6)
+                ax.set_yticks(range(tokens.numel()), labels, fontsize=6)
+                if row == 0 or col >= 3:
+                    ax.set_title(f"layer {col + 1}", fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(f"{name}\nquery position", fontsize=8)
+                if row == len(patterns) - 1:
+                    ax.set_xlabel("key position", fontsize=7)
+        fig.suptitle(f"Attention patterns (head 0) on one sequence of T={tokens.numel()}; red line: t = m", fontsize=9)
+        return plotting.save_figure(fig, path)
+
+
 def plot_heatmaps(results: dict, path: Path) -> Path:
     names = list(results)
     with plotting.style():
@@ -416,6 +450,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         plot_learned_transition(results, pi, out_dir / "mechanisms_learned_transition.png"),
         plot_implicit(results, out_dir / "mechanisms_implicit_weights.png"),
         plot_heatmaps(results, out_dir / "mechanisms_patching_heatmaps.png"),
+        plot_attention_maps(all_models, data["heatmap_clean"].tokens[0], m, out_dir / "mechanisms_attention_maps.png"),
     ]
     json_path = out_dir / "mechanisms.json"
     report["timings"]["total_seconds"] = time.perf_counter() - start

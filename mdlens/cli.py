@@ -19,6 +19,8 @@ REPRODUCTIONS: dict[str, str] = {
     "trained": "mdlens.analyses.trained",
     "two-step": "mdlens.analyses.causal_two_step",
     "mechanisms": "mdlens.analyses.mechanisms",
+    # Last: REPORT.md from the JSON files the others wrote (into DIR/<name>/ under `all`).
+    "report": "mdlens.analyses.report",
 }
 
 
@@ -37,7 +39,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     names = list(REPRODUCTIONS) if args.what == "all" else [args.what]
     out = Path(args.out)
     for name in names:
-        target = out / name if args.what == "all" else out
+        target = out / name if args.what == "all" and name != "report" else out
         start = time.perf_counter()
         module = importlib.import_module(REPRODUCTIONS[name])
         written = module.run(target, quick=args.quick)
