@@ -15,7 +15,9 @@ the construction, the shipped disentangled models and plain ``HookedTransformer`
 - behaviour: :func:`sensitivity_alignment`, :func:`input_jacobian`, :func:`implicit_weights`,
   :func:`implicit_weights_distances`;
 - patching: :func:`patch_mean_responsibility`, :func:`patching_heatmap`,
-  :func:`plot_patching_heatmap`.
+  :func:`plot_patching_heatmap`;
+- views: :func:`attention_view`, :func:`compare_attention_view`, :func:`probe_view` (CircuitsVis and
+  HTML that render offline; ``.save(path)``).
 """
 
 from mdlens.hooks.attention import AttentionAgreement, attention_agreement, offset_mass, responsibility_tv
@@ -37,6 +39,15 @@ from mdlens.hooks.patching import (
 from mdlens.hooks.probes import Probe, ProbeReport, fit_probe, probe_model
 from mdlens.hooks.scores import key_score_correlation
 from mdlens.hooks.targets import control_target, targets
+from mdlens.hooks.viz import (
+    HeadView,
+    ProbeView,
+    View,
+    attention_view,
+    compare_attention_view,
+    probe_view,
+    token_labels,
+)
 from mdlens.hooks.weights import (
     learned_transition,
     learned_transition_kl,
@@ -46,7 +57,8 @@ from mdlens.hooks.weights import (
 )
 
 __all__ = [
-    "AttentionAgreement", "ImplicitWeights", "PatchResult", "Probe", "ProbeReport",
+    "AttentionAgreement", "HeadView", "ImplicitWeights", "PatchResult", "Probe", "ProbeReport", "ProbeView", "View",
+    "attention_view", "compare_attention_view", "probe_view", "token_labels",
     "attention_agreement", "closest_mtd_weights", "control_target", "counterfactual_prediction",
     "fit_probe", "implicit_weights", "implicit_weights_distances", "input_jacobian",
     "key_score_correlation", "learned_transition", "learned_transition_kl", "offset_mass",

@@ -116,7 +116,7 @@ class AttentionAgreement:
         lines = [header, "-" * len(header)]
         for h in self.heads:
             lines.append(
-                f"{f'L{h.reference_layer}.H{h.reference_head}':<12}{f'L{h.model_layer}.H{h.model_head}':<12}"
+                f"{f'L{h.reference_layer + 1}.H{h.reference_head}':<12}{f'L{h.model_layer + 1}.H{h.model_head}':<12}"
                 f"{h.tv:>8.4f}{h.kl:>16.4g}{h.support_mass:>9.4f}{h.self_mass:>8.4f}{h.lag_mass:>11.4f}"
             )
         return "\n".join(lines)
@@ -124,7 +124,7 @@ class AttentionAgreement:
     def __str__(self) -> str:
         return (
             f"AttentionAgreement: {self.n_sequences} sequences, T={self.seq_len}, m={self.order}, "
-            f"matching={self.matching}, rows t > m (Lx.Hy = blocks.x head y)\n" + self.table()
+            f"matching={self.matching}, rows t > m (Lx.Hy = layer x, i.e. blocks.{{x-1}}, head y)\n" + self.table()
         )
 
 

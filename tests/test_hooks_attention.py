@@ -66,7 +66,7 @@ def test_construction_against_itself(construction, tokens):
         assert head.tv == 0.0 and head.kl == 0.0 and head.support_mass == pytest.approx(1.0, abs=1e-12)
     # Layer 1 attends only to the lag window; nothing on the query itself.
     assert result.heads[0].self_mass == 0.0 and result.heads[0].lag_mass == pytest.approx(1.0, abs=1e-12)
-    assert "L0.H0" in str(result)
+    assert "L1.H0" in str(result)
     assert result.to_dict()["heads"][0]["tv"] == 0.0
 
 
