@@ -452,6 +452,12 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         plot_heatmaps(results, out_dir / "mechanisms_patching_heatmaps.png"),
         plot_attention_maps(all_models, data["heatmap_clean"].tokens[0], m, out_dir / "mechanisms_attention_maps.png"),
     ]
+    # CircuitsVis head views (offline HTML): each trained model beside the construction, same sequence.
+    view_sample = data["heatmap_clean"]
+    for name, model in models.items():
+        view = hooks.compare_attention_view(model, construction, view_sample.tokens, lags=view_sample.lags,
+                                            names=(name, CONSTRUCTION))
+        files.append(view.save(out_dir / f"heads_{name}_vs_construction.html"))
     json_path = out_dir / "mechanisms.json"
     report["timings"]["total_seconds"] = time.perf_counter() - start
     report["files"] = [str(json_path), *map(str, files)]
