@@ -7,13 +7,18 @@ A checkpoint is a directory with two files:
   (``"disentangled"`` or ``"standard"``) and the arguments of its builder, its TransformerLens
   config (for reading; the model is rebuilt from the builder arguments), ``output_type``, the
   residual layout with its names (a construction's aliases included), construction parameters
-  (``model.md_params``) when present, the task (transition, order, alpha, seed) when given, and
-  the SHA-256 of the weights file.
+  (``model.md_params``) when present, the task (transition, order, alpha, seed) when given, the
+  model's tokenizer (:func:`mdlens.models.tokenizer.tokenizer_to_dict`; ``null`` for the default
+  vocabulary tokenizer) and the SHA-256 of the weights file.
+
+Format versions: 2 adds ``tokenizer``; version 1 files (written before, the shipped checkpoints
+among them) still load and get the default tokenizer :func:`~mdlens.models.tokenizer.vocabulary_tokenizer`.
 
 Loading builds a fresh model, checks the weights file against the recorded hash (a truncated or
 swapped file is caught before anything is read), loads the weights strictly (every key, every
 shape, every dtype) and only then returns the model: a failure raises and never hands back a
-half-loaded model. Both files are written to temporary names first and renamed into place.
+half-loaded model. Every loaded model has a tokenizer (``model.to_tokens("3 1 4")`` works). Both
+files are written to temporary names first and renamed into place.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from mdlens.models import DisentangledTransformer, standard_transformer
 from mdlens.models._tl import preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.layout import ResidualLayout
+from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from mdlens.task import MTDTask
 
 FORMAT_NAME = "mdlens-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no tokenizer field (the default vocabulary tokenizer)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 MODEL_KINDS = ("disentangled", "standard")
@@ -54,6 +61,7 @@ def save(model: HookedTransformer, directory: str | Path, task: MTDTask | None =
     kind, args = _model_spec(model)
     if task is not None and not isinstance(task, MTDTask):
         raise ValueError(f"task must be an MTDTask or None, got {type(task).__name__}")
+    tokenizer = tokenizer_to_dict(model.tokenizer) if model.tokenizer is not None else None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -70,6 +78,7 @@ def save(model: HookedTransformer, directory: str | Path, task: MTDTask | None =
         "layout": layout.to_dict() if layout is not None else None,
         "md_params": _to_json(getattr(model, "md_params", None)),
         "task": _task_to_json(task) if task is not None else None,
+        "tokenizer": tokenizer,
         "weights_sha256": _sha256(weights_tmp),
         "transformer_lens_cfg": _to_json(model.cfg.to_dict()),
     }
@@ -152,11 +161,13 @@ def read_config(directory: str | Path) -> dict:
         raise ValueError(f"{config_path} is not valid JSON (truncated or corrupt?): {error}") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise ValueError(f"{config_path} is not an mdlens checkpoint config")
-    if config.get("version") != FORMAT_VERSION:
+    version = config.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{config_path} has checkpoint format version {config.get('version')!r}; this mdlens reads {FORMAT_VERSION}"
+            f"{config_path} has checkpoint format version {version!r}; this mdlens reads versions {READABLE_VERSIONS}"
         )
-    missing = [key for key in ("kind", "args", "output_type", "weights_sha256") if key not in config]
+    required = ("kind", "args", "output_type", "weights_sha256") + (("tokenizer",) if version >= 2 else ())
+    missing = [key for key in required if key not in config]
     if missing:
         raise ValueError(f"{config_path} lacks the fields {missing}")
     if config["kind"] not in MODEL_KINDS:
@@ -206,6 +217,11 @@ def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
     if config.get("md_params") is not None:
         model.md_params = _from_json(config["md_params"])
     model.output_type = config["output_type"]
+    if config.get("tokenizer") is not None:  # else the default one _build attached
+        try:
+            attach_tokenizer(model, tokenizer_from_dict(config["tokenizer"]))
+        except ValueError as error:
+            raise ValueError(f"{directory}: the saved tokenizer does not fit the model: {error}") from error
     return model.to(device, print_details=False)
 
 
@@ -232,15 +248,17 @@ def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
     """A freshly initialised model of ``model``'s architecture, seeded by ``seed`` (its weights
     untrained): the "same probe on a random model" control of :mod:`mdlens.hooks`.
 
-    mdlens-built models are rebuilt from their builder arguments; any other ``HookedTransformer`` from
-    a copy of its config with ``seed`` (TransformerLens initialises it). Global random streams are
-    left as they were.
+    mdlens-built models are rebuilt from their builder arguments (with a copy of ``model``'s tokenizer);
+    any other ``HookedTransformer`` from a copy of its config with ``seed`` (TransformerLens initialises
+    it). Global random streams are left as they were.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
     if kind in MODEL_KINDS and isinstance(args, dict):
         fresh = _build({"kind": kind, "args": {**args, "seed": seed}})
+        if model.tokenizer is not None:
+            attach_tokenizer(fresh, model.tokenizer)
     elif isinstance(model, HookedTransformer):
         with preserve_global_rng(), quiet_hooked_transformer_deprecation():
             cfg = HookedTransformerConfig.from_dict({**model.cfg.to_dict(), "seed": seed})
@@ -253,13 +271,18 @@ def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
 
 
 def _build(config: dict) -> HookedTransformer:
+    """The model ``config`` describes, freshly initialised, with the default vocabulary tokenizer."""
     args = dict(config["args"])
     if args.get("dtype") not in DTYPES:
         raise ValueError(f"checkpoint dtype {args.get('dtype')!r} is not one of {tuple(DTYPES)}")
     args["dtype"] = DTYPES[args["dtype"]]
     try:
         if config["kind"] == "disentangled":
-            return DisentangledTransformer(**args)
-        return standard_transformer(**args)
+            model = DisentangledTransformer(**args)
+        else:
+            model = standard_transformer(**args)
     except TypeError as error:
         raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
+    if model.tokenizer is None:  # until the builders attach it themselves
+        attach_tokenizer(model)
+    return model
