@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mdlens-installed
 DEMO_OUT ?= results
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench notebooks clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,13 +14,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+# The whole reproduction (every analysis, its figures, REPORT.md): about 6 minutes on 2 cores.
+# `make demo DEMO_FLAGS=--quick` is the 30-second smoke version (small, noisy sizes).
 # One intra-op thread: the analyses are many small tensor ops, which two threads slow down
-# (they spin-wait on each other; 10-100x on a busy 2-core machine). ~2 min on 2 cores.
+# (they spin-wait on each other; 10-100x on a busy 2-core machine).
+DEMO_FLAGS ?=
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/mdlens reproduce estimators --out $(DEMO_OUT)/estimators
+	OMP_NUM_THREADS=1 $(VENV)/bin/mdlens reproduce all $(DEMO_FLAGS) --out $(DEMO_OUT)
+	@echo "[mdlens] report: $(DEMO_OUT)/REPORT.md"
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# JupyterLab on notebooks/ with the project's environment (the optional `notebooks` extra).
+notebooks: $(STAMP)
+	$(PY) -m pip install -e ".[dev,notebooks]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
 	$(VENV)/bin/mdlens bench

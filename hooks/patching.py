@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -379,6 +380,10 @@ def plot_patching_heatmap(
         raise ValueError("heatmap must be a [n_layers, T] tensor")
     values = heatmap.detach().to(torch.float64).cpu().numpy()
     n_layers, n_positions = values.shape
+    # An infinite KL (a "probs" output clipped to zero where the clean run is not) would wash out
+    # the colour scale: such cells are left blank and counted in the title.
+    n_infinite = int((~np.isfinite(values)).sum())
+    values = np.ma.masked_invalid(values)
     fig = Figure(figsize=(max(4.0, min(16.0, 0.12 * n_positions + 2.0)), 1.0 + 0.5 * n_layers + 1.0))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -387,6 +392,7 @@ def plot_patching_heatmap(
     ax.set_ylabel(f"layer (blocks.l.hook_{hook})")
     ax.set_yticks(range(n_layers))
     fig.colorbar(image, ax=ax, label=metric_label)
-    ax.set_title(title or f"activation patching: {metric_label}")
+    title = title or f"activation patching: {metric_label}"
+    ax.set_title(title + (f" ({n_infinite} infinite cells left blank)" if n_infinite else ""), fontsize=9)
     fig.tight_layout()
     return fig

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import einops
 import torch
 from jaxtyping import Float, Int
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -321,14 +323,12 @@ class ProbeReport:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, title: str | None = None):
-        """R^2 per reading point, one panel per target, with both controls dashed. A matplotlib Figure."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(self.targets), figsize=(3.4 * len(self.targets), 3.2), squeeze=False)
+    def plot(self, title: str | None = None) -> Figure:
+        """R^2 per reading point, one panel per target, with both controls dashed. A matplotlib
+        ``Figure`` (shown inline in Jupyter; no pyplot state is touched; ``fig.savefig(path)``)."""
+        fig = Figure(figsize=(3.4 * len(self.targets), 3.2))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(self.targets), squeeze=False)
         x = list(range(len(self.rows)))
         for ax, target in zip(axes[0], self.targets):
             ax.plot(x, self.r2[target], "o-", label="model")
