@@ -10,6 +10,8 @@ the construction, the shipped disentangled models and plain ``HookedTransformer`
   control-target control);
 - attention: :func:`attention_agreement`, :func:`responsibility_tv`, :func:`offset_mass`,
   :func:`key_score_correlation`;
+- heads: :func:`lag_head_scores`, :func:`lag_detection_pattern` (a pattern for TransformerLens's
+  ``detect_head``);
 - weights: :func:`learned_transition`, :func:`learned_transition_kl`,
   :func:`score_block_correlation`, :func:`weight_alignment`;
 - behaviour: :func:`sensitivity_alignment`, :func:`input_jacobian`, :func:`implicit_weights`,
@@ -29,6 +31,7 @@ from mdlens.hooks.behaviour import (
     input_jacobian,
     sensitivity_alignment,
 )
+from mdlens.hooks.heads import lag_detection_pattern, lag_head_scores
 from mdlens.hooks.patching import (
     PatchResult,
     counterfactual_prediction,
@@ -61,7 +64,7 @@ __all__ = [
     "attention_view", "compare_attention_view", "probe_view", "token_labels",
     "attention_agreement", "closest_mtd_weights", "control_target", "counterfactual_prediction",
     "fit_probe", "implicit_weights", "implicit_weights_distances", "input_jacobian",
-    "key_score_correlation", "learned_transition", "learned_transition_kl", "offset_mass",
+    "key_score_correlation", "lag_detection_pattern", "lag_head_scores", "learned_transition", "learned_transition_kl", "offset_mass",
     "patch_mean_responsibility", "patching_heatmap", "plot_patching_heatmap", "probe_model",
     "responsibility_tv", "score_block_correlation", "sensitivity_alignment", "targets",
     "token_score_block", "weight_alignment",

@@ -7,6 +7,10 @@ A model says what its output is through ``model.output_type``:
 - ``"probs"`` (the paper's disentangled transformer, trained with MSE on the raw output): the output
   is meant to be a probability vector but nothing forces it onto the simplex, so it is clipped at zero
   and renormalised. A row with no positive entry has no honest renormalisation: ``ValueError``.
+
+:func:`output_to_probs` is defined next to the models (``mdlens.models._tl``) because their own
+TransformerLens paths use it too: ``model(tokens, return_type="loss")`` is the cross-entropy of this
+distribution and ``model.generate`` samples from it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_tokens
-from mdlens.models._tl import OUTPUT_TYPES
+from mdlens.models._tl import OUTPUT_TYPES, check_model_input_tokens, output_to_probs
 
+__all__ = ["output_to_probs", "output_type_of", "predict_next"]
 
 
 def output_type_of(model: torch.nn.Module) -> str:
@@ -27,25 +31,6 @@ def output_type_of(model: torch.nn.Module) -> str:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"model.output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     return output_type
-
-
-def output_to_probs(output: Float[Tensor, "... q"], output_type: str) -> Float[Tensor, "... q"]:
-    """Raw model output -> probability vectors, in float64 (see the module docstring)."""
-    output = output.to(torch.float64)
-    if torch.isnan(output).any():
-        raise ValueError("model output contains NaN")
-    if output_type == "logits":
-        return torch.softmax(output, dim=-1)
-    if output_type != "probs":
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    clipped = output.clamp(min=0.0)
-    totals = clipped.sum(dim=-1, keepdim=True)
-    if (totals <= 0).any():
-        n_bad = int((totals <= 0).sum().item())
-        raise ValueError(
-            f"{n_bad} output row(s) have no positive entry: a 'probs' output cannot be renormalised"
-        )
-    return clipped / totals
 
 
 def predict_next(
@@ -57,9 +42,7 @@ def predict_next(
         model: any HookedTransformer; ``model.output_type`` is "logits" (default) or "probs".
         tokens: ``[B, T]`` or ``[T]`` ids in ``[0, d_vocab)`` with ``1 <= T <= n_ctx``.
     """
-    tokens = check_tokens(tokens, model.cfg.d_vocab, order=0)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens have T={tokens.shape[1]} positions, the model's context is {model.cfg.n_ctx}")
+    tokens = check_model_input_tokens(tokens, model.cfg.d_vocab, model.cfg.n_ctx)
     output_type = output_type_of(model)
     device = next(model.parameters()).device
     with torch.inference_mode():

@@ -5,16 +5,16 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from mdlens.models import standard_transformer
+from mdlens.models import StandardTransformer, standard_transformer
 
 
 # ----------------------------------------------------------------------------------------------
 # standard_transformer
 
 
-def test_standard_is_plain_hooked_transformer_with_requested_shape():
+def test_standard_is_a_hooked_transformer_with_requested_shape():
     model = standard_transformer(vocab_size=5, n_ctx=32, n_layers=2, d_model=16, n_heads=2)
-    assert type(model) is HookedTransformer
+    assert isinstance(model, HookedTransformer) and type(model) is StandardTransformer
     assert model.output_type == "logits"
     assert (model.cfg.d_head, model.cfg.d_mlp, model.cfg.n_layers) == (8, 64, 2)
     out = model(torch.randint(0, 5, (3, 11)))

@@ -13,7 +13,7 @@ from transformer_lens import HookedTransformer, patching
 from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.construction import LOG_ZERO, build_md_transformer
-from mdlens.models import standard_transformer
+from mdlens.models import StandardTransformer, standard_transformer
 
 Q, M, T, ETA = 4, 3, 10, 0.2
 RPE_HOOKS = ("hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores", "hook_rel_values")
@@ -56,7 +56,7 @@ def linear_metric(out: torch.Tensor) -> torch.Tensor:
 
 def test_construction_is_a_hooked_transformer(construction, standard):
     assert isinstance(construction, HookedTransformer)
-    assert type(standard) is HookedTransformer
+    assert isinstance(standard, HookedTransformer) and type(standard) is StandardTransformer
 
 
 def test_run_with_cache_has_every_hook_with_the_right_shapes(construction, clean_and_corrupted):

@@ -1,4 +1,6 @@
-"""Small TransformerLens glue shared by the model builders."""
+"""TransformerLens glue shared by the model builders, and :class:`MDLensTransformer`, the
+``HookedTransformer`` subclass every mdlens model is, so that TransformerLens' own paths (``forward``
+with ``return_type="loss"``, ``run_with_cache``, ``generate``) read each model's real distribution."""
 
 from __future__ import annotations
 
@@ -9,6 +11,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from mdlens._validation import check_int, check_tokens
+from mdlens.models.tokenizer import attach_tokenizer
 
 # TransformerLens 3.9 warns on every HookedTransformer construction that the class goes away in
 # 4.0. mdlens pins transformer-lens<4 on purpose, so that one warning (and only it) is silenced
@@ -16,6 +24,7 @@ import torch
 DEPRECATION_MESSAGE = "HookedTransformer is deprecated"
 
 OUTPUT_TYPES = ("logits", "probs")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @contextmanager
@@ -35,6 +44,20 @@ def check_output_type(output_type: str) -> str:
     return output_type
 
 
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` / ``torch.float64``, also given by name (``"float32"``, as ``mdlens_args`` stores it)."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be torch.float32 or torch.float64 (or their names), got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``: how ``mdlens_args`` records a dtype (JSON-friendly)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @contextmanager
 def preserve_global_rng() -> Iterator[None]:
     """Restore torch's, numpy's and Python's global random state on exit.
@@ -51,3 +74,254 @@ def preserve_global_rng() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a raw output as a distribution
+
+
+def output_to_probs(output: Float[Tensor, "... q"], output_type: str) -> Float[Tensor, "... q"]:
+    """Raw model output -> probability vectors, in float64 (differentiable).
+
+    ``"logits"``: softmax. ``"probs"``: the output is meant to be a probability vector but nothing
+    forces it onto the simplex, so it is clipped at zero and renormalised; a row with no positive
+    entry has no honest renormalisation: ``ValueError``.
+    """
+    output = output.to(torch.float64)
+    if torch.isnan(output).any():
+        raise ValueError("model output contains NaN")
+    if output_type == "logits":
+        return torch.softmax(output, dim=-1)
+    if output_type != "probs":
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    clipped = output.clamp(min=0.0)
+    totals = clipped.sum(dim=-1, keepdim=True)
+    if (totals <= 0).any():
+        n_bad = int((totals <= 0).sum().item())
+        raise ValueError(
+            f"{n_bad} output row(s) have no positive entry: a 'probs' output cannot be renormalised"
+        )
+    return clipped / totals
+
+
+def probs_cross_entropy(
+    output: Float[Tensor, "batch pos q"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    per_token: bool = False,
+) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
+    """``transformer_lens.utils.lm_cross_entropy_loss`` for a ``"probs"`` output.
+
+    Position ``t`` predicts token ``t + 1`` with ``p_t = output_to_probs(output[:, t])`` (the
+    distribution ``mdlens.predict_next`` gives for the prefix ``tokens[:, :t+1]``), and the loss is
+    ``-log p_t(tokens[:, t+1])``: ``[batch, pos-1]`` with ``per_token``, else the mean over the
+    positions that count. With an ``attention_mask`` a position counts when it and the next one are
+    unmasked, as in TransformerLens (masked ones are 0 in the per-token loss). In the model's dtype.
+
+    Only the chosen token's ``log p`` is taken, never ``log`` of the whole row, so the gradient is
+    finite wherever the loss is (a clipped zero elsewhere in the row costs nothing).
+    """
+    predicting = output[:, :-1]  # the last position has no next token
+    next_tokens = tokens[:, 1:].to(output.device)
+    counted = None
+    if attention_mask is not None:
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(output.device).bool()
+        counted = mask[:, :-1] & mask[:, 1:]
+        # Rows that do not count are never read: a constant row keeps their (unchecked) output out
+        # of the renormalisation check and out of the gradient.
+        predicting = torch.where(counted[..., None], predicting, torch.ones_like(predicting))
+    probs = output_to_probs(predicting, "probs")  # [batch, pos-1, q], float64
+    log_probs = probs.gather(dim=-1, index=next_tokens[..., None])[..., 0].log()
+    if counted is not None:
+        log_probs = log_probs.masked_fill(~counted, 0.0)
+        n_counted = counted.sum()
+    else:
+        n_counted = log_probs.numel()
+    loss = -log_probs if per_token else -log_probs.sum() / n_counted
+    return loss.to(output.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token input
+
+
+def check_model_input_tokens(tokens: Tensor, vocab_size: int, n_ctx: int) -> Int[Tensor, "batch pos"]:
+    """Token ids a model of vocabulary ``q = vocab_size`` and context ``n_ctx`` can read.
+
+    ``[B, T]`` or ``[T]`` integer ids in ``[0, q)``, ``B >= 1``, ``1 <= T <= n_ctx``; returns them as
+    int64 ``[B, T]``. ``ValueError`` naming the problem otherwise (one min/max pass over the ids).
+    """
+    if isinstance(tokens, Tensor) and tokens.ndim in (1, 2) and tokens.shape[-1] == 0:
+        raise ValueError(f"tokens have no positions (T = 0): a model reads 1 <= T <= n_ctx={n_ctx}")
+    tokens = check_tokens(tokens, vocab_size, order=0)
+    if tokens.shape[1] > n_ctx:
+        raise ValueError(f"tokens have T={tokens.shape[1]} positions, more than the model's context n_ctx={n_ctx}")
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# The base class
+
+
+class MDLensTransformer(HookedTransformer):
+    """A ``HookedTransformer`` whose TransformerLens paths read ``output_type`` (the base of every mdlens model).
+
+    ``model(tokens)`` returns the raw output ``[batch, pos, q]``, whose meaning ``output_type`` states:
+
+    - ``"logits"``: logits, as for any TransformerLens model; ``softmax`` gives the distribution.
+    - ``"probs"``: the probability vector itself (trained with MSE), not forced onto the simplex; the
+      distribution is ``mdlens.predict.output_to_probs``: clipped at zero and renormalised.
+
+    What changes against a plain ``HookedTransformer``:
+
+    - **Loss**: ``model(tokens, return_type="loss" | "both")`` (and so ``run_with_cache(...,
+      incl_bwd=True)`` on the loss) is the cross-entropy of the model's real distribution: TL's
+      ``lm_cross_entropy_loss`` for ``"logits"``, :func:`probs_cross_entropy` (the clipped,
+      renormalised probabilities, differentiable) for ``"probs"``. Same positions, ``loss_per_token``
+      and ``attention_mask`` as TransformerLens.
+    - **Generation**: ``generate`` / ``generate_stream`` sample from the real distribution ``p``: for
+      ``"probs"`` the sampler is handed ``log p`` as the logits, so ``temperature`` ``tau`` samples
+      from ``p^(1/tau)`` renormalised (1: ``p`` itself; towards 0: the most likely token; large: uniform
+      over the tokens with ``p > 0``), ``top_k`` / ``top_p`` keep the most likely tokens of ``p``, and
+      ``output_logits=True`` returns ``log p``. A last row with no positive entry is a ``ValueError``.
+      Without an end-of-sequence token (no tokenizer, or one without EOS, and no ``eos_token_id``)
+      ``stop_at_eos`` defaults to ``False``. The prompt plus ``max_new_tokens`` must fit ``n_ctx``.
+      A prompt given as token ids (or as one string) is read as it is: TransformerLens would mask its
+      trailing pad ids when the model has a tokenizer, and mdlens' pad id (0) is a real token. (A list
+      of strings is left-padded by TransformerLens and keeps its masking.)
+    - **Input checks**: integer token input (to ``forward``, ``run_with_cache``, ``run_with_hooks``,
+      TL's patching, ``generate``) must be ``[B, T]`` or ``[T]`` ids in ``[0, d_vocab)`` with
+      ``B >= 1`` and ``1 <= T <= n_ctx``: a ``ValueError`` says what is wrong. Strings (through a
+      tokenizer) and residual input with ``start_at_layer`` are passed to TransformerLens as they are.
+    """
+
+    supports_past_kv_cache = True  # generate may use TransformerLens' key/value cache
+
+    def __init__(self, cfg, output_type: str = "logits", **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.output_type = check_output_type(output_type)
+        self._log_probs_for_sampling = False  # set by generate: forward hands the sampler log p
+        if self.tokenizer is None:  # token ids as decimal strings, offline (mdlens.models.tokenizer)
+            attach_tokenizer(self)
+
+    def input_to_embed(self, input, *args, **kwargs):
+        """TransformerLens' ``input_to_embed``, with integer token input checked first."""
+        if isinstance(input, Tensor):  # strings go through the tokenizer as TransformerLens does
+            check_model_input_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
+        return super().input_to_embed(input, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """TransformerLens' forward (see the class docstring for what the output means)."""
+        output = super().forward(*args, **kwargs)
+        if self._log_probs_for_sampling and self.output_type == "probs":
+            # Only generate sets the flag, and it reads only the last position's "logits": give it
+            # log p there, so that its softmax-based sampler draws from p.
+            last = output_to_probs(output[:, -1:], "probs").log().to(output.dtype)
+            output = torch.cat([output[:, :-1], last], dim=1)
+        return output
+
+    def loss_fn(
+        self,
+        logits: Float[Tensor, "batch pos q"],
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        per_token: bool = False,
+    ):
+        """Next-token cross-entropy of the model's distribution (``logits`` is the raw output)."""
+        check_model_input_tokens(tokens, self.cfg.d_vocab, self.cfg.n_ctx)
+        if self.output_type == "probs":
+            return probs_cross_entropy(logits, tokens, attention_mask, per_token)
+        return super().loss_fn(logits, tokens, attention_mask, per_token)
+
+    def generate(self, input="", max_new_tokens: int = 10, *args, **kwargs):
+        """TransformerLens' ``generate``, sampling from the model's real distribution (class docstring)."""
+        return_type = kwargs.get("return_type", "input")
+        if isinstance(input, str) and self.tokenizer is not None:
+            input = self._string_prompt_to_ids(input, kwargs)
+            return_type = "str" if return_type == "input" else return_type
+        input = self._check_generation_input(input, max_new_tokens)
+        kwargs = self._generation_kwargs(input, args, kwargs)
+        decode = isinstance(input, Tensor) and return_type == "str"
+        if decode:  # decoded below, where the tokenizer is back
+            kwargs["return_type"] = "tokens"
+        with self._generating(input):
+            output = super().generate(input, max_new_tokens, *args, **kwargs)
+        if decode:
+            texts = [self.to_string(sequence) for sequence in output]
+            return texts[0] if len(texts) == 1 else texts
+        return output
+
+    def generate_stream(self, input="", max_new_tokens: int = 10, *args, **kwargs):
+        """TransformerLens' ``generate_stream``, sampling from the model's real distribution."""
+        if isinstance(input, str) and self.tokenizer is not None:
+            input = self._string_prompt_to_ids(input, kwargs)  # it yields ids either way
+        input = self._check_generation_input(input, max_new_tokens)
+        kwargs = self._generation_kwargs(input, args, kwargs)
+        if isinstance(input, Tensor):
+            # Its key/value cache path needs the tokenizer, which a token prompt runs without.
+            kwargs["use_past_kv_cache"] = False
+        stream = super().generate_stream(input, max_new_tokens, *args, **kwargs)
+        while True:
+            # The generation state is on only while the stream computes, not while the caller holds a chunk.
+            with self._generating(input):
+                try:
+                    chunk = next(stream)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def _string_prompt_to_ids(self, prompt: str, kwargs: dict) -> Int[Tensor, "1 pos"]:
+        """One string prompt as its ids ``[1, T]``, to be generated from like a token prompt: a single
+        string has no padding, so none of its ids may be masked as pad (see :meth:`_generating`)."""
+        options = {name: kwargs.pop(name) for name in ("prepend_bos", "padding_side") if name in kwargs}
+        return self.to_tokens(prompt, **options)
+
+    @contextmanager
+    def _generating(self, input) -> Iterator[None]:
+        """While TransformerLens generates: ``forward`` hands the sampler ``log p`` (see ``forward``),
+        and a token-tensor prompt runs without the tokenizer. TransformerLens masks a prompt's trailing
+        (or leading) pad ids whenever the model has a tokenizer; a prompt given as ids has no padding,
+        and mdlens' pad id is a real token (0), so masking would change the distribution sampled from."""
+        sampling, tokenizer = self._log_probs_for_sampling, self.tokenizer
+        self._log_probs_for_sampling = True
+        if isinstance(input, Tensor):
+            self.tokenizer = None
+        try:
+            yield
+        finally:
+            self._log_probs_for_sampling, self.tokenizer = sampling, tokenizer
+
+    def _check_generation_input(self, input, max_new_tokens: int):
+        """Checked prompt (``[T]`` tokens become ``[1, T]``); the prompt plus new tokens must fit ``n_ctx``."""
+        check_int(max_new_tokens, "max_new_tokens", 1)
+        if not isinstance(input, Tensor):
+            return input  # strings: TransformerLens tokenises (and truncates to n_ctx)
+        if input.is_floating_point() and input.ndim == 3:  # embeddings [batch, pos, d_model]
+            n_prompt = input.shape[1]
+        else:
+            input = check_model_input_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
+            n_prompt = input.shape[1]
+        if n_prompt + max_new_tokens > self.cfg.n_ctx:
+            raise ValueError(
+                f"a prompt of T={n_prompt} positions plus max_new_tokens={max_new_tokens} exceeds the model's "
+                f"context n_ctx={self.cfg.n_ctx}"
+            )
+        return input
+
+    def _generation_kwargs(self, input, args: tuple, kwargs: dict) -> dict:
+        """TransformerLens' generation arguments, with mdlens' defaults (class docstring)."""
+        kwargs = dict(kwargs)
+        if not self.supports_past_kv_cache:
+            kwargs["use_past_kv_cache"] = False  # the same samples, recomputing the prefix each step
+        if args:  # stop_at_eos and eos_token_id come first among the positional arguments: leave them
+            return kwargs
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        if kwargs.get("eos_token_id") is None and eos is not None:
+            kwargs["eos_token_id"] = eos  # the tokenizer's (a token prompt runs without the tokenizer)
+        if "stop_at_eos" not in kwargs and kwargs.get("eos_token_id") is None:
+            kwargs["stop_at_eos"] = False  # MTD sequences have no end-of-sequence token
+        return kwargs

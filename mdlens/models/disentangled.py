@@ -42,18 +42,27 @@ How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalizatio
      ``sum_j A_ij r_l(i - j)`` -> ``hook_rel_values`` ``[batch, pos, head, W]``.
 
   The two position-only score hooks have TL's pattern shape ``[batch, head, query_pos, key_pos]``
-  (expanded views over the batch); entries above the diagonal are zero and
-  irrelevant (the causal mask follows). ``hook_attn_scores`` = content + the three terms (the band placed at its keys), masked.
+  (a fresh tensor per call, which a hook may edit in place; without hooks the forward adds the
+  small ``[query, key]`` tables directly); entries above the diagonal are zero and irrelevant (the
+  causal mask follows). ``hook_attn_scores`` = content + the three terms (the band placed at its
+  keys), masked. ``act_name("rel_scores", l)`` and ``cache["rel_scores", l]`` reach the four new
+  hook points as TransformerLens' shorthand reaches its own.
 - **Output**: TL's unembed, ``W_U`` ``[d_model, q]`` trainable, ``b_U`` frozen at zero (the
   paper's readout is linear). ``model.output_type = "probs"``: the raw output at a position is read
-  as the next-token probability vector (the paper trains it with MSE on the last position).
+  as the next-token probability vector (the paper trains it with MSE on the last position); the
+  model's loss and ``generate`` use it clipped and renormalised (:class:`~mdlens.models._tl.MDLensTransformer`).
+- **Gradients at the embedding**: ``W_E`` and ``W_pos`` are frozen (no optimiser ever sees them), but
+  their outputs are made to require grad whenever autograd records, so backward hooks on
+  ``hook_embed``, ``hook_pos_embed`` and ``blocks.0.hook_resid_pre`` fire as on any TL model
+  (``run_with_cache(..., incl_bwd=True)``, attribution patching at layer 0).
 
 Initialisation (seeded by ``seed`` through a private ``torch.Generator``): ``W_A``, ``U_l`` and
 ``W_U`` small Gaussians (std ``init_std``) on the coordinates they can read; ``rel_value(o)`` =
 one-hot of ``o`` (each layer starts out able to tell offsets apart, which the construction needs
 in layers 1 and 3); ``rel_score`` and ``key_pos_score`` zero (uniform causal attention at start).
 
-Not supported: ``past_kv_cache`` (generation with a key/value cache) and split q/k/v inputs.
+Not supported: ``past_kv_cache`` (``generate`` recomputes the prefix at each step instead; the
+samples are the same) and split q/k/v inputs.
 """
 
 from __future__ import annotations
@@ -62,26 +71,87 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.components import Attention
+from transformer_lens import ActivationCache, HookedTransformerConfig
+from transformer_lens.components import Attention, Embed, PosEmbed
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import get_act_name
 
 from mdlens._validation import check_int, check_order
 from mdlens.models._tl import (
+    MDLensTransformer,
     check_output_type,
+    dtype_name,
     preserve_global_rng,
     quiet_hooked_transformer_deprecation,
+    resolve_dtype,
 )
 from mdlens.models.layout import ResidualLayout
 
 MAX_LAYERS = 8
 NEW_LAYER_RULES = ("fresh", "repeat_last", "insert_fresh")  # how load_shallower places new layers
 DEFAULT_INIT_STD = 0.02
+# The hook points this module adds to TL's attention, by their shorthand (``act_name``).
+RPE_HOOK_NAMES = ("rel_scores", "key_pos_scores", "rel_query_scores", "rel_values")
 
 
 def _frozen(tensor: Tensor) -> nn.Parameter:
     """A parameter that state_dict, ``model.OV`` and TL's tools see, but the optimiser does not."""
     return nn.Parameter(tensor, requires_grad=False)
+
+
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """``transformer_lens.utils.get_act_name`` that also knows the disentangled attention's hook points.
+
+    ``act_name("rel_scores", 0) == "blocks.0.attn.hook_rel_scores"`` (likewise ``key_pos_scores``,
+    ``rel_query_scores``, ``rel_values``; a layer is required); any other name goes to TransformerLens,
+    e.g. ``act_name("pattern", 2) == "blocks.2.attn.hook_pattern"``.
+    """
+    if name in RPE_HOOK_NAMES:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"act_name({name!r}, layer) needs a layer index >= 0, got {layer!r}")
+        return f"blocks.{layer}.attn.hook_{name}"
+    return get_act_name(name, layer, layer_type)
+
+
+class DisentangledActivationCache(ActivationCache):
+    """TL's ``ActivationCache`` whose shorthand ``cache["rel_scores", l]`` reaches the RPE hook points
+    (negative layers count from the end, as in TransformerLens); everything else is TL's."""
+
+    def __getitem__(self, key) -> Tensor:
+        if isinstance(key, tuple) and key and key[0] in RPE_HOOK_NAMES:
+            layer = key[1] if len(key) > 1 else None
+            if isinstance(layer, int) and layer < 0:
+                layer += self.model.cfg.n_layers
+            return self.cache_dict[act_name(key[0], layer)]
+        return super().__getitem__(key)
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "DisentangledActivationCache":
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return DisentangledActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+
+def _carrying_gradient(embedding: Tensor) -> Tensor:
+    """``embedding + 0``, the zero a leaf that requires grad, while autograd records: the same values
+    in a fresh tensor that gradients (and backward hooks) reach and that a hook may edit in place,
+    although the frozen weights it comes from never require grad."""
+    if not torch.is_grad_enabled() or embedding.requires_grad:
+        return embedding
+    zero = torch.zeros((), dtype=embedding.dtype, device=embedding.device, requires_grad=True)
+    return embedding + zero
+
+
+class FrozenEmbed(Embed):
+    """TL's token embedding for a frozen ``W_E`` whose output still carries gradient."""
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return _carrying_gradient(super().forward(tokens))
+
+
+class FrozenPosEmbed(PosEmbed):
+    """TL's absolute position embedding for a frozen ``W_pos`` whose output still carries gradient."""
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], *args, **kwargs) -> Float[Tensor, "batch pos d_model"]:
+        return _carrying_gradient(super().forward(tokens, *args, **kwargs))
 
 
 def residual_widths(vocab_size: int, n_layers: int, window: int) -> list[int]:
@@ -90,6 +160,17 @@ def residual_widths(vocab_size: int, n_layers: int, window: int) -> list[int]:
     for _ in range(n_layers):
         widths.append(2 * widths[-1] + window)
     return widths
+
+
+def _through_hook(
+    hook_point: HookPoint, table: Float[Tensor, "query key"], batch: int
+) -> Float[Tensor, "query key"] | Float[Tensor, "batch 1 query key"]:
+    """``table`` shown to ``hook_point`` as a fresh ``[batch, 1, query, key]`` tensor (a hook may edit
+    it in place) when a forward or backward hook is attached; else ``table`` itself, unexpanded (the
+    hook point would be the identity, and the caller broadcasts the table over the batch)."""
+    if not (hook_point._forward_hooks or hook_point._backward_hooks):
+        return table
+    return hook_point(table.expand(batch, 1, *table.shape).clone())
 
 
 class DisentangledAttention(Attention):
@@ -169,20 +250,12 @@ class DisentangledAttention(Attention):
 
         offset = self._offsets(n_pos, query_input.device)  # offset[i, j] = i - j
         causal = offset >= 0
-        # The two position-only terms are [query, key] tables shown to the hooks as batch-expanded
-        # views; unless a hook replaces a view, the small table itself is added (one pass, not two).
+        # The two position-only terms are [query, key] tables; a hook on them gets its own
+        # [batch, head, query_pos, key_pos] copy (see _through_hook).
         rel_table = torch.where(causal, self.rel_score[offset.clamp(min=0)], 0.0)
         key_pos_table = torch.where(causal, self.key_pos_score[:n_pos], 0.0)
-        rel_view = rel_table.expand(batch, 1, n_pos, n_pos)
-        key_pos_view = key_pos_table.expand(batch, 1, n_pos, n_pos)
-        rel_scores = self.hook_rel_scores(rel_view)
-        key_pos_scores = self.hook_key_pos_scores(key_pos_view)
-        position_scores = (rel_table if rel_scores is rel_view else rel_scores) + (
-            key_pos_table if key_pos_scores is key_pos_view else key_pos_scores
-        )
-        # The causal mask rides along with the position terms (-inf above the diagonal), so adding
-        # them to the content scores masks in the same pass.
-        position_scores = position_scores.masked_fill(~causal, float("-inf"))
+        rel_scores = _through_hook(self.hook_rel_scores, rel_table, batch)
+        key_pos_scores = _through_hook(self.hook_key_pos_scores, key_pos_table, batch)
         # h_i . U[:, i - j] for offsets in the window: (h U)[i, o] placed at key j = i - o.
         query_by_offset = query_input @ self.rel_query  # [batch, pos, window]
         # Kept in its natural band shape [batch, head, query_pos, offset] (entries with offset > query_pos
@@ -190,7 +263,15 @@ class DisentangledAttention(Attention):
         # [batch, pos, pos] tensor that is mostly zeros.
         rel_query_scores = self.hook_rel_query_scores(query_by_offset.unsqueeze(1))
 
-        attn_scores = attn_scores.add_(position_scores)
+        # The causal mask (-inf above the diagonal) and the unhooked terms form one small [query, key]
+        # table, added in one pass; a hooked term is a [batch, 1, query, key] tensor, added as it is.
+        table = torch.zeros_like(rel_table).masked_fill_(~causal, float("-inf"))
+        for term in (rel_scores, key_pos_scores):
+            if term.ndim == 2:
+                table = table + term
+            else:
+                attn_scores.add_(term)
+        attn_scores.add_(table)
         for o in range(min(self.window, n_pos)):
             # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
             attn_scores.diagonal(offset=-o, dim1=-2, dim2=-1).add_(rel_query_scores[..., o:, o])
@@ -234,8 +315,15 @@ class DisentangledAttention(Attention):
         return torch.where(key >= 0, torch.gather(square, 2, index), 0.0)
 
 
-class DisentangledTransformer(HookedTransformer):
+class DisentangledTransformer(MDLensTransformer):
     """The disentangled transformer as a ``HookedTransformer`` (see the module docstring).
+
+    ``model(tokens)`` returns ``[batch, pos, q]``: with ``output="probs"`` (the default, the paper's
+    readout) the next-token probability vector at each position as the model computes it, not forced
+    onto the simplex (``mdlens.predict_next`` / ``output_to_probs`` clip and renormalise it; the
+    model's TL loss and ``generate`` use that distribution); with ``output="logits"``, logits. See
+    :class:`~mdlens.models._tl.MDLensTransformer` for the loss, ``generate`` and the input checks.
+    ``run_with_cache`` returns a :class:`DisentangledActivationCache`.
 
     Args:
         vocab_size: ``q``, the width of the ``tokens`` block and of the output.
@@ -244,10 +332,17 @@ class DisentangledTransformer(HookedTransformer):
         window: ``W``, the relative-position window (offsets ``0..W-1``) of ``rel_query`` and
             ``rel_value``; the MTD default is ``order + 1`` (offsets ``0..m``).
         seed: initialisation seed.
-        dtype: ``torch.float32`` for training, ``torch.float64`` for exact comparisons.
+        dtype: ``torch.float32`` for training, ``torch.float64`` for exact comparisons (or their names
+            ``"float32"`` / ``"float64"``, as ``mdlens_args`` records them).
         init_std: standard deviation of the random parts of the initialisation.
         order: the MTD order ``m`` this model is meant for (recorded only).
+        output: ``"probs"`` or ``"logits"``, stored as ``model.output_type``.
+
+    ``model.mdlens_args`` holds these arguments (JSON-friendly): ``DisentangledTransformer(**model.mdlens_args)``
+    builds the same architecture, initialised from the same seed.
     """
+
+    supports_past_kv_cache = False  # generate recomputes the prefix at each step
 
     def __init__(
         self,
@@ -256,7 +351,7 @@ class DisentangledTransformer(HookedTransformer):
         n_layers: int = 3,
         window: int = 4,
         seed: int = 0,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         init_std: float = DEFAULT_INIT_STD,
         order: int | None = None,
@@ -267,8 +362,7 @@ class DisentangledTransformer(HookedTransformer):
             check_int(value, name, minimum)
         if n_layers > MAX_LAYERS:
             raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        dtype = resolve_dtype(dtype)
         if not (isinstance(init_std, (int, float)) and init_std >= 0):
             raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
         check_output_type(output)
@@ -295,7 +389,8 @@ class DisentangledTransformer(HookedTransformer):
                 dtype=dtype,
                 device=device,
             )
-            super().__init__(cfg, move_to_device=False)
+            super().__init__(cfg, output_type=output, move_to_device=False)
+        self.embed, self.pos_embed = FrozenEmbed(cfg), FrozenPosEmbed(cfg)  # weights set below
         for index, block in enumerate(self.blocks):
             block.attn = DisentangledAttention(cfg, index + 1, widths[index], window)
 
@@ -303,17 +398,25 @@ class DisentangledTransformer(HookedTransformer):
         self.order = order
         self.residual_widths = widths
         self.layout = ResidualLayout.disentangled(vocab_size, n_layers, window)
-        self.output_type = output
         # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
         self.mdlens_kind = "disentangled"
         self.mdlens_args = {
             "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "window": window,
-            "seed": seed, "dtype": str(dtype).removeprefix("torch."), "init_std": float(init_std),
+            "seed": seed, "dtype": dtype_name(dtype), "init_std": float(init_std),
             "order": order, "output": output,
         }
         self._init_disentangled_weights(seed, float(init_std))
         self.to(device, print_details=False)
         self.setup()  # give the new HookPoints their names
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
+        """TransformerLens' ``run_with_cache``; the cache object is a :class:`DisentangledActivationCache`."""
+        out, cache = super().run_with_cache(
+            *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
+        )
+        if return_cache_object:
+            cache = DisentangledActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
 
     @torch.no_grad()
     def _init_disentangled_weights(self, seed: int, init_std: float) -> None:
@@ -436,7 +539,7 @@ def disentangled_transformer(
     n_layers: int = 3,
     window: int | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
     init_std: float = DEFAULT_INIT_STD,
 ) -> DisentangledTransformer:

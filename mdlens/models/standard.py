@@ -1,24 +1,39 @@
-"""Standard transformers for the MTD task: plain ``HookedTransformer``s, no subclass.
+"""Standard transformers for the MTD task: TransformerLens' own architecture, unchanged.
 
 These are the "do ordinary architectures learn the same mechanism?" models of paper-notes §6:
 separate Q/K/V/O per head, optional MLPs and LayerNorm, learned absolute or rotary positions.
+:class:`StandardTransformer` is a ``HookedTransformer`` with TransformerLens' own components; it adds
+only what every mdlens model has (:class:`~mdlens.models._tl.MDLensTransformer`): ``output_type``,
+checked token input, and a loss and sampling that read the model's real distribution.
 """
 
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformerConfig
 
 from mdlens._validation import check_int
 from mdlens.models._tl import (
+    MDLensTransformer,
     check_output_type,
+    dtype_name,
     preserve_global_rng,
     quiet_hooked_transformer_deprecation,
+    resolve_dtype,
 )
 
-POSITIONS = {"standard": "standard", "rotary": "rotary"}
+POSITIONS = ("standard", "rotary")  # TransformerLens' positional_embedding_type
 NORMALIZATIONS = ("LN", None)
 
+
+class StandardTransformer(MDLensTransformer):
+    """A plain ``HookedTransformer`` built by :func:`standard_transformer`.
+
+    ``model(tokens)`` returns ``[batch, pos, q]``: logits when ``output_type == "logits"`` (the
+    default), the probability vector itself (not forced onto the simplex; read it with
+    ``mdlens.predict_next`` / ``output_to_probs``) when ``"probs"``. See
+    :class:`~mdlens.models._tl.MDLensTransformer` for the loss, ``generate`` and the input checks.
+    """
 
 
 def standard_transformer(
@@ -32,12 +47,12 @@ def standard_transformer(
     normalization: str | None = "LN",
     positions: str = "standard",
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     output: str = "logits",
     act_fn: str = "gelu",
     device: str = "cpu",
-) -> HookedTransformer:
-    """A plain ``HookedTransformer`` sized for MTD with vocabulary ``q = vocab_size``.
+) -> StandardTransformer:
+    """A :class:`StandardTransformer` (a ``HookedTransformer``) sized for MTD with vocabulary ``q = vocab_size``.
 
     Args:
         vocab_size: ``q``; the model reads token ids in ``[0, q)`` and outputs ``[batch, pos, q]``.
@@ -47,10 +62,14 @@ def standard_transformer(
         normalization: ``"LN"`` (pre-LayerNorm, as GPT-2) or ``None``.
         positions: ``"standard"`` (learned absolute) or ``"rotary"`` (rotary on all of ``d_head``).
         seed: initialisation seed (``cfg.seed``): the same seed gives the same weights.
+        dtype: ``torch.float32`` / ``torch.float64`` or their names ``"float32"`` / ``"float64"``.
         output: how the raw output is read, stored as ``model.output_type``: ``"logits"`` (softmax
             it; the TransformerLens convention, for cross-entropy training) or ``"probs"`` (the raw
             output is the probability vector itself, as the paper trains with MSE).
         device: where the weights live (initialisation is seeded the same on every device).
+
+    ``model.mdlens_args`` holds these arguments (JSON-friendly, dtype by name):
+    ``standard_transformer(**model.mdlens_args)`` builds the same model.
     """
     check_int(vocab_size, "vocab_size", 2)
     check_int(n_ctx, "n_ctx", 2)
@@ -66,9 +85,8 @@ def standard_transformer(
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {tuple(POSITIONS)}, got {positions!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    dtype = resolve_dtype(dtype)
     check_output_type(output)
     d_head = d_model // n_heads
     if positions == "rotary" and d_head % 2:
@@ -89,21 +107,20 @@ def standard_transformer(
             d_vocab=vocab_size,
             d_vocab_out=vocab_size,
             normalization_type=normalization,
-            positional_embedding_type=POSITIONS[positions],
+            positional_embedding_type=positions,
             rotary_dim=d_head if positions == "rotary" else None,
             default_prepend_bos=False,
             seed=seed,
             dtype=dtype,
             device=device,
         )
-        model = HookedTransformer(cfg)
-    model.output_type = output
+        model = StandardTransformer(cfg, output_type=output)
     # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
     model.mdlens_kind = "standard"
     model.mdlens_args = {
         "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "d_model": d_model,
         "n_heads": n_heads, "d_mlp": d_mlp, "attn_only": attn_only, "normalization": normalization,
-        "positions": positions, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+        "positions": positions, "seed": seed, "dtype": dtype_name(dtype),
         "output": output, "act_fn": act_fn,
     }
     return model
