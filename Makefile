@@ -24,6 +24,8 @@ demo: $(STAMP)
 	@echo "[mdlens] report: $(DEMO_OUT)/REPORT.md"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # JupyterLab on notebooks/ with the project's environment (the optional `notebooks` extra).

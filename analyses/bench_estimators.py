@@ -23,14 +23,30 @@ from mdlens import estimators as E
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {
-    "bayes_batch": 256, "bayes_len": 192, "bayes_naive_subset": 2,
-    "sampler_batch": 1024, "sampler_len": 256, "sampler_naive_subset": 64, "sampler_repeats": 3,
-    "gibbs_tolerance": 3e-3, "gibbs_burn_in": 200, "gibbs_start": 1000, "gibbs_max": 8_000,
+    "bayes_batch": 256,
+    "bayes_len": 192,
+    "bayes_naive_subset": 2,
+    "sampler_batch": 1024,
+    "sampler_len": 256,
+    "sampler_naive_subset": 64,
+    "sampler_repeats": 3,
+    "gibbs_tolerance": 3e-3,
+    "gibbs_burn_in": 200,
+    "gibbs_start": 1000,
+    "gibbs_max": 8_000,
 }
 QUICK = {
-    "bayes_batch": 32, "bayes_len": 48, "bayes_naive_subset": 2,
-    "sampler_batch": 128, "sampler_len": 64, "sampler_naive_subset": 8, "sampler_repeats": 1,
-    "gibbs_tolerance": 1e-2, "gibbs_burn_in": 50, "gibbs_start": 100, "gibbs_max": 5_000,
+    "bayes_batch": 32,
+    "bayes_len": 48,
+    "bayes_naive_subset": 2,
+    "sampler_batch": 128,
+    "sampler_len": 64,
+    "sampler_naive_subset": 8,
+    "sampler_repeats": 1,
+    "gibbs_tolerance": 1e-2,
+    "gibbs_burn_in": 50,
+    "gibbs_start": 100,
+    "gibbs_max": 5_000,
 }
 
 
@@ -59,7 +75,7 @@ def naive_exact_bayes(tokens: list[int], transition: np.ndarray, order: int, alp
         updated: dict[tuple[int, ...], float] = {}
         for counts, value in log_w.items():
             for g in range(order):
-                key = counts[:g] + (counts[g] + 1,) + counts[g + 1:]
+                key = (*counts[:g], counts[g] + 1, *counts[g + 1 :])
                 new = value + step[g]
                 updated[key] = _logaddexp(updated[key], new) if key in updated else new
         log_w = updated
@@ -74,8 +90,9 @@ def naive_exact_bayes(tokens: list[int], transition: np.ndarray, order: int, alp
     return mean
 
 
-def naive_sample(transition: np.ndarray, order: int, alpha: float, batch_size: int, seq_len: int,
-                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def naive_sample(
+    transition: np.ndarray, order: int, alpha: float, batch_size: int, seq_len: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MTD sequences one at a time, one position at a time (inverse-CDF draws with numpy).
 
     Returns tokens [B, T], lags [B, T] (0 for the first m positions) and weights [B, m].
@@ -136,15 +153,16 @@ def bench_bayes(task: MTDTask, sizes: dict) -> dict:
     sample = task.sample(batch, seq_len, generator=torch.Generator().manual_seed(7))
     tokens = sample.tokens
     n_states = math.comb(seq_len - m + m - 1, m - 1)
-    print(f"exact Bayes: batch {batch} x length {seq_len}, m = {m} "
-          f"({n_states} count vectors at the last step)")
+    print(f"exact Bayes: batch {batch} x length {seq_len}, m = {m} ({n_states} count vectors at the last step)")
 
     E.bayes_weights(tokens[:2, : m + 8], pi, m, method="exact")  # warm-up (allocator, kernels)
     cpu_start = time.process_time()
     exact, fast_s = _timed(lambda: E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact"))
     cpu_s = time.process_time() - cpu_start  # summed over threads; on a loaded machine wall >> cpu/threads
-    print(f"  fast exact DP:        {fast_s:8.3f} s for {batch} sequences  (target < 10 s: "
-          f"{'met' if fast_s < 10 else 'NOT met'}); process CPU time {cpu_s:.3f} s")
+    print(
+        f"  fast exact DP:        {fast_s:8.3f} s for {batch} sequences  (target < 10 s: "
+        f"{'met' if fast_s < 10 else 'NOT met'}); process CPU time {cpu_s:.3f} s"
+    )
 
     subset = sizes["bayes_naive_subset"]
     pi_np = pi.numpy()
@@ -154,8 +172,10 @@ def bench_bayes(task: MTDTask, sizes: dict) -> dict:
     per_sequence = naive_s / subset
     ratio = per_sequence * batch / fast_s
     max_diff = float(np.abs(naive - exact[:subset].numpy()).max())
-    print(f"  naive Python dict:    {per_sequence:8.3f} s per sequence ({subset} sequences) -> "
-          f"{per_sequence * batch:.1f} s scaled to {batch}")
+    print(
+        f"  naive Python dict:    {per_sequence:8.3f} s per sequence ({subset} sequences) -> "
+        f"{per_sequence * batch:.1f} s scaled to {batch}"
+    )
     print(f"  speed-up fast/naive:  {ratio:8.1f}x  (target >= 50x: {'met' if ratio >= 50 else 'NOT met'})")
     print(f"  max |naive - fast| on the subset: {max_diff:.2e}")
 
@@ -166,22 +186,42 @@ def bench_bayes(task: MTDTask, sizes: dict) -> dict:
     num_samples, gibbs = sizes["gibbs_start"], None
     for _ in range(4):
         generator = torch.Generator().manual_seed(11)
-        weights, gibbs_s = _timed(lambda: E.bayes_weights(
-            tokens, pi, m, alpha=task.alpha, method="gibbs", num_samples=num_samples, burn_in=burn_in,
-            generator=generator))
+        weights, gibbs_s = _timed(
+            lambda num_samples=num_samples, generator=generator: E.bayes_weights(
+                tokens,
+                pi,
+                m,
+                alpha=task.alpha,
+                method="gibbs",
+                num_samples=num_samples,
+                burn_in=burn_in,
+                generator=generator,
+            )
+        )
         error = (weights - exact).abs().mean().item()
-        print(f"  Gibbs {num_samples:6d} samples (+{burn_in} burn-in): {gibbs_s:8.3f} s, "
-              f"mean |Gibbs - exact| = {error:.2e}")
+        print(
+            f"  Gibbs {num_samples:6d} samples (+{burn_in} burn-in): {gibbs_s:8.3f} s, "
+            f"mean |Gibbs - exact| = {error:.2e}"
+        )
         gibbs = {"num_samples": num_samples, "seconds": gibbs_s, "mean_abs_error": error}
         if error <= tolerance or num_samples >= sizes["gibbs_max"]:
             break
         num_samples = min(sizes["gibbs_max"], math.ceil(1.3 * num_samples * (error / tolerance) ** 2 / 100) * 100)
     matched = gibbs["mean_abs_error"] <= tolerance
-    print(f"  at tolerance {tolerance:g}: Gibbs {gibbs['seconds']:.3f} s ({gibbs['num_samples']} samples"
-          f"{'' if matched else ', tolerance NOT reached'}) vs exact {fast_s:.3f} s -> exact is "
-          f"{gibbs['seconds'] / fast_s:.1f}x faster")
-    return {"exact_seconds": fast_s, "exact_cpu_seconds": cpu_s, "naive_seconds_per_sequence": per_sequence, "speedup": ratio,
-            "max_abs_diff": max_diff, "gibbs": gibbs, "gibbs_tolerance": tolerance}
+    print(
+        f"  at tolerance {tolerance:g}: Gibbs {gibbs['seconds']:.3f} s ({gibbs['num_samples']} samples"
+        f"{'' if matched else ', tolerance NOT reached'}) vs exact {fast_s:.3f} s -> exact is "
+        f"{gibbs['seconds'] / fast_s:.1f}x faster"
+    )
+    return {
+        "exact_seconds": fast_s,
+        "exact_cpu_seconds": cpu_s,
+        "naive_seconds_per_sequence": per_sequence,
+        "speedup": ratio,
+        "max_abs_diff": max_diff,
+        "gibbs": gibbs,
+        "gibbs_tolerance": tolerance,
+    }
 
 
 def bench_sampler(task: MTDTask, sizes: dict) -> dict:
@@ -192,17 +232,22 @@ def bench_sampler(task: MTDTask, sizes: dict) -> dict:
     task.sample(8, seq_len, generator=torch.Generator().manual_seed(0))  # warm-up
     times = []
     for repeat in range(sizes["sampler_repeats"]):
-        sample, seconds = _timed(lambda: task.sample(batch, seq_len, generator=torch.Generator().manual_seed(repeat)))
+        sample, seconds = _timed(
+            lambda repeat=repeat: task.sample(batch, seq_len, generator=torch.Generator().manual_seed(repeat))
+        )
         times.append(seconds)
     fast_s = min(times)
     rate = n_tokens / fast_s
-    print(f"  fast sampler:         {fast_s:8.4f} s (best of {len(times)}) = {rate / 1e6:.2f}M tokens/s "
-          f"(target >= 1M: {'met' if rate >= 1e6 else 'NOT met'})")
+    print(
+        f"  fast sampler:         {fast_s:8.4f} s (best of {len(times)}) = {rate / 1e6:.2f}M tokens/s "
+        f"(target >= 1M: {'met' if rate >= 1e6 else 'NOT met'})"
+    )
 
     subset = sizes["sampler_naive_subset"]
     pi_np = pi.numpy()
-    (naive_tokens, naive_lags, naive_weights), naive_s = _timed(
-        lambda: naive_sample(pi_np, m, task.alpha, subset, seq_len, seed=0))
+    (naive_tokens, naive_lags, _naive_weights), naive_s = _timed(
+        lambda: naive_sample(pi_np, m, task.alpha, subset, seq_len, seed=0)
+    )
     naive_rate = subset * seq_len / naive_s
     ratio = rate / naive_rate
     print(f"  naive per-position:   {naive_rate / 1e3:8.1f}k tokens/s ({subset} sequences)")
@@ -212,15 +257,25 @@ def bench_sampler(task: MTDTask, sizes: dict) -> dict:
     # quantity, the true predictive, recomputed naively on the fast sampler's own sequences, and
     # (b) the statistics both samplers must reproduce: lag-conditional transitions vs pi.
     fast_tokens = sample.tokens[:subset].numpy()
-    next_diff = float(np.abs(naive_next_probs(fast_tokens, sample.weights[:subset].numpy(), pi_np)
-                             - sample.next_probs[:subset].numpy()).max())
+    next_diff = float(
+        np.abs(
+            naive_next_probs(fast_tokens, sample.weights[:subset].numpy(), pi_np) - sample.next_probs[:subset].numpy()
+        ).max()
+    )
     fast_freq = lag_conditional_transitions(sample.tokens.numpy(), sample.lags.numpy(), m, q)
     naive_freq = lag_conditional_transitions(naive_tokens, naive_lags, m, q)
     print(f"  max |naive - fast| next_probs on the fast sampler's first {subset} sequences: {next_diff:.2e}")
-    print(f"  max |empirical P(y_t | y_(t-z_t)) - pi|: fast {np.abs(fast_freq - pi_np).max():.4f} "
-          f"({n_tokens} tokens), naive {np.abs(naive_freq - pi_np).max():.4f} ({subset * seq_len} tokens)")
-    return {"fast_seconds": fast_s, "tokens_per_second": rate, "naive_tokens_per_second": naive_rate,
-            "speedup": ratio, "next_probs_max_abs_diff": next_diff}
+    print(
+        f"  max |empirical P(y_t | y_(t-z_t)) - pi|: fast {np.abs(fast_freq - pi_np).max():.4f} "
+        f"({n_tokens} tokens), naive {np.abs(naive_freq - pi_np).max():.4f} ({subset * seq_len} tokens)"
+    )
+    return {
+        "fast_seconds": fast_s,
+        "tokens_per_second": rate,
+        "naive_tokens_per_second": naive_rate,
+        "speedup": ratio,
+        "next_probs_max_abs_diff": next_diff,
+    }
 
 
 def main(quick: bool = False) -> dict:
@@ -228,8 +283,10 @@ def main(quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     # Timings on a shared machine depend on its load: print it with the thread count.
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {load}; task {TASK}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {load}; task {TASK}"
+    )
     task = MTDTask(**TASK)
     return {"bayes": bench_bayes(task, sizes), "sampler": bench_sampler(task, sizes)}
 

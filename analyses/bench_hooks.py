@@ -57,23 +57,27 @@ def main(quick: bool = False) -> dict:
         last, last_s = _timed(last_position)
         every, every_s = _timed(lambda: targets(tokens, pi, m, beta=BETA, alpha=task.alpha))
         agreement = (every["bayes_weights"][:, -1] - last).abs().max().item()
-        print(f"targets, {tokens.shape[0]} x {tokens.shape[1]}: every position {every_s:.2f} s, "
-              f"last position {last_s:.2f} s -> ratio {every_s / last_s:.2f} (target <= 3); "
-              f"last-position Bayes agrees to {agreement:.1e}")
+        print(
+            f"targets, {tokens.shape[0]} x {tokens.shape[1]}: every position {every_s:.2f} s, "
+            f"last position {last_s:.2f} s -> ratio {every_s / last_s:.2f} (target <= 3); "
+            f"last-position Bayes agrees to {agreement:.1e}"
+        )
         results = {"targets_seconds": every_s, "last_position_seconds": last_s, "targets_ratio": every_s / last_s}
 
         for name in sizes["models"]:
             model, _ = mdlens.load_pretrained(name)
 
-            def probe_with_targets():
+            def probe_with_targets(model=model):
                 values = targets(tokens, pi, m, beta=BETA, alpha=task.alpha)
                 return probe_model(model, tokens, values)
 
             report, seconds = _timed(probe_with_targets)
             best = max(report.r2["mean_responsibility"])
-            print(f"probe_model {name}: {len(report.rows)} reading points x {len(report.targets)} targets, "
-                  f"{report.n_rows} rows, both controls, targets included: {seconds:.1f} s "
-                  f"(target < 30 s for disentangled-3l); best mean_responsibility R^2 {best:.3f}")
+            print(
+                f"probe_model {name}: {len(report.rows)} reading points x {len(report.targets)} targets, "
+                f"{report.n_rows} rows, both controls, targets included: {seconds:.1f} s "
+                f"(target < 30 s for disentangled-3l); best mean_responsibility R^2 {best:.3f}"
+            )
             results[f"probe_{name}_seconds"] = seconds
         return results
     finally:

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +40,9 @@ TARGET_RATIO = 1.5
 KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 
 
-def _time_pair(first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int) -> tuple[float, float]:
+def _time_pair(
+    first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int
+) -> tuple[float, float]:
     """Median seconds of ``first`` and ``second``, run alternately (warm-up runs not counted)."""
     times: tuple[list[float], list[float]] = ([], [])
     for index in range(warmup + repeats):
@@ -56,8 +58,10 @@ def _time_pair(first: Callable[[], object], second: Callable[[], object], repeat
 def _report(name: str, slow: float, fast: float, slow_label: str, fast_label: str) -> dict:
     ratio = slow / fast
     verdict = "ok" if ratio <= TARGET_RATIO else f"MISSES the {TARGET_RATIO}x target"
-    print(f"{name}: {slow_label} {slow * 1e3:.1f} ms, {fast_label} {fast * 1e3:.1f} ms, "
-          f"ratio {ratio:.2f}x ({verdict})", flush=True)
+    print(
+        f"{name}: {slow_label} {slow * 1e3:.1f} ms, {fast_label} {fast * 1e3:.1f} ms, ratio {ratio:.2f}x ({verdict})",
+        flush=True,
+    )
     return {"name": name, "slow_s": slow, "fast_s": fast, "ratio": ratio, "target": TARGET_RATIO}
 
 
@@ -67,8 +71,15 @@ def _models(size: dict):
     disentangled = disentangled_transformer(q, m, seq_len, n_layers=n_layers, dtype=torch.float32, seed=0)
     cfg = disentangled.cfg
     plain = standard_transformer(
-        q, seq_len, n_layers=n_layers, d_model=cfg.d_model, n_heads=1, attn_only=True,
-        normalization=None, dtype=torch.float32, seed=0,
+        q,
+        seq_len,
+        n_layers=n_layers,
+        d_model=cfg.d_model,
+        n_heads=1,
+        attn_only=True,
+        normalization=None,
+        dtype=torch.float32,
+        seed=0,
     )
     # standard_transformer sets d_head = d_model / n_heads; match the disentangled d_head instead.
     if plain.cfg.d_head != cfg.d_head:
@@ -108,7 +119,10 @@ def _cache_ratios_keeping_freed_memory(quick: bool) -> tuple[float, float, float
     env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.run(
         [sys.executable, "-m", "mdlens.analyses.bench_models", "--cache-ratios-only", *(["--quick"] if quick else [])],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     cached, forward, plain_ratio = (float(x) for x in child.stdout.split()[-3:])
     return cached, forward, plain_ratio
@@ -119,30 +133,45 @@ def main(quick: bool = False) -> list[dict]:
     size = QUICK if quick else FULL
     disentangled, plain, tokens = _models(size)
     cfg = disentangled.cfg
-    print(f"[models] d_model={cfg.d_model} d_head={cfg.d_head} n_layers={size['n_layers']} batch={size['batch']} "
-          f"T={size['seq_len']} float32, torch threads={torch.get_num_threads()}, median of {size['repeats']}",
-          flush=True)
+    print(
+        f"[models] d_model={cfg.d_model} d_head={cfg.d_head} n_layers={size['n_layers']} batch={size['batch']} "
+        f"T={size['seq_len']} float32, torch threads={torch.get_num_threads()}, median of {size['repeats']}",
+        flush=True,
+    )
 
     results = []
     cached, forward, plain_ratio = _cache_ratios(disentangled, plain, tokens, size)
-    results.append(_report("run_with_cache vs forward (disentangled, default allocator)", cached, forward,
-                           "run_with_cache", "forward"))
+    results.append(
+        _report(
+            "run_with_cache vs forward (disentangled, default allocator)", cached, forward, "run_with_cache", "forward"
+        )
+    )
     # Reference (no target): TransformerLens' own caching overhead on the plain model of equal size.
-    print(f"(reference) run_with_cache vs forward (plain HookedTransformer, default allocator): {plain_ratio:.2f}x",
-          flush=True)
+    print(
+        f"(reference) run_with_cache vs forward (plain HookedTransformer, default allocator): {plain_ratio:.2f}x",
+        flush=True,
+    )
     kept = _cache_ratios_keeping_freed_memory(quick)
     if kept is None:
         print("(glibc not found: the allocator comparison is skipped)", flush=True)
     else:
         cached, forward, plain_ratio = kept
-        results.append(_report(f"run_with_cache vs forward (disentangled, GLIBC_TUNABLES={KEEP_FREED_MEMORY})",
-                               cached, forward, "run_with_cache", "forward"))
-        print(f"(reference) run_with_cache vs forward (plain HookedTransformer, same setting): {plain_ratio:.2f}x",
-              flush=True)
+        results.append(
+            _report(
+                f"run_with_cache vs forward (disentangled, GLIBC_TUNABLES={KEEP_FREED_MEMORY})",
+                cached,
+                forward,
+                "run_with_cache",
+                "forward",
+            )
+        )
+        print(
+            f"(reference) run_with_cache vs forward (plain HookedTransformer, same setting): {plain_ratio:.2f}x",
+            flush=True,
+        )
     with torch.no_grad():
         ours, theirs = _time_pair(lambda: disentangled(tokens), lambda: plain(tokens), size["repeats"], size["warmup"])
-    results.append(_report("DisentangledTransformer vs plain HookedTransformer", ours, theirs,
-                           "disentangled", "plain"))
+    results.append(_report("DisentangledTransformer vs plain HookedTransformer", ours, theirs, "disentangled", "plain"))
     return results
 
 

@@ -63,9 +63,21 @@ def bare_loop(model: torch.nn.Module, task: MTDTask, steps: int, batch: int, seq
 def module_loop(model: torch.nn.Module, task: MTDTask, steps: int, batch: int, seq_len: int) -> float:
     """``mdlens.training.train`` with the same recipe; returns its own ``wall_clock_s``."""
     config = TrainConfig(
-        steps=steps, batch_size=batch, seq_len=seq_len, lr=LR, lr_schedule="constant", grad_clip=1.0,
-        loss="mse", targets="all", eval_every=0, eval_batch_size=16, eval_bayes=False, seed=SEED,
-        device="cpu", progress=True, log_every=10,
+        steps=steps,
+        batch_size=batch,
+        seq_len=seq_len,
+        lr=LR,
+        lr_schedule="constant",
+        grad_clip=1.0,
+        loss="mse",
+        targets="all",
+        eval_every=0,
+        eval_batch_size=16,
+        eval_bayes=False,
+        seed=SEED,
+        device="cpu",
+        progress=True,
+        log_every=10,
     )
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs; its output is dropped
         return train(model, task, config).wall_clock_s
@@ -93,16 +105,23 @@ def _measure(sizes: dict) -> dict:
         bare_model, module_model = fresh_model(), fresh_model()
         bare_times.append(bare_loop(bare_model, *args))
         module_times.append(module_loop(module_model, *args))
-    max_diff = max((a.double() - b.double()).abs().max().item() for a, b in
-                   zip(bare_model.state_dict().values(), module_model.state_dict().values()) if a.numel())
+    max_diff = max(
+        (a.double() - b.double()).abs().max().item()
+        for a, b in zip(bare_model.state_dict().values(), module_model.state_dict().values(), strict=True)
+        if a.numel()
+    )
 
     bare, module = statistics.median(bare_times), statistics.median(module_times)
     ratio = module / bare
     steps = sizes["steps"]
-    print(f"disentangled {sizes['layers']}-layer, batch {sizes['batch']} x T={sizes['seq_len']}, {steps} steps, "
-          f"{sizes['repeats']} alternating repeats, torch threads {torch.get_num_threads()}")
+    print(
+        f"disentangled {sizes['layers']}-layer, batch {sizes['batch']} x T={sizes['seq_len']}, {steps} steps, "
+        f"{sizes['repeats']} alternating repeats, torch threads {torch.get_num_threads()}"
+    )
     print(f"  bare PyTorch loop   : {steps / bare:8.2f} steps/s  (runs: {', '.join(f'{t:.2f}' for t in bare_times)} s)")
-    print(f"  mdlens.training     : {steps / module:8.2f} steps/s  (runs: {', '.join(f'{t:.2f}' for t in module_times)} s)")
+    print(
+        f"  mdlens.training     : {steps / module:8.2f} steps/s  (runs: {', '.join(f'{t:.2f}' for t in module_times)} s)"
+    )
     print(f"  ratio train/bare    : {ratio:.3f}  (target <= 1.2)  {'OK' if ratio <= 1.2 else 'ABOVE TARGET'}")
     print(f"  same weights at the end: max |difference| = {max_diff:.3g}")
     return {"bare_s": bare_times, "train_s": module_times, "ratio": ratio, "max_weight_diff": max_diff}

@@ -47,10 +47,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mdlens.analyses import plotting
-from mdlens.analyses.estimators import TASK, sample_batches
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.analyses import plotting
+from mdlens.analyses.estimators import TASK, sample_batches
 
 FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 256, "n_eval": 1024, "adam_steps": 150}
 QUICK = {"lengths": [8, 24], "n_tune": 64, "n_eval": 64, "adam_steps": 40}
@@ -68,8 +68,14 @@ VARIANT_STYLE = {
 
 
 def two_step_weights(
-    tokens: Int[Tensor, "batch T"], transition: Float[Tensor, "q q"], order: int, variant: str,
-    a: Tensor | float, b: Tensor | float, c: Tensor | float, d: Tensor | float = 0.0,
+    tokens: Int[Tensor, "batch T"],
+    transition: Float[Tensor, "q q"],
+    order: int,
+    variant: str,
+    a: Tensor | float,
+    b: Tensor | float,
+    c: Tensor | float,
+    d: Tensor | float = 0.0,
 ) -> Float[Tensor, "batch m"]:
     """``lambda2`` of one variant (see the module docstring), ``[batch, m]``; differentiable in the scales."""
     if variant not in VARIANTS:
@@ -96,8 +102,15 @@ def two_step_weights(
     return torch.softmax(b * final_mean + c * second_term, dim=-1)
 
 
-def fit_scales(tokens: Tensor, transition: Tensor, order: int, target: Tensor, variant: str,
-               starts: list[tuple[float, ...]], adam_steps: int) -> tuple[list[float], float]:
+def fit_scales(
+    tokens: Tensor,
+    transition: Tensor,
+    order: int,
+    target: Tensor,
+    variant: str,
+    starts: list[tuple[float, ...]],
+    adam_steps: int,
+) -> tuple[list[float], float]:
     """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL."""
     best_scales, best_kl = None, float("inf")
     for start in starts:
@@ -130,8 +143,11 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
     # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).
     context = seq_len - m
     eta1, eta2 = row["eta"]["md1_tuned"], row["eta"]["md2_tuned"]
-    starts = [(eta1 * m * context, eta1 * m * context, 0.0, 0.0),
-              (eta2 * m * context, eta2 * m * context, eta2 * context, 0.0), *STARTS]
+    starts = [
+        (eta1 * m * context, eta1 * m * context, 0.0, 0.0),
+        (eta2 * m * context, eta2 * m * context, eta2 * context, 0.0),
+        *STARTS,
+    ]
     for variant in VARIANTS:
         scales, _ = fit_scales(tune.tokens, pi, m, tune.next_probs, variant, starts, sizes["adam_steps"])
         row["scales"][variant] = scales
@@ -169,8 +185,11 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     task = MTDTask(**TASK)
     results = [evaluate_length(task, seq_len, sizes) for seq_len in tqdm(sizes["lengths"], desc="lengths")]
-    report = {"config": {"task": TASK, **sizes, "starts": STARTS, "adam_lr": ADAM_LR}, "results": results,
-              "wall_clock_s": time.perf_counter() - start}
+    report = {
+        "config": {"task": TASK, **sizes, "starts": STARTS, "adam_lr": ADAM_LR},
+        "results": results,
+        "wall_clock_s": time.perf_counter() - start,
+    }
     json_path = out_dir / "two_step.json"
     json_path.write_text(json.dumps(report, indent=1))
     png_path = plot_ratios(results, out_dir / "two_step.png")

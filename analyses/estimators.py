@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mdlens.analyses import plotting
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.analyses import plotting
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {
@@ -209,9 +209,13 @@ def plot_kl(results: list[dict], path: Path) -> Path:
             errors = [r["kl"][name]["se"] for r in results]
             style = plotting.method_style(name)
             ax.errorbar(lengths, means, yerr=errors, label=label, capsize=2, markersize=4, **style)
-        plotting.log_log(ax, "sequence length $T$", "mean KL(true || estimate) of $y_{T+1}$",
-                         "Estimators of $\\lambda$ vs context length (oracle: KL = 0, not drawn)",
-                         xticks=lengths)
+        plotting.log_log(
+            ax,
+            "sequence length $T$",
+            "mean KL(true || estimate) of $y_{T+1}$",
+            "Estimators of $\\lambda$ vs context length (oracle: KL = 0, not drawn)",
+            xticks=lengths,
+        )
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
@@ -222,17 +226,36 @@ def plot_eta(results: list[dict], fit: dict, order: int, path: Path) -> Path:
     with plotting.style():
         fig, (ax,) = plotting.new_figure(width=8.0, height=4.3)
         for name, steps in TUNED_STEPS.items():
-            ax.plot(lengths, [r["eta"][name] for r in results], label=f"tuned, {steps}-step MD",
-                    **plotting.method_style(name))
+            ax.plot(
+                lengths,
+                [r["eta"][name] for r in results],
+                label=f"tuned, {steps}-step MD",
+                **plotting.method_style(name),
+            )
         power, context = fit["power_law"], fit["inverse_context"]
-        ax.plot(grid, power["c"] * grid ** (-power["p"]), color="black", linewidth=1,
-                label=f"fit 1-step: ${power['c']:.3g}\\,T^{{-{power['p']:.2f}}}$")
-        ax.plot(grid, context["c"] / (grid - order), color="black", linewidth=1, linestyle="--",
-                label=f"fit 1-step: ${context['c']:.3g}/(T-m)$")
+        ax.plot(
+            grid,
+            power["c"] * grid ** (-power["p"]),
+            color="black",
+            linewidth=1,
+            label=f"fit 1-step: ${power['c']:.3g}\\,T^{{-{power['p']:.2f}}}$",
+        )
+        ax.plot(
+            grid,
+            context["c"] / (grid - order),
+            color="black",
+            linewidth=1,
+            linestyle="--",
+            label=f"fit 1-step: ${context['c']:.3g}/(T-m)$",
+        )
         ax.axhline(1.0 / (order + 1), color="tab:cyan", linestyle=":", label="$1/(m+1)$")
-        plotting.log_log(ax, "sequence length $T$", "tuned step size $\\eta^*$",
-                         "Tuned MD step vs length (Theorem 2: $\\eta = \\Theta(1/T)$)",
-                         xticks=[int(t) for t in lengths])
+        plotting.log_log(
+            ax,
+            "sequence length $T$",
+            "tuned step size $\\eta^*$",
+            "Tuned MD step vs length (Theorem 2: $\\eta = \\Theta(1/T)$)",
+            xticks=[int(t) for t in lengths],
+        )
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
@@ -244,11 +267,17 @@ def plot_ratio(results: list[dict], path: Path) -> Path:
         for name, label in METHOD_LABELS.items():
             if name in ("oracle", "bayes_exact"):
                 continue
-            ax.plot(lengths, [r["kl_ratio_to_bayes"][name] for r in results], label=label,
-                    **plotting.method_style(name))
+            ax.plot(
+                lengths, [r["kl_ratio_to_bayes"][name] for r in results], label=label, **plotting.method_style(name)
+            )
         ax.axhline(1.0, color="tab:green", linewidth=1)
-        plotting.log_log(ax, "sequence length $T$", "mean KL / mean KL of exact Bayes",
-                         "KL relative to the Bayes-optimal estimate (1 = Bayes)", xticks=lengths)
+        plotting.log_log(
+            ax,
+            "sequence length $T$",
+            "mean KL / mean KL of exact Bayes",
+            "KL relative to the Bayes-optimal estimate (1 = Bayes)",
+            xticks=lengths,
+        )
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
@@ -256,8 +285,10 @@ def plot_ratio(results: list[dict], path: Path) -> Path:
 def summary_lines(report: dict) -> list[str]:
     """A short text table: KL per length for the main methods, and the step-size fit."""
     shown = ["uniform", "md1_fixed", "md1_tuned", "md2_tuned", "md5_tuned", "mle", "bayes_exact", "bayes_gibbs"]
-    lines = ["mean KL(true || estimate), evaluation batch (eta tuned on a separate batch):",
-             "    T  " + " ".join(f"{name:>11}" for name in shown) + "   eta*_1step"]
+    lines = [
+        "mean KL(true || estimate), evaluation batch (eta tuned on a separate batch):",
+        "    T  " + " ".join(f"{name:>11}" for name in shown) + "   eta*_1step",
+    ]
     for r in report["results"]:
         row = " ".join(f"{r['kl'][name]['mean']:11.3e}" for name in shown)
         lines.append(f"{r['seq_len']:5d}  {row}   {r['eta']['md1_tuned']:.4g}")
@@ -282,16 +313,19 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
     results = [evaluate_length(task, seq_len, sizes) for seq_len in sizes["lengths"]]
     eta_fit = {
-        name: fit_step_sizes(sizes["lengths"], [r["eta"][name] for r in results], task.order)
-        for name in TUNED_STEPS
+        name: fit_step_sizes(sizes["lengths"], [r["eta"][name] for r in results], task.order) for name in TUNED_STEPS
     }
     report = {
         "config": {
             "task": TASK,
             "quick": quick,
             **sizes,
-            "coarse_eta_grid": {"low": COARSE_ETAS[0], "high": COARSE_ETAS[1], "points": COARSE_ETAS[2],
-                                "plus": "1/(m+1)"},
+            "coarse_eta_grid": {
+                "low": COARSE_ETAS[0],
+                "high": COARSE_ETAS[1],
+                "points": COARSE_ETAS[2],
+                "plus": "1/(m+1)",
+            },
             "fine_eta_points": FINE_POINTS,
             "batch_seeds": {str(t): batch_seeds(t) for t in sizes["lengths"]},
             "protocol": (
@@ -315,9 +349,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     json_path = out_dir / "estimators.json"
     report["timings"] = {
         "total_seconds": time.perf_counter() - start,
-        "per_method_seconds": {
-            name: sum(r["seconds"][name] for r in results) for name in results[0]["seconds"]
-        },
+        "per_method_seconds": {name: sum(r["seconds"][name] for r in results) for name in results[0]["seconds"]},
     }
     report["files"] = [str(json_path), *map(str, files)]
     report["summary"] = summary_lines(report)

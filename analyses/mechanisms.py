@@ -44,16 +44,46 @@ from mdlens.models import DisentangledTransformer
 from mdlens.pretrained import load_all_pretrained
 
 FULL = {
-    "seq_len": 192, "n_probe": 512, "n_tune": 512, "n_attention": 256, "n_sensitivity": 32,
-    "n_patch": 256, "n_heatmap": 16, "heatmap_len": 32, "n_implicit": 512,
+    "seq_len": 192,
+    "n_probe": 512,
+    "n_tune": 512,
+    "n_attention": 256,
+    "n_sensitivity": 32,
+    "n_patch": 256,
+    "n_heatmap": 16,
+    "heatmap_len": 32,
+    "n_implicit": 512,
     "lengths": [8, 16, 32, 64, 128, 192],
 }
 QUICK = {
-    "seq_len": 48, "n_probe": 64, "n_tune": 128, "n_attention": 32, "n_sensitivity": 8,
-    "n_patch": 32, "n_heatmap": 4, "heatmap_len": 12, "n_implicit": 64, "lengths": [8, 48],
+    "seq_len": 48,
+    "n_probe": 64,
+    "n_tune": 128,
+    "n_attention": 32,
+    "n_sensitivity": 8,
+    "n_patch": 32,
+    "n_heatmap": 4,
+    "heatmap_len": 12,
+    "n_implicit": 64,
+    "lengths": [8, 48],
 }
-SEEDS = {"tune": 11, "probe": 12, "patch_a": 13, "patch_b": 14, "heatmap_clean": 15, "heatmap_corrupt": 16, "implicit": 17}
-PROBE_TARGETS = ("responsibility", "mean_responsibility", "md_weights", "log_md_weights", "md2_weights", "bayes_weights")
+SEEDS = {
+    "tune": 11,
+    "probe": 12,
+    "patch_a": 13,
+    "patch_b": 14,
+    "heatmap_clean": 15,
+    "heatmap_corrupt": 16,
+    "implicit": 17,
+}
+PROBE_TARGETS = (
+    "responsibility",
+    "mean_responsibility",
+    "md_weights",
+    "log_md_weights",
+    "md2_weights",
+    "bayes_weights",
+)
 CONSTRUCTION = "construction"
 
 
@@ -108,7 +138,8 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
     if blocks:
         result["probe_named_blocks"] = {
             row.partition(":")[2]: {t: report.r2[t][i] for t in report.targets}
-            for i, row in enumerate(report.rows) if ":" in row
+            for i, row in enumerate(report.rows)
+            if ":" in row
         }
 
     # Attention against the construction with the model's own step; layer 1 against the responsibilities.
@@ -195,8 +226,10 @@ def prepare_data(task, sizes: dict) -> dict:
     for length in sizes["lengths"]:
         length_tune = _sample(task, sizes["n_tune"], length, SEEDS["tune"] + 1000 * length)
         sample = _sample(task, sizes["n_implicit"], length, SEEDS["implicit"] + 1000 * length)
-        etas = {steps: E.tune_eta_refined(length_tune.tokens, pi, m, length_tune.next_probs, steps=steps)["eta"]
-                for steps in (1, 2)}
+        etas = {
+            steps: E.tune_eta_refined(length_tune.tokens, pi, m, length_tune.next_probs, steps=steps)["eta"]
+            for steps in (1, 2)
+        }
         references = {
             "md1_tuned": E.md_weights(sample.tokens, pi, m, etas[1]),
             "md2_tuned": E.md_weights(sample.tokens, pi, m, etas[2], steps=2),
@@ -211,16 +244,25 @@ def prepare_data(task, sizes: dict) -> dict:
 # Figures
 # ----------------------------------------------------------------------------------------------
 
-MODEL_COLOURS = {CONSTRUCTION: "tab:green", "disentangled-3l": "tab:purple", "disentangled-5l": "tab:pink",
-                 "standard-3l": "black"}
+MODEL_COLOURS = {
+    CONSTRUCTION: "tab:green",
+    "disentangled-3l": "tab:purple",
+    "disentangled-5l": "tab:pink",
+    "standard-3l": "black",
+}
 
 
 def plot_probes(results: dict, path: Path) -> Path:
     """R^2 per reading point, one row per model, one column per target, controls dashed."""
     names = list(results)
     with plotting.style():
-        fig, axes = plotting.plt.subplots(len(names), len(PROBE_TARGETS), figsize=(2.6 * len(PROBE_TARGETS), 2.3 * len(names)),
-                                          squeeze=False, sharey=True)
+        fig, axes = plotting.plt.subplots(
+            len(names),
+            len(PROBE_TARGETS),
+            figsize=(2.6 * len(PROBE_TARGETS), 2.3 * len(names)),
+            squeeze=False,
+            sharey=True,
+        )
         for row, name in enumerate(names):
             r = results[name]
             x = list(range(len(r["probe_rows"])))
@@ -228,7 +270,9 @@ def plot_probes(results: dict, path: Path) -> Path:
             for col, target in enumerate(PROBE_TARGETS):
                 ax = axes[row][col]
                 ax.plot(x, r["probe_r2"][target], "o-", color=MODEL_COLOURS.get(name, "tab:blue"), label="model")
-                ax.plot(x, r["probe_random_model_r2"][target], "s--", color="0.55", markersize=3, label="random-init model")
+                ax.plot(
+                    x, r["probe_random_model_r2"][target], "s--", color="0.55", markersize=3, label="random-init model"
+                )
                 ax.plot(x, r["probe_control_r2"][target], "x:", color="tab:red", markersize=4, label="control target")
                 ax.set_xticks(x, labels, fontsize=7)
                 ax.set_ylim(-0.15, 1.05)
@@ -249,10 +293,16 @@ def plot_attention(results: dict, path: Path) -> Path:
         for name in names:
             tvs = results[name]["pattern_tv"]
             left.plot(range(1, len(tvs) + 1), tvs, "o-", color=MODEL_COLOURS.get(name), label=name)
-            for head, tv in zip(results[name]["attention"]["heads"], tvs):  # which model layer was matched
+            for head, tv in zip(results[name]["attention"]["heads"], tvs, strict=True):  # which model layer was matched
                 if head["model_layer"] != head["reference_layer"]:
-                    left.annotate(f"L{head['model_layer'] + 1}", (head["reference_layer"] + 1, tv), fontsize=7,
-                                  xytext=(4, 4), textcoords="offset points", color=MODEL_COLOURS.get(name))
+                    left.annotate(
+                        f"L{head['model_layer'] + 1}",
+                        (head["reference_layer"] + 1, tv),
+                        fontsize=7,
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        color=MODEL_COLOURS.get(name),
+                    )
         left.set_xticks(range(1, len(tvs) + 1))
         left.set_xlabel("construction layer (model layer matched in order, named where it differs)")
         left.set_ylabel("mean TV(model pattern, construction pattern)")
@@ -262,7 +312,9 @@ def plot_attention(results: dict, path: Path) -> Path:
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             mass = results[name]["layer1_offset_mass"][0]  # head 0, offsets 0..m
-            right.bar([o + i * width for o in range(len(mass))], mass, width=width, color=MODEL_COLOURS.get(name), label=name)
+            right.bar(
+                [o + i * width for o in range(len(mass))], mass, width=width, color=MODEL_COLOURS.get(name), label=name
+            )
         right.set_xticks([o + 0.4 for o in range(len(mass))], ["0 (self)"] + [str(o) for o in range(1, len(mass))])
         right.set_xlabel("offset i - j")
         right.set_ylabel("mean layer-1 attention mass")
@@ -278,16 +330,25 @@ def plot_learned_transition(results: dict, transition: torch.Tensor, path: Path)
     with plotting.style():
         fig, axes = plotting.new_figure(ncols=1 + len(learned) + len(with_scores), width=2.9, height=3.0)
         panels = [(axes[0], "true $\\pi$ (row = parent a)", transition, "viridis", (0, 1))]
-        panels += [(ax, f"{name}: learned $\\pi$\nKL {results[name]['learned_transition_kl']:.3g}",
-                    torch.as_tensor(results[name]["learned_transition"]), "viridis", (0, 1))
-                   for ax, name in zip(axes[1:], learned)]
-        for ax, name in zip(axes[1 + len(learned):], with_scores):
+        panels += [
+            (
+                ax,
+                f"{name}: learned $\\pi$\nKL {results[name]['learned_transition_kl']:.3g}",
+                torch.as_tensor(results[name]["learned_transition"]),
+                "viridis",
+                (0, 1),
+            )
+            for ax, name in zip(axes[1:], learned, strict=False)
+        ]  # the score panels follow
+        for ax, name in zip(axes[1 + len(learned) :], with_scores, strict=True):
             scores = torch.as_tensor(results[name]["token_score_block"])
             scores = scores - scores.mean(dim=1, keepdim=True)
             corr = results[name]["score_block_correlation"]
             limit = float(scores.abs().max())
-            title = (f"{name}: layer-1 scores\ncorr $(\\log\\pi)^T$ {corr['log_transition_T']:+.2f}, "
-                     f"$-\\pi^T$ {corr['neg_transition_T']:+.2f}")
+            title = (
+                f"{name}: layer-1 scores\ncorr $(\\log\\pi)^T$ {corr['log_transition_T']:+.2f}, "
+                f"$-\\pi^T$ {corr['neg_transition_T']:+.2f}"
+            )
             panels.append((ax, title, scores, "RdBu_r", (-limit, limit)))
         for ax, title, matrix, cmap, (low, high) in panels:
             image = ax.imshow(torch.as_tensor(matrix).numpy(), vmin=low, vmax=high, cmap=cmap)
@@ -295,7 +356,7 @@ def plot_learned_transition(results: dict, transition: torch.Tensor, path: Path)
             ax.grid(False)
             fig.colorbar(image, ax=ax, fraction=0.046)
         axes[0].set_xlabel("next token b")
-        for ax in axes[1 + len(learned):]:
+        for ax in axes[1 + len(learned) :]:
             ax.set_xlabel("key token (parent)")
             ax.set_ylabel("query token (child)")
         missing = [name for name in with_scores if results[name].get("learned_transition_reason")]
@@ -310,13 +371,18 @@ def plot_implicit(results: dict, path: Path) -> Path:
     names = [n for n in results if n != CONSTRUCTION]
     with plotting.style():
         fig, axes = plotting.new_figure(ncols=len(names), width=3.6, height=3.2)
-        for ax, name in zip(axes, names):
+        for ax, name in zip(axes, names, strict=True):
             per_length = results[name]["implicit_weights"]
             lengths = sorted(per_length, key=int)
             for reference in references:
                 colour = "black" if reference == "true" else plotting.method_style(reference)["color"]
-                ax.plot([int(t) for t in lengths], [per_length[t][reference] for t in lengths], "o-",
-                        label=reference, color=colour)
+                ax.plot(
+                    [int(t) for t in lengths],
+                    [per_length[t][reference] for t in lengths],
+                    "o-",
+                    label=reference,
+                    color=colour,
+                )
             ax.set_xscale("log")
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("sequence length T")
@@ -337,7 +403,9 @@ def plot_attention_maps(models: dict, tokens: torch.Tensor, order: int, path: Pa
     n_cols = max(len(p) for p in patterns.values())
     labels = [f"{i + 1}" if i % 4 == 3 else "" for i in range(tokens.numel())]
     with plotting.style():
-        fig, axes = plotting.plt.subplots(len(patterns), n_cols, figsize=(2.2 * n_cols, 2.3 * len(patterns)), squeeze=False)
+        fig, axes = plotting.plt.subplots(
+            len(patterns), n_cols, figsize=(2.2 * n_cols, 2.3 * len(patterns)), squeeze=False
+        )
         for row, (name, layers) in enumerate(patterns.items()):
             for col in range(n_cols):
                 ax = axes[row][col]
@@ -363,7 +431,7 @@ def plot_heatmaps(results: dict, path: Path) -> Path:
     names = list(results)
     with plotting.style():
         fig, axes = plotting.plt.subplots(len(names), 1, figsize=(7.5, 1.3 + 1.1 * len(names)), squeeze=False)
-        for ax, name in zip(axes[:, 0], names):
+        for ax, name in zip(axes[:, 0], names, strict=True):
             heatmap = torch.as_tensor(results[name]["patching_heatmap"]).numpy()
             image = ax.imshow(heatmap, aspect="auto", cmap="magma")
             ax.set_ylabel(f"{name}\nlayer", fontsize=7)
@@ -389,27 +457,43 @@ def summary_lines(report: dict) -> list[str]:
     for name, r in report["models"].items():
         lines.append(f"== {name} (own eta {r['eta']:.4g}, beta {r['beta']:.3g})")
         for target in ("responsibility", "mean_responsibility", "log_md_weights", "md2_weights"):
-            cells = ", ".join(f"{_fmt(a, 2)}({_fmt(c, 2)})" for a, c in zip(r["probe_r2"][target], r["probe_control_r2"][target]))
+            cells = ", ".join(
+                f"{_fmt(a, 2)}({_fmt(c, 2)})"
+                for a, c in zip(r["probe_r2"][target], r["probe_control_r2"][target], strict=True)
+            )
             lines.append(f"   R^2 {target:<20} by layer emb..L{len(r['probe_rows']) - 1} (control target): {cells}")
         lines.append("   pattern TV to the construction per layer: " + ", ".join(_fmt(v) for v in r["pattern_tv"]))
         mass = torch.as_tensor(r["layer1_offset_mass"])[0]
-        lines.append(f"   layer 1: TV to responsibilities {_fmt(r['responsibility_tv'])}, mass on self {_fmt(float(mass[0]))}, "
-                     f"on offsets 1..m {_fmt(float(mass[1:].sum()))}")
+        lines.append(
+            f"   layer 1: TV to responsibilities {_fmt(r['responsibility_tv'])}, mass on self {_fmt(float(mass[0]))}, "
+            f"on offsets 1..m {_fmt(float(mass[1:].sum()))}"
+        )
         if r.get("score_block_correlation"):
             corr = r["score_block_correlation"]
-            lines.append("   layer-1 token scores (rows centred) corr with " + ", ".join(f"{k} {_fmt(v)}" for k, v in corr.items()))
-        lines.append(f"   learned transition KL {_fmt(r['learned_transition_kl'], 4)}"
-                     + (f" ({r['learned_transition_reason']})" if r["learned_transition_reason"] else ""))
-        lines.append(f"   sensitivity cosine to the construction {_fmt(r['sensitivity_cosine'])}; patching: "
-                     f"max |patched - counterfactual MD| {_fmt(r['patching_agreement'], 4)}, KL patched "
-                     f"{_fmt(r['patching'].get('kl_patched'), 4)} / unpatched {_fmt(r['patching'].get('kl_unpatched'), 4)}"
-                     f" / random subspace {_fmt(r['patching'].get('kl_random'), 4)}")
+            lines.append(
+                "   layer-1 token scores (rows centred) corr with "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in corr.items())
+            )
+        lines.append(
+            f"   learned transition KL {_fmt(r['learned_transition_kl'], 4)}"
+            + (f" ({r['learned_transition_reason']})" if r["learned_transition_reason"] else "")
+        )
+        lines.append(
+            f"   sensitivity cosine to the construction {_fmt(r['sensitivity_cosine'])}; patching: "
+            f"max |patched - counterfactual MD| {_fmt(r['patching_agreement'], 4)}, KL patched "
+            f"{_fmt(r['patching'].get('kl_patched'), 4)} / unpatched {_fmt(r['patching'].get('kl_unpatched'), 4)}"
+            f" / random subspace {_fmt(r['patching'].get('kl_random'), 4)}"
+        )
         implicit = r["implicit_weights"]
         for length in sorted(implicit, key=int):
             d = implicit[length]
-            lines.append(f"   implicit lambda at T={length}: L1 to " + ", ".join(f"{k} {_fmt(v)}" for k, v in d.items()))
-        lines.append("   last-position score corr with -<lambda1, gamma_k>, per layer: "
-                     + ", ".join(_fmt(heads[0]) for heads in r["two_step_score_correlation"]))
+            lines.append(
+                f"   implicit lambda at T={length}: L1 to " + ", ".join(f"{k} {_fmt(v)}" for k, v in d.items())
+            )
+        lines.append(
+            "   last-position score corr with -<lambda1, gamma_k>, per layer: "
+            + ", ".join(_fmt(heads[0]) for heads in r["two_step_score_correlation"])
+        )
     lines.append(f"total time {report['timings']['total_seconds']:.1f} s")
     return lines
 
@@ -433,14 +517,21 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         timings[name] = time.perf_counter() - model_start
 
     report = {
-        "config": {"task": {"vocab_size": task.vocab_size, "order": m, "alpha": task.alpha, "seed": task.seed},
-                   "quick": quick, **sizes, "seeds": SEEDS, "eta_md1": data["eta_md1"], "eta_md2": data["eta_md2"],
-                   "protocol": (
-                       "probes: held-out R^2 (20% of sequences held out, ridge by 5-fold grouped CV) at positions "
-                       "t > m; index 0 = hook_embed, then blocks.{l}.hook_resid_post. md_weights / log_md_weights "
-                       "use each model's own step (eta whose one-step MD is closest to its predictions), "
-                       "md2_weights tuned two-step MD's. Attention is compared with the construction built with the "
-                       "model's own step. Implicit weights: mean L1 after merging lags that point at the same token.")},
+        "config": {
+            "task": {"vocab_size": task.vocab_size, "order": m, "alpha": task.alpha, "seed": task.seed},
+            "quick": quick,
+            **sizes,
+            "seeds": SEEDS,
+            "eta_md1": data["eta_md1"],
+            "eta_md2": data["eta_md2"],
+            "protocol": (
+                "probes: held-out R^2 (20% of sequences held out, ridge by 5-fold grouped CV) at positions "
+                "t > m; index 0 = hook_embed, then blocks.{l}.hook_resid_post. md_weights / log_md_weights "
+                "use each model's own step (eta whose one-step MD is closest to its predictions), "
+                "md2_weights tuned two-step MD's. Attention is compared with the construction built with the "
+                "model's own step. Implicit weights: mean L1 after merging lags that point at the same token."
+            ),
+        },
         "models": results,
         "timings": {**timings},
     }
@@ -455,8 +546,9 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     # CircuitsVis head views (offline HTML): each trained model beside the construction, same sequence.
     view_sample = data["heatmap_clean"]
     for name, model in models.items():
-        view = hooks.compare_attention_view(model, construction, view_sample.tokens, lags=view_sample.lags,
-                                            names=(name, CONSTRUCTION))
+        view = hooks.compare_attention_view(
+            model, construction, view_sample.tokens, lags=view_sample.lags, names=(name, CONSTRUCTION)
+        )
         files.append(view.save(out_dir / f"heads_{name}_vs_construction.html"))
     json_path = out_dir / "mechanisms.json"
     report["timings"]["total_seconds"] = time.perf_counter() - start

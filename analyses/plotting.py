@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 STYLE = {
     "figure.dpi": 110,
@@ -59,8 +59,7 @@ def method_style(name: str) -> dict:
     return dict(METHOD_STYLE.get(name, {"marker": "o", "linestyle": "-"}))
 
 
-def log_log(ax: Axes, xlabel: str, ylabel: str, title: str | None = None,
-            xticks: list[float] | None = None) -> None:
+def log_log(ax: Axes, xlabel: str, ylabel: str, title: str | None = None, xticks: list[float] | None = None) -> None:
     """Log scales on both axes with labels; ``xticks`` (e.g. the sequence lengths) are written
     as plain numbers, which read better than powers of ten."""
     ax.set_xscale("log")

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import mdlens
-from mdlens.analyses import plotting
-from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.analyses import plotting
+from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches
 from mdlens.pretrained import load_all_pretrained
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
@@ -105,8 +105,10 @@ def evaluate_length(models: dict, task: MTDTask, seq_len: int, sizes: dict) -> d
     pi, m = task.transition, task.order
     tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
     tokens, truth = evaluation.tokens, evaluation.next_probs
-    etas = {name: E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
-            for name, steps in TUNED_STEPS.items()}
+    etas = {
+        name: E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
+        for name, steps in TUNED_STEPS.items()
+    }
     weights = {
         "uniform": torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),
         **{name: E.md_weights(tokens, pi, m, etas[name], steps=steps) for name, steps in TUNED_STEPS.items()},
@@ -135,17 +137,26 @@ def check_criteria(results: list[dict]) -> dict:
             if r["kl"].get(name) is None:
                 continue
             ratio = r["ratio_to"][name][reference]
-            rows.append({"seq_len": r["seq_len"], **ratio, "ok": ratio["ratio"] is not None and ratio["ratio"] <= bound})
+            rows.append(
+                {"seq_len": r["seq_len"], **ratio, "ok": ratio["ratio"] is not None and ratio["ratio"] <= bound}
+            )
         if rows:
-            checks[name] = {"reference": reference, "bound": bound, "per_length": rows,
-                            "all_ok": all(row["ok"] for row in rows)}
+            checks[name] = {
+                "reference": reference,
+                "bound": bound,
+                "per_length": rows,
+                "all_ok": all(row["ok"] for row in rows),
+            }
     return checks
 
 
 def model_label(results: list[dict], name: str) -> str:
     """Legend label of a trained model; names the lengths its curve skips because some KL was inf."""
-    infinite = [f"T={r['seq_len']} ({r['kl'][name]['n_infinite']} seq)" for r in results
-                if r["kl"].get(name) and r["kl"][name]["mean"] is None]
+    infinite = [
+        f"T={r['seq_len']} ({r['kl'][name]['n_infinite']} seq)"
+        for r in results
+        if r["kl"].get(name) and r["kl"][name]["mean"] is None
+    ]
     return f"trained {name}" + (f"\nKL = inf, not drawn: {', '.join(infinite)}" if infinite else "")
 
 
@@ -158,14 +169,27 @@ def plot_kl(results: list[dict], model_names: list[str], path: Path) -> Path:
             ax.plot(lengths, means, label=label, markersize=4, **plotting.method_style(name))
         for name in model_names:
             # Draw only finite means; a length where some sequence got KL = inf is left out (see JSON).
-            points = [(r["seq_len"], r["kl"][name]["mean"]) for r in results
-                      if r["kl"].get(name) and r["kl"][name]["mean"] is not None]
+            points = [
+                (r["seq_len"], r["kl"][name]["mean"])
+                for r in results
+                if r["kl"].get(name) and r["kl"][name]["mean"] is not None
+            ]
             if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, label=model_label(results, name), markersize=5,
-                        **MODEL_STYLE.get(name, {"marker": "o", "linestyle": "-"}))
-        plotting.log_log(ax, "sequence length $T$", "mean KL(true || prediction) of $y_{T+1}$",
-                         "Trained transformers vs mirror descent and Bayes", xticks=lengths)
+                xs, ys = zip(*points, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    label=model_label(results, name),
+                    markersize=5,
+                    **MODEL_STYLE.get(name, {"marker": "o", "linestyle": "-"}),
+                )
+        plotting.log_log(
+            ax,
+            "sequence length $T$",
+            "mean KL(true || prediction) of $y_{T+1}$",
+            "Trained transformers vs mirror descent and Bayes",
+            xticks=lengths,
+        )
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
@@ -175,17 +199,25 @@ def plot_ratio(results: list[dict], model_names: list[str], path: Path) -> Path:
     with plotting.style():
         fig, (ax,) = plotting.new_figure(width=8.5, height=4.3)
         for name in ["md2_tuned", "bayes_exact", *model_names]:
-            points = [(r["seq_len"], r["kl"][name]["mean"] / r["kl"]["md1_tuned"]["mean"]) for r in results
-                      if r["kl"].get(name) and r["kl"][name]["mean"] is not None]
+            points = [
+                (r["seq_len"], r["kl"][name]["mean"] / r["kl"]["md1_tuned"]["mean"])
+                for r in results
+                if r["kl"].get(name) and r["kl"][name]["mean"] is not None
+            ]
             if not points:
                 continue
             style = MODEL_STYLE.get(name) or plotting.method_style(name)
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, label=REFERENCES.get(name) or model_label(results, name), **style)
         ax.axhline(1.0, color="tab:blue", linewidth=1, label="1-step MD, best $\\eta$ (= 1)")
         ax.axhline(1.1, color="tab:blue", linewidth=0.8, linestyle=":", label="+10%")
-        plotting.log_log(ax, "sequence length $T$", "mean KL / mean KL of tuned 1-step MD",
-                         "KL relative to tuned one-step MD", xticks=lengths)
+        plotting.log_log(
+            ax,
+            "sequence length $T$",
+            "mean KL / mean KL of tuned 1-step MD",
+            "KL relative to tuned one-step MD",
+            xticks=lengths,
+        )
         plotting.legend_outside(ax)
         return plotting.save_figure(fig, path)
 
@@ -200,16 +232,24 @@ def summary_lines(report: dict) -> list[str]:
             return f"{'inf (' + str(entry['n_infinite']) + ')':>15}"
         return f"{entry['mean']:15.4e}"
 
-    lines = ["mean KL(true || prediction), fresh evaluation batch (MD steps tuned on a separate batch):",
-             "    T  " + " ".join(f"{name:>15}" for name in names)]
+    lines = [
+        "mean KL(true || prediction), fresh evaluation batch (MD steps tuned on a separate batch):",
+        "    T  " + " ".join(f"{name:>15}" for name in names),
+    ]
     for r in report["results"]:
         lines.append(f"{r['seq_len']:5d}  " + " ".join(cell(r["kl"].get(name)) for name in names))
     for name, check in report["criteria"].items():
-        ratios = ", ".join(f"T={row['seq_len']}: {row['ratio']:.3f}±{row['se']:.3f}" if row["ratio"] is not None
-                           else f"T={row['seq_len']}: inf ({row['n_infinite']} seq; others "
-                                f"{row['finite_ratio']:.3f}±{row['finite_se']:.3f})" for row in check["per_length"])
-        lines.append(f"{name} / {check['reference']} (bound {check['bound']}): {ratios} -> "
-                     f"{'OK' if check['all_ok'] else 'NOT MET'}")
+        ratios = ", ".join(
+            f"T={row['seq_len']}: {row['ratio']:.3f}±{row['se']:.3f}"
+            if row["ratio"] is not None
+            else f"T={row['seq_len']}: inf ({row['n_infinite']} seq; others "
+            f"{row['finite_ratio']:.3f}±{row['finite_se']:.3f})"
+            for row in check["per_length"]
+        )
+        lines.append(
+            f"{name} / {check['reference']} (bound {check['bound']}): {ratios} -> "
+            f"{'OK' if check['all_ok'] else 'NOT MET'}"
+        )
     lines.append(f"total time {report['timings']['total_seconds']:.1f} s")
     return lines
 
@@ -244,15 +284,23 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
                 "(a clipped probability output put zero mass on a possible token); n_infinite counts them."
             ),
         },
-        "models": {name: {"n_layers": model.cfg.n_layers, "n_ctx": model.cfg.n_ctx,
-                          "kind": getattr(model, "mdlens_kind", None)} for name, model in models.items()},
+        "models": {
+            name: {
+                "n_layers": model.cfg.n_layers,
+                "n_ctx": model.cfg.n_ctx,
+                "kind": getattr(model, "mdlens_kind", None),
+            }
+            for name, model in models.items()
+        },
         "references": REFERENCES,
         "results": results,
         "criteria": check_criteria(results),
         "timings": {},
     }
-    files = [plot_kl(results, names, out_dir / "trained_kl_vs_length.png"),
-             plot_ratio(results, names, out_dir / "trained_kl_ratio_to_md1.png")]
+    files = [
+        plot_kl(results, names, out_dir / "trained_kl_vs_length.png"),
+        plot_ratio(results, names, out_dir / "trained_kl_ratio_to_md1.png"),
+    ]
     json_path = out_dir / "trained.json"
     report["timings"] = {"total_seconds": time.perf_counter() - start}
     report["files"] = [str(json_path), *map(str, files)]

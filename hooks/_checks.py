@@ -43,7 +43,9 @@ def check_model_tokens(
     order = 0 if order is None else check_order(order)
     tokens = check_tokens(tokens, vocab_size, order)
     if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens have T={tokens.shape[1]} positions, longer than the model's context n_ctx={model.cfg.n_ctx}")
+        raise ValueError(
+            f"tokens have T={tokens.shape[1]} positions, longer than the model's context n_ctx={model.cfg.n_ctx}"
+        )
     return tokens.cpu()
 
 

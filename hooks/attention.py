@@ -111,8 +111,9 @@ class AttentionAgreement:
         }
 
     def table(self) -> str:
-        header = (f"{'reference':<12}{'model':<12}{'TV':>8}{'KL(ref||model)':>16}"
-                  f"{'support':>9}{'mass@0':>8}{'mass@1..m':>11}")
+        header = (
+            f"{'reference':<12}{'model':<12}{'TV':>8}{'KL(ref||model)':>16}{'support':>9}{'mass@0':>8}{'mass@1..m':>11}"
+        )
         lines = [header, "-" * len(header)]
         for h in self.heads:
             lines.append(
@@ -163,9 +164,7 @@ def _offset_band(
 ) -> Float[Tensor, "batch scored offset"]:
     """``band[b, t - m, i] = pattern[b, t, t - offsets[i]]`` for query rows ``t = m..T-1`` (0-based)."""
     # diagonal(offset=-o) holds the pairs (query o + j, key j); query t >= m is entry j >= m - o.
-    return torch.stack(
-        [pattern.diagonal(offset=-o, dim1=-2, dim2=-1)[..., order - o :] for o in offsets], dim=-1
-    )
+    return torch.stack([pattern.diagonal(offset=-o, dim1=-2, dim2=-1)[..., order - o :] for o in offsets], dim=-1)
 
 
 def _row_kl(reference: Tensor, model: Tensor) -> Tensor:
@@ -246,8 +245,11 @@ def _ordered_assignment(
         best[0][c] = float(cost[0, c])
     for r in range(1, n_rows):
         for c in range(n_cols):
-            options = [(best[r - 1][p], p) for p in range(n_cols)
-                       if col_layers[p] < col_layers[c] and row_layers[r - 1] < row_layers[r]]
+            options = [
+                (best[r - 1][p], p)
+                for p in range(n_cols)
+                if col_layers[p] < col_layers[c] and row_layers[r - 1] < row_layers[r]
+            ]
             if options:
                 value, previous = min(options)
                 if value < inf:
@@ -358,16 +360,27 @@ def attention_agreement(
         pairs = _min_cost_assignment(tv)
     heads = [
         HeadAgreement(
-            reference_layer=reference_units[r][0], reference_head=reference_units[r][1],
-            model_layer=model_units[u][0], model_head=model_units[u][1],
-            tv=float(tv[r, u]), kl=float(kl[r, u]), support_mass=float(support[r, u]),
-            self_mass=float(self_mass[u]), lag_mass=float(lag_mass[u]),
+            reference_layer=reference_units[r][0],
+            reference_head=reference_units[r][1],
+            model_layer=model_units[u][0],
+            model_head=model_units[u][1],
+            tv=float(tv[r, u]),
+            kl=float(kl[r, u]),
+            support_mass=float(support[r, u]),
+            self_mass=float(self_mass[u]),
+            lag_mass=float(lag_mass[u]),
         )
         for r, u in pairs
     ]
     return AttentionAgreement(
-        matching=matching, order=order, n_sequences=tokens.shape[0], seq_len=tokens.shape[1],
-        heads=heads, reference_units=reference_units, model_units=model_units, tv_matrix=tv,
+        matching=matching,
+        order=order,
+        n_sequences=tokens.shape[0],
+        seq_len=tokens.shape[1],
+        heads=heads,
+        reference_units=reference_units,
+        model_units=model_units,
+        tv_matrix=tv,
     )
 
 

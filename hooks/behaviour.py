@@ -31,8 +31,8 @@ from mdlens._validation import (
     check_transition,
     check_weights,
 )
-from mdlens.predict import output_to_probs, output_type_of, predict_next
 from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
+from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 # Default stopping rule of the implicit-weight solver: the certified gap to the minimum KL.
 IMPLICIT_TOL = 1e-13
@@ -68,7 +68,7 @@ def input_jacobian(
     for chunk in tokens.split(batch_size):
         delta = torch.zeros(*chunk.shape, model.cfg.d_model, dtype=model.cfg.dtype, device=device, requires_grad=True)
 
-        def shift_embedding(embed: Tensor, hook) -> Tensor:
+        def shift_embedding(embed: Tensor, hook, delta: Tensor = delta) -> Tensor:
             return embed + delta
 
         with torch.enable_grad():
@@ -275,6 +275,8 @@ def implicit_weights_distances(
         return merge_repeated_lags(weights, tokens, vocab_size) if merge_repeats else weights
 
     ours = comparable(implicit.weights)
-    distances = {name: float((ours - comparable(reference)).abs().sum(dim=-1).mean()) for name, reference in checked.items()}
+    distances = {
+        name: float((ours - comparable(reference)).abs().sum(dim=-1).mean()) for name, reference in checked.items()
+    }
     distances["residual_kl"] = float(implicit.residual_kl.mean())
     return distances

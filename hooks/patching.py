@@ -19,8 +19,8 @@ the same rank is the control.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -73,10 +73,16 @@ class PatchResult:
     def to_dict(self) -> dict:
         """JSON-ready scalars (a non-finite KL becomes None)."""
         scalars = {
-            "method": self.method, "hook_name": self.hook_name, "position": "last",
-            "subspace_rank": self.subspace_rank, "beta": self.beta, "n_pairs": self.patched.shape[0],
-            "kl_patched": self.kl_patched, "kl_unpatched": self.kl_unpatched,
-            "kl_random": self.kl_random, "max_abs_deviation": self.max_abs_deviation,
+            "method": self.method,
+            "hook_name": self.hook_name,
+            "position": "last",
+            "subspace_rank": self.subspace_rank,
+            "beta": self.beta,
+            "n_pairs": self.patched.shape[0],
+            "kl_patched": self.kl_patched,
+            "kl_unpatched": self.kl_unpatched,
+            "kl_random": self.kl_random,
+            "max_abs_deviation": self.max_abs_deviation,
             "max_abs_deviation_random": self.max_abs_deviation_random,
         }
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}
@@ -211,7 +217,9 @@ def patch_mean_responsibility(
     tokens_a = check_model_tokens(model, tokens_a, transition, order)
     tokens_b = check_model_tokens(model, tokens_b, transition, order)
     if tokens_a.shape != tokens_b.shape:
-        raise ValueError(f"tokens_a and tokens_b must have the same shape, got {tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}")
+        raise ValueError(
+            f"tokens_a and tokens_b must have the same shape, got {tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}"
+        )
     layout = getattr(model, "layout", None)
     has_named_block = layout is not None and MEAN_RESPONSIBILITY_BLOCK in layout
     if probe is None and not has_named_block:
@@ -233,8 +241,10 @@ def patch_mean_responsibility(
         if not isinstance(probe_hook, str):
             raise ValueError("probe.hook_name must name the hook the probe was fit on")
         if hook_name is not None and hook_name != probe_hook:
-            raise ValueError(f"hook_name={hook_name!r} differs from probe.hook_name={probe_hook!r}: a probe's "
-                             "subspace only means something at its own hook")
+            raise ValueError(
+                f"hook_name={hook_name!r} differs from probe.hook_name={probe_hook!r}: a probe's "
+                "subspace only means something at its own hook"
+            )
         hook_name = probe_hook
     elif hook_name is None:
         hook_name = CONSTRUCTION_HOOK
@@ -250,7 +260,9 @@ def patch_mean_responsibility(
         )
     activation_b = cache_b[hook_name]
     if activation_b.ndim != 3:
-        raise ValueError(f"the activation at {hook_name!r} must be [batch, pos, d], got shape {tuple(activation_b.shape)}")
+        raise ValueError(
+            f"the activation at {hook_name!r} must be [batch, pos, d], got shape {tuple(activation_b.shape)}"
+        )
     last_b = activation_b[:, -1].to(torch.float64).cpu()  # [B, d]
     width = last_b.shape[1]
 
@@ -263,8 +275,10 @@ def patch_mean_responsibility(
         method = "named_block"
         block = layout[MEAN_RESPONSIBILITY_BLOCK]
         if block.stop > width:
-            raise ValueError(f"block {MEAN_RESPONSIBILITY_BLOCK} [{block.start}, {block.stop}) does not fit "
-                             f"the activation of width {width} at {hook_name!r}")
+            raise ValueError(
+                f"block {MEAN_RESPONSIBILITY_BLOCK} [{block.start}, {block.stop}) does not fit "
+                f"the activation of width {width} at {hook_name!r}"
+            )
 
         def write_block(h: Tensor) -> Tensor:
             h = h.clone()
@@ -284,11 +298,19 @@ def patch_mean_responsibility(
         return float(E.kl_divergence(counterfactual, output).mean())
 
     return PatchResult(
-        method=method, hook_name=hook_name, subspace_rank=rank, beta=beta,
-        kl_patched=mean_kl(patched), kl_unpatched=mean_kl(unpatched), kl_random=mean_kl(random_patched),
+        method=method,
+        hook_name=hook_name,
+        subspace_rank=rank,
+        beta=beta,
+        kl_patched=mean_kl(patched),
+        kl_unpatched=mean_kl(unpatched),
+        kl_random=mean_kl(random_patched),
         max_abs_deviation=float((patched - counterfactual).abs().max()),
         max_abs_deviation_random=float((random_patched - counterfactual).abs().max()),
-        counterfactual=counterfactual, patched=patched, unpatched=unpatched, random_patched=random_patched,
+        counterfactual=counterfactual,
+        patched=patched,
+        unpatched=unpatched,
+        random_patched=random_patched,
     )
 
 
@@ -329,8 +351,10 @@ def patching_heatmap(
     tokens_clean = check_model_tokens(model, tokens_clean)
     tokens_corrupt = check_model_tokens(model, tokens_corrupt)
     if tokens_clean.shape != tokens_corrupt.shape:
-        raise ValueError(f"tokens_clean and tokens_corrupt must have the same shape, got "
-                         f"{tuple(tokens_clean.shape)} and {tuple(tokens_corrupt.shape)}")
+        raise ValueError(
+            f"tokens_clean and tokens_corrupt must have the same shape, got "
+            f"{tuple(tokens_clean.shape)} and {tuple(tokens_corrupt.shape)}"
+        )
     if hook not in HEATMAP_HOOKS:
         raise ValueError(f"hook must be one of {HEATMAP_HOOKS}, got {hook!r}")
     if direction not in DIRECTIONS:
@@ -348,9 +372,11 @@ def patching_heatmap(
             source_tokens.to(device), names_filter=lambda name: name.endswith(f"hook_{hook}"), return_type=None
         )
         if f"blocks.0.hook_{hook}" not in source_cache.cache_dict:  # the hook exists but is never called
-            raise ValueError(f"this model computes no blocks.*.hook_{hook} (an attention-only model has no "
-                             "resid_mid or mlp_out)")
+            raise ValueError(
+                f"this model computes no blocks.*.hook_{hook} (an attention-only model has no resid_mid or mlp_out)"
+            )
         if metric is None:
+
             def metric(output: Tensor) -> Tensor:
                 patched_probs = output_to_probs(output[:, -1].cpu(), output_type)
                 return E.kl_divergence(clean_probs, patched_probs).mean()

@@ -99,14 +99,14 @@ class _Moments:
             self.xy[p] += x.T @ y
             self.yy[p] += (y * y).sum(dim=0)
 
-    def columns(self, columns: slice) -> "_Moments":
+    def columns(self, columns: slice) -> _Moments:
         """The same partitions, restricted to some target columns."""
         part = _Moments.__new__(_Moments)
         part.count, part.sum_x, part.xx = self.count, self.sum_x, self.xx
         part.sum_y, part.xy, part.yy = self.sum_y[:, columns], self.xy[..., columns], self.yy[:, columns]
         return part
 
-    def select(self, partitions: list[int], columns: slice = slice(None)) -> "_Moments":
+    def select(self, partitions: list[int], columns: slice = slice(None)) -> _Moments:
         """The summed moments of some partitions (and some target columns)."""
         total = _Moments.__new__(_Moments)
         total.count = self.count[partitions].sum(dim=0)
@@ -198,12 +198,12 @@ def _fit_from_moments(moments: _Moments, n_folds: int, relative_ridges: tuple[fl
     )
 
 
-def _partition_of_groups(
-    unique_groups: int, n_folds: int, test_fraction: float, seed: int
-) -> Int[Tensor, " groups"]:
+def _partition_of_groups(unique_groups: int, n_folds: int, test_fraction: float, seed: int) -> Int[Tensor, " groups"]:
     """Partition id (0 = test, 1..n_folds = CV folds) of each group ``0..unique_groups-1``, seeded."""
     if unique_groups < n_folds + 1:
-        raise ValueError(f"need at least {n_folds + 1} groups (sequences) for a test part and {n_folds} folds, got {unique_groups}")
+        raise ValueError(
+            f"need at least {n_folds + 1} groups (sequences) for a test part and {n_folds} folds, got {unique_groups}"
+        )
     order = torch.randperm(unique_groups, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(test_fraction * unique_groups))
     n_test = min(n_test, unique_groups - n_folds)
@@ -330,7 +330,7 @@ class ProbeReport:
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(self.targets), squeeze=False)
         x = list(range(len(self.rows)))
-        for ax, target in zip(axes[0], self.targets):
+        for ax, target in zip(axes[0], self.targets, strict=True):
             ax.plot(x, self.r2[target], "o-", label="model")
             if self.random_model_r2 is not None:
                 ax.plot(x, self.random_model_r2[target], "s--", color="0.5", label="random-init model")
@@ -385,7 +385,9 @@ def _infer_order(targets: dict[str, Tensor], tokens: Tensor) -> int:
     for name, values in targets.items():
         if not isinstance(values, Tensor) or values.ndim != 3 or values.shape[:2] != tokens.shape:
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-            raise ValueError(f"target {name!r} must have shape [B, T, k] = [{tokens.shape[0]}, {tokens.shape[1]}, k], got {shape}")
+            raise ValueError(
+                f"target {name!r} must have shape [B, T, k] = [{tokens.shape[0]}, {tokens.shape[1]}, k], got {shape}"
+            )
         defined = torch.isfinite(values).all(dim=-1).all(dim=0)  # [T]
         order = int((~defined).sum())
         if not defined[order:].all() or (order and defined[:order].any()):
@@ -442,7 +444,7 @@ def probe_model(
         if name not in layout:
             raise ValueError(f"no residual block named {name!r} in model.layout; known: {', '.join(layout.names())}")
         readings.append((_hook_holding(name), layout[name]))
-    rows = hook_names + [f"{hook}:{name}" for (hook, _), name in zip(readings[len(hook_names):], blocks)]
+    rows = hook_names + [f"{hook}:{name}" for (hook, _), name in zip(readings[len(hook_names) :], blocks, strict=True)]
 
     names = list(targets)
     widths = [targets[name].shape[-1] for name in names]
@@ -450,19 +452,19 @@ def probe_model(
     controls = {w: control_target(tokens, model.cfg.d_vocab, order, w, seed=control_seed) for w in control_widths}
     # All target columns side by side, then one control per width.
     columns, start = {}, 0
-    for name, width in zip(names, widths):
+    for name, width in zip(names, widths, strict=True):
         columns[name], start = slice(start, start + width), start + width
     for width in control_widths:
         columns[f"control:{width}"], start = slice(start, start + width), start + width
-    all_targets = torch.cat([targets[n].to(torch.float64).cpu() for n in names] + [controls[w] for w in control_widths], dim=-1)
+    all_targets = torch.cat(
+        [targets[n].to(torch.float64).cpu() for n in names] + [controls[w] for w in control_widths], dim=-1
+    )
 
     partition = _partition_of_groups(tokens.shape[0], n_folds, test_fraction, seed)
     models = {"model": model}
     if random_model:
         models["random"] = build_like(model, seed=control_seed + 1)
-    moments = {
-        (which, i): None for which in models for i in range(len(readings))
-    }
+    moments = {(which, i): None for which in models for i in range(len(readings))}
     needed = sorted({hook for hook, _ in readings})
     chunks = range(0, tokens.shape[0], batch_size)
     for start in tqdm(chunks, desc="probing", disable=not progress):
@@ -489,7 +491,7 @@ def probe_model(
     probes = {}
     for i, row in enumerate(rows):
         control_probes = {w: fit("model", i, f"control:{w}") for w in control_widths}
-        for name, width in zip(names, widths):
+        for name, width in zip(names, widths, strict=True):
             probe = _read_full_width(fit("model", i, name), readings[i][1], model.cfg.d_model)
             probe.hook_name, probe.target_name = readings[i][0], name
             probe.block = row.partition(":")[2] or None
@@ -498,9 +500,15 @@ def probe_model(
             control_r2[name].append(control_probes[width].r2)
             if random_model:
                 random_r2[name].append(fit("random", i, name).r2)
-    selectivity = {name: [a - b for a, b in zip(r2[name], control_r2[name])] for name in names}
+    selectivity = {name: [a - b for a, b in zip(r2[name], control_r2[name], strict=True)] for name in names}
     return ProbeReport(
-        rows=rows, targets=names, r2=r2, random_model_r2=random_r2, control_target_r2=control_r2,
-        selectivity=selectivity, n_sequences=tokens.shape[0], n_rows=tokens.shape[0] * (tokens.shape[1] - order),
+        rows=rows,
+        targets=names,
+        r2=r2,
+        random_model_r2=random_r2,
+        control_target_r2=control_r2,
+        selectivity=selectivity,
+        n_sequences=tokens.shape[0],
+        n_rows=tokens.shape[0] * (tokens.shape[1] - order),
         probes=probes,
     )

@@ -67,7 +67,7 @@ class View:
     def document(self) -> str:
         """A standalone HTML page holding the view (UTF-8, nothing loaded from elsewhere)."""
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>{html.escape(self.title)}</title>\n</head>\n<body>\n{self.html}\n</body>\n</html>\n"
         )
 
@@ -90,8 +90,15 @@ class HeadView(View):
     ``DIGITS`` places for the page); sequence: which row of the batch is shown.
     """
 
-    def __init__(self, html_fragment: str, title: str, names: list[str], labels: list[str],
-                 patterns: Float[Tensor, "panel query key"], sequence: int):
+    def __init__(
+        self,
+        html_fragment: str,
+        title: str,
+        names: list[str],
+        labels: list[str],
+        patterns: Float[Tensor, "panel query key"],
+        sequence: int,
+    ):
         super().__init__(html_fragment, title)
         self.names = names
         self.labels = labels
@@ -107,8 +114,15 @@ class ProbeView(View):
     positions and coordinates where the target is defined.
     """
 
-    def __init__(self, html_fragment: str, title: str, prediction: Float[Tensor, "pos k"],
-                 target: Float[Tensor, "pos k"], labels: list[str], coordinate_names: list[str]):
+    def __init__(
+        self,
+        html_fragment: str,
+        title: str,
+        prediction: Float[Tensor, "pos k"],
+        target: Float[Tensor, "pos k"],
+        labels: list[str],
+        coordinate_names: list[str],
+    ):
         super().__init__(html_fragment, title)
         self.prediction = prediction
         self.target = target
@@ -135,7 +149,7 @@ def token_labels(tokens: Int[Tensor, " pos"], lags: Int[Tensor, " pos"] | None =
     labels = [f"y{t}={token}" for t, token in enumerate(tokens.tolist(), start=1)]
     if lags is None:
         return labels
-    return [f"{label},z={lag if lag > 0 else '-'}" for label, lag in zip(labels, lags.tolist())]
+    return [f"{label},z={lag if lag > 0 else '-'}" for label, lag in zip(labels, lags.tolist(), strict=True)]
 
 
 def _check_sequence(sequence: int, batch: int) -> int:
@@ -197,7 +211,7 @@ def _patterns(
     names = [PATTERN_HOOK.format(layer=layer) for layer in layers]
     with torch.inference_mode():
         _, cache = model.run_with_cache(row.to(model_device(model)), names_filter=names, return_type=None)
-    return {layer: cache[name][0].to(torch.float64).cpu() for layer, name in zip(layers, names)}
+    return {layer: cache[name][0].to(torch.float64).cpu() for layer, name in zip(layers, names, strict=True)}
 
 
 def _panel_names(layer: int, n_heads: int, prefix: str = "") -> list[str]:
@@ -218,12 +232,20 @@ def _offline(rendered) -> str:
 
 
 def _head_view(
-    panels: Float[Tensor, "panel query key"], names: list[str], labels: list[str], title: str,
-    caption: str, sequence: int,
+    panels: Float[Tensor, "panel query key"],
+    names: list[str],
+    labels: list[str],
+    title: str,
+    caption: str,
+    sequence: int,
 ) -> HeadView:
     rounded = [[[round(v, DIGITS) for v in row] for row in panel] for panel in panels.tolist()]
     rendered = circuitsvis.attention.attention_heads(
-        attention=rounded, tokens=labels, attention_head_names=names, min_value=0.0, max_value=1.0,
+        attention=rounded,
+        tokens=labels,
+        attention_head_names=names,
+        min_value=0.0,
+        max_value=1.0,
     )
     fragment = f'<p style="{_CAPTION_STYLE}">{html.escape(caption)}</p>\n{_offline(rendered)}'
     return HeadView(fragment, title, names, labels, panels, sequence)
@@ -284,8 +306,12 @@ def compare_attention_view(
     ``d_vocab``, ``T <= n_ctx`` of each); other ``ValueError`` as :func:`attention_view`.
     """
     check_same_task_models(model, reference)
-    if (not isinstance(names, (tuple, list)) or len(names) != 2 or not all(isinstance(n, str) and n for n in names)
-            or names[0] == names[1]):
+    if (
+        not isinstance(names, (tuple, list))
+        or len(names) != 2
+        or not all(isinstance(n, str) and n for n in names)
+        or names[0] == names[1]
+    ):
         raise ValueError(f"names must be two different non-empty strings (model, reference), got {names!r}")
     row, labels = _one_sequence([model, reference], tokens, lags, sequence)
     if reference_layers is None and layers is not None:
@@ -318,15 +344,15 @@ def compare_attention_view(
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows_of(
-    values: Tensor, what: str, batch: int, seq_len: int, sequence: int
-) -> Float[Tensor, "pos width"]:
+def _rows_of(values: Tensor, what: str, batch: int, seq_len: int, sequence: int) -> Float[Tensor, "pos width"]:
     """Row ``sequence`` of a ``[B, T, w]`` tensor (or ``[T, w]`` when ``B = 1``) as float64 ``[T, w]``."""
     if not isinstance(values, Tensor) or not values.is_floating_point():
         raise ValueError(f"{what} must be a floating-point torch.Tensor")
     values = values.unsqueeze(0) if values.ndim == 2 else values
     if values.ndim != 3 or values.shape[:2] != (batch, seq_len):
-        raise ValueError(f"{what} must have shape [B={batch}, T={seq_len}, width] (as the tokens), got {tuple(values.shape)}")
+        raise ValueError(
+            f"{what} must have shape [B={batch}, T={seq_len}, width] (as the tokens), got {tuple(values.shape)}"
+        )
     return values[sequence].detach().to(torch.float64).cpu()
 
 
@@ -337,13 +363,13 @@ def _cell(value: float, scale: float, colour: tuple[int, int, int]) -> str:
     alpha = min(abs(value) / scale, 1.0) * 0.85 if scale > 0 else 0.0
     text = "white" if alpha > 0.55 else "black"
     shown = round(value, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
-    return (f'<td style="background: rgba({colour[0]}, {colour[1]}, {colour[2]}, {alpha:.3f}); color: {text}; '
-            f'text-align: right; padding: 1px 6px;">{shown:.3f}</td>')
+    return (
+        f'<td style="background: rgba({colour[0]}, {colour[1]}, {colour[2]}, {alpha:.3f}); color: {text}; '
+        f'text-align: right; padding: 1px 6px;">{shown:.3f}</td>'
+    )
 
 
-def _probe_table(
-    prediction: Tensor, target: Tensor, labels: list[str], coordinate_names: list[str]
-) -> str:
+def _probe_table(prediction: Tensor, target: Tensor, labels: list[str], coordinate_names: list[str]) -> str:
     """Rows = positions; per coordinate three columns: target, probe, probe - target. All three
     share one colour scale (the largest |target| or |prediction|): purple for values (orange when
     negative), red for errors, so an error's colour says how large it is next to the values."""
@@ -409,7 +435,9 @@ def probe_view(
         if probe.hook_name is None:
             raise ValueError("this probe has no hook_name (fit_probe, not probe_model): pass the activations [B, T, d]")
         if probe.hook_name not in acts:
-            raise ValueError(f"the cache has no {probe.hook_name!r} (the hook this probe reads); run_with_cache without a names_filter that drops it")
+            raise ValueError(
+                f"the cache has no {probe.hook_name!r} (the hook this probe reads); run_with_cache without a names_filter that drops it"
+            )
         acts = acts[probe.hook_name]
     if isinstance(target, dict):
         if probe.target_name is None or probe.target_name not in target:
@@ -441,8 +469,7 @@ def probe_view(
     caption = (
         f"Probe for {what} reading {where}: held-out R^2 = {probe.r2:.4f}; on sequence {sequence}, "
         f"mean |probe - target| = {_mean_abs_error(prediction, target_row):.4g} where the target is defined "
-        "('-' elsewhere). Labels yt=v: token v at position t (1-based)"
-        + (_LAG_NOTE + "." if lags is not None else ".")
+        "('-' elsewhere). Labels yt=v: token v at position t (1-based)" + (_LAG_NOTE + "." if lags is not None else ".")
     )
     table = _probe_table(prediction, target_row, labels, list(coordinate_names))
     fragment = f'<p style="{_CAPTION_STYLE}">{html.escape(caption)}</p>\n{table}'

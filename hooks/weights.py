@@ -21,9 +21,9 @@ from transformer_lens import HookedTransformer
 from mdlens import estimators as E
 from mdlens._validation import check_transition
 from mdlens.construction import LOG_ZERO
+from mdlens.hooks._checks import check_model, check_model_tokens, check_same_task_models
 from mdlens.models.disentangled import DisentangledTransformer
 from mdlens.predict import predict_next
-from mdlens.hooks._checks import check_model, check_model_tokens, check_same_task_models
 
 # Relative size of the smallest singular value of exp(W_A) below which the identification of pi is
 # refused: the row-stochasticity equations then no longer pin down the per-query constants.
@@ -165,16 +165,14 @@ def _shared_prefix_width(model: DisentangledTransformer, reference: Disentangled
     """How many leading residual coordinates mean the same thing in both layouts (same leaf names
     at the same slices): with equal windows the shallower model's residual is a prefix of the deeper's."""
     width = 0
-    for ours, theirs in zip(model.layout.leaves(), reference.layout.leaves()):
+    for ours, theirs in zip(model.layout.leaves(), reference.layout.leaves(), strict=False):  # depths may differ
         if (ours.name, ours.start, ours.stop) != (theirs.name, theirs.start, theirs.stop):
             break
         width = ours.stop
     return width
 
 
-def _disentangled_score_comparison(
-    model: DisentangledTransformer, reference: DisentangledTransformer
-) -> list[dict]:
+def _disentangled_score_comparison(model: DisentangledTransformer, reference: DisentangledTransformer) -> list[dict]:
     """Per layer: W_A of both models on the coordinates both read with the same meaning, row-centred."""
     shared = _shared_prefix_width(model, reference)
     rows = []
@@ -184,15 +182,17 @@ def _disentangled_score_comparison(
         theirs = reference.score_matrix(layer)[:width, :width].detach().to(torch.float64).cpu()
         ours, theirs = _row_centred(ours), _row_centred(theirs)
         reference_norm = float(theirs.norm())
-        rows.append({
-            "layer": layer,
-            "width": width,
-            "blocks": [b.name for b in model.layout.leaves() if b.stop <= width],
-            "cosine": _cosine(ours, theirs),
-            "relative_distance": float((ours - theirs).norm()) / reference_norm if reference_norm > 0 else math.inf,
-            "model_norm": float(ours.norm()),
-            "reference_norm": reference_norm,
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "width": width,
+                "blocks": [b.name for b in model.layout.leaves() if b.stop <= width],
+                "cosine": _cosine(ours, theirs),
+                "relative_distance": float((ours - theirs).norm()) / reference_norm if reference_norm > 0 else math.inf,
+                "model_norm": float(ours.norm()),
+                "reference_norm": reference_norm,
+            }
+        )
     return rows
 
 
@@ -205,14 +205,18 @@ def _standard_score_comparison(model: HookedTransformer, reference: HookedTransf
             ours = model_qk[layer, head].AB.detach().to(torch.float64).cpu()
             theirs = reference_qk[layer, head].AB.detach().to(torch.float64).cpu()
             reference_norm = float(theirs.norm())
-            rows.append({
-                "layer": layer + 1,
-                "head": head,
-                "cosine": _cosine(ours, theirs),
-                "relative_distance": float((ours - theirs).norm()) / reference_norm if reference_norm > 0 else math.inf,
-                "model_norm": float(ours.norm()),
-                "reference_norm": reference_norm,
-            })
+            rows.append(
+                {
+                    "layer": layer + 1,
+                    "head": head,
+                    "cosine": _cosine(ours, theirs),
+                    "relative_distance": float((ours - theirs).norm()) / reference_norm
+                    if reference_norm > 0
+                    else math.inf,
+                    "model_norm": float(ours.norm()),
+                    "reference_norm": reference_norm,
+                }
+            )
     return rows
 
 
@@ -220,8 +224,19 @@ def _architecture_difference(model: HookedTransformer, reference: HookedTransfor
     """Why the two models cannot be interpolated parameter by parameter (None when they can)."""
     if type(model) is not type(reference):
         return f"different model classes ({type(model).__name__} vs {type(reference).__name__})"
-    for field in ("n_layers", "d_model", "n_ctx", "n_heads", "d_head", "d_vocab", "d_mlp", "attn_only",
-                  "normalization_type", "positional_embedding_type", "act_fn"):
+    for field in (
+        "n_layers",
+        "d_model",
+        "n_ctx",
+        "n_heads",
+        "d_head",
+        "d_vocab",
+        "d_mlp",
+        "attn_only",
+        "normalization_type",
+        "positional_embedding_type",
+        "act_fn",
+    ):
         ours, theirs = getattr(model.cfg, field), getattr(reference.cfg, field)
         if ours != theirs:
             return f"different architectures: cfg.{field} = {ours} vs {theirs}"
@@ -233,15 +248,15 @@ def _architecture_difference(model: HookedTransformer, reference: HookedTransfor
     if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
         return "different parameter names or shapes"
     ours, theirs = dict(model.named_buffers()), dict(reference.named_buffers())
-    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k].cpu().to(theirs[k].dtype), theirs[k].cpu()) for k in ours):
+    if ours.keys() != theirs.keys() or any(
+        not torch.equal(ours[k].cpu().to(theirs[k].dtype), theirs[k].cpu()) for k in ours
+    ):
         return "different buffers (masks or constants), which have no straight line between them"
     return None
 
 
 @torch.no_grad()
-def _interpolation_path(
-    model: HookedTransformer, reference: HookedTransformer, tokens: Tensor
-) -> dict:
+def _interpolation_path(model: HookedTransformer, reference: HookedTransformer, tokens: Tensor) -> dict:
     """Mean ``KL(p_reference || p_s)`` at the last position along ``(1 - s) model + s reference``."""
     # The path runs in the more precise of the two dtypes, on a copy of the model that has it
     # (copy_ casts into the copy's dtype).
@@ -310,11 +325,18 @@ def weight_alignment(
     Raises ``ValueError`` for models of different vocabularies or invalid tokens.
     """
     check_same_task_models(model, reference)
-    result: dict = {"layers": None, "layers_reason": None, "layers_note": None,
-                    "interpolation": None, "interpolation_reason": None}
+    result: dict = {
+        "layers": None,
+        "layers_reason": None,
+        "layers_note": None,
+        "interpolation": None,
+        "interpolation_reason": None,
+    }
 
     both_disentangled = isinstance(model, DisentangledTransformer) and isinstance(reference, DisentangledTransformer)
-    neither_disentangled = not isinstance(model, DisentangledTransformer) and not isinstance(reference, DisentangledTransformer)
+    neither_disentangled = not isinstance(model, DisentangledTransformer) and not isinstance(
+        reference, DisentangledTransformer
+    )
     if both_disentangled:
         result["layers"] = _disentangled_score_comparison(model, reference)
         result["layers_note"] = "W_A on the shared named blocks, rows centred"
@@ -322,13 +344,17 @@ def weight_alignment(
         shapes = [(m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model) for m in (model, reference)]
         if shapes[0] == shapes[1]:
             result["layers"] = _standard_score_comparison(model, reference)
-            result["layers_note"] = ("raw W_Q W_K^T in residual space: meaningful only if both models share a "
-                                     "residual basis (e.g. checkpoints of one training run)")
+            result["layers_note"] = (
+                "raw W_Q W_K^T in residual space: meaningful only if both models share a "
+                "residual basis (e.g. checkpoints of one training run)"
+            )
         else:
             result["layers_reason"] = f"(n_layers, n_heads, d_model) differ: {shapes[0]} vs {shapes[1]}"
     else:
-        result["layers_reason"] = ("a disentangled and a standard transformer: the concatenated named blocks and "
-                                   "a learned residual basis have no common coordinates")
+        result["layers_reason"] = (
+            "a disentangled and a standard transformer: the concatenated named blocks and "
+            "a learned residual basis have no common coordinates"
+        )
 
     if tokens is None:
         result["interpolation_reason"] = "no tokens given to evaluate the path on"

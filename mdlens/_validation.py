@@ -74,8 +74,7 @@ def check_tokens(tokens: Tensor, vocab_size: int, order: int) -> Int[Tensor, "ba
         raise ValueError(f"need more tokens than the order: T={tokens.shape[1]} <= m={order}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(
-            f"tokens must lie in [0, {vocab_size}), found values in "
-            f"[{tokens.min().item()}, {tokens.max().item()}]"
+            f"tokens must lie in [0, {vocab_size}), found values in [{tokens.min().item()}, {tokens.max().item()}]"
         )
     return tokens.long()
 

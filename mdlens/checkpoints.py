@@ -236,7 +236,10 @@ def load_task(directory: str | Path) -> MTDTask | None:
         return None
     transition = torch.tensor(record["transition"], dtype=torch.float64)
     task = MTDTask(
-        vocab_size=record["vocab_size"], order=record["order"], alpha=record["alpha"], seed=record["seed"],
+        vocab_size=record["vocab_size"],
+        order=record["order"],
+        alpha=record["alpha"],
+        seed=record["seed"],
         transition_concentration=record["transition_concentration"],
     )
     if torch.equal(task.transition, transition):
@@ -277,10 +280,7 @@ def _build(config: dict) -> HookedTransformer:
         raise ValueError(f"checkpoint dtype {args.get('dtype')!r} is not one of {tuple(DTYPES)}")
     args["dtype"] = DTYPES[args["dtype"]]
     try:
-        if config["kind"] == "disentangled":
-            model = DisentangledTransformer(**args)
-        else:
-            model = standard_transformer(**args)
+        model = DisentangledTransformer(**args) if config["kind"] == "disentangled" else standard_transformer(**args)
     except TypeError as error:
         raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
     if model.tokenizer is None:  # until the builders attach it themselves

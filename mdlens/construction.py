@@ -135,12 +135,13 @@ def build_md_transformer(
         start = layout.block(parent).start + first
         return ResidualBlock(name, start, start + count, meaning)
 
-    model.layout = layout.with_aliases([
-        alias("L1.responsibility", "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
-        alias("L2.mean_responsibility", "L2.L1.rel", 1, m,
-              "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
-        alias("L3.lag_weights", "L3.rel", 0, m, "lambda_g = softmax(beta * mean responsibility), g = 1..m"),
-        alias("L3.lagged_tokens", "L3.tokens", 0, q, "sum_g lambda_g onehot(y_{t+1-g})"),
-    ])
+    model.layout = layout.with_aliases(
+        [
+            alias("L1.responsibility", "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
+            alias("L2.mean_responsibility", "L2.L1.rel", 1, m, "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
+            alias("L3.lag_weights", "L3.rel", 0, m, "lambda_g = softmax(beta * mean responsibility), g = 1..m"),
+            alias("L3.lagged_tokens", "L3.tokens", 0, q, "sum_g lambda_g onehot(y_{t+1-g})"),
+        ]
+    )
     model.md_params = {"transition": pi.clone(), "order": m, "seq_len": seq_len, "eta": eta, "beta": beta}
     return model

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from mdlens._random import log_gamma_sample
 from mdlens._validation import (
-    check_int,
     check_distribution,
+    check_int,
     check_order,
     check_positive,
     check_tokens,
@@ -321,7 +321,7 @@ def tune_eta_refined(
     target_probs: Float[Tensor, "batch q"],
     steps: int = 1,
 ) -> dict:
-    """"Tuned MD" as every analysis means it: a two-stage grid search of the step size.
+    """ "Tuned MD" as every analysis means it: a two-stage grid search of the step size.
 
     A coarse log grid ``COARSE_ETAS`` (plus Theorem 1's ``1/(m+1)``), then ``FINE_POINTS`` points
     spanning one coarse step either side of the coarse optimum. ``target_probs`` is usually the true
@@ -440,7 +440,7 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = 
     if cells > MAX_EXACT_CELLS:
         raise ValueError(
             f"exact Bayes needs a table of (T-m+1)^(m-1) = {side}^{m - 1} = {cells} cells per sequence, "
-            f"above MAX_EXACT_CELLS = {MAX_EXACT_CELLS}; use method=\"gibbs\""
+            f'above MAX_EXACT_CELLS = {MAX_EXACT_CELLS}; use method="gibbs"'
         )
     # count_grids[g][n_1, .., n_{m-1}] = n_{g+1} for g < m-1; free_total = n_1 + .. + n_{m-1}.
     axis = torch.arange(side, dtype=torch.float64)
@@ -455,7 +455,7 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = 
         if every_prefix:
             prefix_means = torch.empty(part.shape[0], n_scored, m, dtype=torch.float64)
 
-            def record(k: int, table: Tensor) -> None:
+            def record(k: int, table: Tensor, prefix_means: Tensor = prefix_means) -> None:
                 prefix_means[:, k - 1] = _mixture_mean(table, k, alpha)
 
             _count_table(part, count_grids, free_total, alpha, on_step=record)
@@ -497,7 +497,7 @@ def _count_table(
     ``on_step(k, U_k[region])``, when given, sees the reachable part of the table after every step.
     """
     batch_size, n_scored, m = scaled.shape
-    shape = (batch_size,) + free_total.shape
+    shape = (batch_size, *free_total.shape)
     table = torch.zeros(shape, dtype=torch.float64)
     table[(slice(None),) + (0,) * (m - 1)] = 1.0  # U_0 = 1 at n = 0
     spare = torch.zeros(shape, dtype=torch.float64)

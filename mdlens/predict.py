@@ -34,7 +34,7 @@ def output_type_of(model: torch.nn.Module) -> str:
 
 
 def predict_next(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
 ) -> Float[Tensor, "batch q"]:
     """The model's distribution of the token after the last one, ``[B, q]`` float64.
 

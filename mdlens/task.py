@@ -35,7 +35,6 @@ class MTDSample:
     next_probs: Float[Tensor, "batch q"]
 
 
-
 class MTDTask:
     """An MTD source: a fixed transition matrix plus the recipe for sampling sequences.
 

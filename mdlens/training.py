@@ -33,7 +33,7 @@ from transformer_lens import HookedTransformer
 from mdlens import estimators as E
 from mdlens._validation import check_int, check_positive, check_tokens, check_transition, check_weights
 from mdlens.models.disentangled import NEW_LAYER_RULES
-from mdlens.predict import output_to_probs, output_type_of, predict_next
+from mdlens.predict import output_type_of, predict_next
 
 LOSSES = ("mse", "ce")
 TARGETS = ("last", "all")
@@ -120,7 +120,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "log_every"):
             check_int(getattr(self, name), name, 1)
-        for name in ("warmup_steps", "freeze_layers", "curriculum_steps", "eval_every", "checkpoint_every", "seed", "eval_seed"):
+        for name in (
+            "warmup_steps",
+            "freeze_layers",
+            "curriculum_steps",
+            "eval_every",
+            "checkpoint_every",
+            "seed",
+            "eval_seed",
+        ):
             check_int(getattr(self, name), name, 0)
         check_positive(self.lr, "lr")
         if self.grad_clip is not None:
@@ -139,12 +147,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.curriculum_start_len is not None and not 1 <= self.curriculum_start_len <= self.seq_len:
-            raise ValueError(f"curriculum_start_len must lie in [1, seq_len={self.seq_len}], got {self.curriculum_start_len}")
+            raise ValueError(
+                f"curriculum_start_len must lie in [1, seq_len={self.seq_len}], got {self.curriculum_start_len}"
+            )
         if not math.isfinite(self.position_weight_exponent):
             raise ValueError(f"position_weight_exponent must be finite, got {self.position_weight_exponent}")
         if self.position_weight_exponent != 0 and self.targets != "all":
-            raise ValueError("position_weight_exponent weights the positions of targets='all'; with "
-                             f"targets={self.targets!r} there is one position")
+            raise ValueError(
+                "position_weight_exponent weights the positions of targets='all'; with "
+                f"targets={self.targets!r} there is one position"
+            )
         if not (math.isfinite(self.shortfall_weight) and self.shortfall_weight >= 0):
             raise ValueError(f"shortfall_weight must be finite and >= 0, got {self.shortfall_weight}")
         if self.shortfall_weight != 0 and self.loss != "mse":
@@ -213,7 +225,7 @@ def _supervised_output(output: Tensor, order: int, targets: str) -> Tensor:
     return output[:, -1:, :] if targets == "last" else output[:, order:, :]
 
 
-def position_weights(n_positions: int, exponent: float) -> Float[Tensor, "n_positions"]:
+def position_weights(n_positions: int, exponent: float) -> Float[Tensor, " n_positions"]:
     """Loss weight of the supervised positions ``t = m+1..m+n_positions``: ``(t - m) ** exponent``,
     normalised to mean 1 (so exponent 0 gives the plain mean and the loss scale does not change)."""
     prefix_beyond_order = torch.arange(1, n_positions + 1, dtype=torch.float64)  # t - m
@@ -222,7 +234,11 @@ def position_weights(n_positions: int, exponent: float) -> Float[Tensor, "n_posi
 
 
 def _loss(
-    output: Tensor, target: Tensor, output_type: str, loss: str, weights: Tensor | None = None,
+    output: Tensor,
+    target: Tensor,
+    output_type: str,
+    loss: str,
+    weights: Tensor | None = None,
     shortfall_weight: float = 0.0,
 ) -> Tensor:
     """Mean over sequences and positions of the per-distribution loss, each position weighted by
@@ -264,7 +280,7 @@ def sequence_length(step: int, config: TrainConfig, order: int) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when present, else CPU."""
+    """ "auto" -> CUDA when present, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -319,8 +335,13 @@ def evaluate(model: HookedTransformer, held_out: HeldOut) -> float:
 
 
 def save_train_state(
-    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    generator: torch.Generator, result: TrainResult, config: TrainConfig,
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    generator: torch.Generator,
+    result: TrainResult,
+    config: TrainConfig,
 ) -> None:
     """Everything ``resume`` needs to continue bit-for-bit, in ``train_state.{safetensors,json}``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -343,8 +364,12 @@ def save_train_state(
 
 
 def load_train_state(
-    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    result: TrainResult, config: TrainConfig,
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    result: TrainResult,
+    config: TrainConfig,
 ) -> int:
     """Load what :func:`save_train_state` wrote into ``model``, ``optimizer``, ``generator``, ``result``.
 
@@ -364,7 +389,7 @@ def load_train_state(
             f"(saved {[saved.get(name) for name in changed]}, now {[current[name] for name in changed]})"
         )
     device = next(model.parameters()).device
-    model.load_state_dict({name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")})
+    model.load_state_dict({name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")})
     state: dict[int, dict] = {}
     reference = optimizer.state_dict()["param_groups"]
     for name, value in tensors.items():
@@ -432,7 +457,9 @@ def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
             parameter.requires_grad_(True)
 
 
-def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: torch.device, output_type: str) -> TrainResult:
+def _train_loop(
+    model: HookedTransformer, task, config: TrainConfig, device: torch.device, output_type: str
+) -> TrainResult:
     """:func:`train` once the model is checked, on its device and with its frozen layers set."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, config)
@@ -458,8 +485,14 @@ def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: tor
         weights = None
         if config.position_weight_exponent != 0:
             weights = position_weights(target.shape[1], config.position_weight_exponent).to(device, output.dtype)
-        loss = _loss(_supervised_output(output, order, config.targets), target.to(device, output.dtype),
-                     output_type, config.loss, weights, config.shortfall_weight)
+        loss = _loss(
+            _supervised_output(output, order, config.targets),
+            target.to(device, output.dtype),
+            output_type,
+            config.loss,
+            weights,
+            config.shortfall_weight,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -470,7 +503,9 @@ def _train_loop(model: HookedTransformer, task, config: TrainConfig, device: tor
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             result.losses.append((done, loss.item()))
-            bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.final_eval.get('kl_model', float('nan')):.3g}")
+            bar.set_postfix(
+                loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.final_eval.get('kl_model', float('nan')):.3g}"
+            )
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             result.evals.append({"step": done, "kl_model": evaluate(model, held_out), **held_out.references})
             bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.evals[-1]['kl_model']:.3g}")
@@ -502,10 +537,19 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "d_model": ("--d-model", int, 64, "residual width of a standard model"),
     "loss": ("--loss", str, "mse", "mse | ce"),
     "targets": ("--targets", str, "all", "last | all"),
-    "position_weight_exponent": ("--position-weight-exponent", float, 0.0, "with --targets all: weight "
-                                 "the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes"),
-    "shortfall_weight": ("--shortfall-weight", float, 0.0, "with --loss mse: add this times (p*/2 - p)^2 / p* "
-                         "for each output p below half its true probability p* (keeps small ones positive)"),
+    "position_weight_exponent": (
+        "--position-weight-exponent",
+        float,
+        0.0,
+        "with --targets all: weight the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes",
+    ),
+    "shortfall_weight": (
+        "--shortfall-weight",
+        float,
+        0.0,
+        "with --loss mse: add this times (p*/2 - p)^2 / p* "
+        "for each output p below half its true probability p* (keeps small ones positive)",
+    ),
     "freeze_layers": ("--freeze-layers", int, 0, "keep the first N layers as they are (e.g. those of --init-from)"),
     "steps": ("--steps", int, 2000, "optimizer steps"),
     "batch": ("--batch", int, 64, "sequences per step"),
@@ -519,14 +563,28 @@ CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
     "eval_every": ("--eval-every", int, 250, "evaluate every N steps (0: at the end only)"),
     "checkpoint_every": ("--checkpoint-every", int, 500, "write the training state every N steps"),
     "seed": ("--seed", int, 0, "seed of the model initialisation and of the training batches"),
-    "init_from": ("--init-from", str, None, "start from a saved disentangled model with at most --layers layers "
-                  "(grown into this model, see --new-layers; same task)"),
-    "new_layers": ("--new-layers", str, "fresh", "with --init-from: fresh (new layers on top, freshly "
-                   "initialised) | repeat_last (inserted before the last layer, as copies of it) | "
-                   "insert_fresh (fresh, between the saved layers and a copy of its last layer on top)"),
+    "init_from": (
+        "--init-from",
+        str,
+        None,
+        "start from a saved disentangled model with at most --layers layers "
+        "(grown into this model, see --new-layers; same task)",
+    ),
+    "new_layers": (
+        "--new-layers",
+        str,
+        "fresh",
+        "with --init-from: fresh (new layers on top, freshly "
+        "initialised) | repeat_last (inserted before the last layer, as copies of it) | "
+        "insert_fresh (fresh, between the saved layers and a copy of its last layer on top)",
+    ),
     "device": ("--device", str, "auto", "auto | cpu | cuda"),
-    "threads": ("--threads", int, None, "torch intra-op CPU threads (default: torch's choice); 1 is often "
-                "fastest on a busy machine"),
+    "threads": (
+        "--threads",
+        int,
+        None,
+        "torch intra-op CPU threads (default: torch's choice); 1 is often fastest on a busy machine",
+    ),
     "out": ("--out", str, None, "output directory (required)"),
 }
 
@@ -569,14 +627,23 @@ def build_model(fields_: dict) -> HookedTransformer:
     if fields_["model"] == "standard":
         # A plain HookedTransformer outputs logits; "mse" is then taken on their softmax.
         return standard_transformer(
-            fields_["vocab"], fields_["seq_len"], n_layers=fields_["layers"], d_model=fields_["d_model"],
-            seed=fields_["seed"], output="logits",
+            fields_["vocab"],
+            fields_["seq_len"],
+            n_layers=fields_["layers"],
+            d_model=fields_["d_model"],
+            seed=fields_["seed"],
+            output="logits",
         )
     # The paper's disentangled readout is a probability vector trained with MSE; with "ce" it is read
     # as logits instead (softmax), so that cross-entropy has something to take the log of.
     return DisentangledTransformer(
-        fields_["vocab"], fields_["seq_len"], n_layers=fields_["layers"], window=fields_["order"] + 1,
-        seed=fields_["seed"], order=fields_["order"], output="logits" if fields_["loss"] == "ce" else "probs",
+        fields_["vocab"],
+        fields_["seq_len"],
+        n_layers=fields_["layers"],
+        window=fields_["order"] + 1,
+        seed=fields_["seed"],
+        order=fields_["order"],
+        output="logits" if fields_["loss"] == "ce" else "probs",
     )
 
 
@@ -592,7 +659,11 @@ def grow_from(model: HookedTransformer, task, directory: str, new_layers: str = 
     if not isinstance(model, DisentangledTransformer):
         raise ValueError("--init-from works for disentangled models only")
     source_task = mdlens.load_task(directory)
-    if source_task is None or source_task.order != task.order or not torch.equal(source_task.transition, task.transition):
+    if (
+        source_task is None
+        or source_task.order != task.order
+        or not torch.equal(source_task.transition, task.transition)
+    ):
         raise ValueError(f"--init-from {directory}: that model was not trained on this task")
     model.load_shallower(mdlens.load(directory), new_layers=new_layers)
 
@@ -603,21 +674,39 @@ def run_train_command(args: argparse.Namespace) -> None:
 
     fields_ = resolve_train_fields(args)
     if fields_["threads"] is not None:
-        torch.set_num_threads(check_int(fields_["threads"], "--threads", 1))  # a process setting, not part of the recipe
+        torch.set_num_threads(
+            check_int(fields_["threads"], "--threads", 1)
+        )  # a process setting, not part of the recipe
     out = Path(fields_["out"])
-    task = MTDTask(vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"])
+    task = MTDTask(
+        vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"]
+    )
     model = build_model(fields_)
     if fields_["init_from"] is not None:
         grow_from(model, task, fields_["init_from"], fields_["new_layers"])
     config = TrainConfig(
-        steps=fields_["steps"], batch_size=fields_["batch"], seq_len=fields_["seq_len"], lr=fields_["lr"],
-        optimizer=fields_["optimizer"], weight_decay=fields_["weight_decay"], lr_schedule=fields_["lr_schedule"],
-        warmup_steps=fields_["warmup"], loss=fields_["loss"], targets=fields_["targets"],
-        position_weight_exponent=fields_["position_weight_exponent"], shortfall_weight=fields_["shortfall_weight"],
+        steps=fields_["steps"],
+        batch_size=fields_["batch"],
+        seq_len=fields_["seq_len"],
+        lr=fields_["lr"],
+        optimizer=fields_["optimizer"],
+        weight_decay=fields_["weight_decay"],
+        lr_schedule=fields_["lr_schedule"],
+        warmup_steps=fields_["warmup"],
+        loss=fields_["loss"],
+        targets=fields_["targets"],
+        position_weight_exponent=fields_["position_weight_exponent"],
+        shortfall_weight=fields_["shortfall_weight"],
         freeze_layers=fields_["freeze_layers"],
-        curriculum_start_len=fields_["curriculum_start_len"], curriculum_steps=fields_["curriculum_steps"],
-        eval_every=fields_["eval_every"], checkpoint_dir=str(out), checkpoint_every=fields_["checkpoint_every"],
-        resume=args.resume, seed=fields_["seed"], device=fields_["device"], progress=not args.no_progress,
+        curriculum_start_len=fields_["curriculum_start_len"],
+        curriculum_steps=fields_["curriculum_steps"],
+        eval_every=fields_["eval_every"],
+        checkpoint_dir=str(out),
+        checkpoint_every=fields_["checkpoint_every"],
+        resume=args.resume,
+        seed=fields_["seed"],
+        device=fields_["device"],
+        progress=not args.no_progress,
     )
     result = train(model, task, config)
     mdlens.save(model.to("cpu", print_details=False), out, task=task)  # TL's .cpu() prints a line
@@ -633,10 +722,14 @@ def run_train_command(args: argparse.Namespace) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     (out / "train.json").write_text(json.dumps(report, indent=1))
-    print(f"[mdlens] trained {fields_['model']} ({fields_['layers']} layers): {result.steps} steps, "
-          f"{result.samples} sequences, {result.wall_clock_s:.1f} s wall-clock")
-    print(f"[mdlens] held-out KL: model {final['kl_model']:.4g}, tuned 1-step MD {final['kl_md1']:.4g}, "
-          f"tuned 2-step MD {final['kl_md2']:.4g}"
-          + (f", Bayes {final['kl_bayes']:.4g}" if "kl_bayes" in final else "")
-          + f", uniform {final['kl_uniform']:.4g}")
+    print(
+        f"[mdlens] trained {fields_['model']} ({fields_['layers']} layers): {result.steps} steps, "
+        f"{result.samples} sequences, {result.wall_clock_s:.1f} s wall-clock"
+    )
+    print(
+        f"[mdlens] held-out KL: model {final['kl_model']:.4g}, tuned 1-step MD {final['kl_md1']:.4g}, "
+        f"tuned 2-step MD {final['kl_md2']:.4g}"
+        + (f", Bayes {final['kl_bayes']:.4g}" if "kl_bayes" in final else "")
+        + f", uniform {final['kl_uniform']:.4g}"
+    )
     print(f"[mdlens] checkpoint: {out}")

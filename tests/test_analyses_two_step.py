@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from mdlens.analyses import causal_two_step as two_step
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.analyses import causal_two_step as two_step
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def sample():
 def test_final_grad_at_md_scales_is_two_step_mirror_descent(sample):
     task, batch = sample
     m, eta, context = task.order, 0.07, batch.tokens.shape[1] - task.order
-    weights = two_step.two_step_weights(batch.tokens, task.transition, m, "final-grad", eta * m * context,
-                                        eta * m * context, eta * context)
+    weights = two_step.two_step_weights(
+        batch.tokens, task.transition, m, "final-grad", eta * m * context, eta * m * context, eta * context
+    )
     expected = E.md_weights(batch.tokens, task.transition, m, eta, steps=2)
     torch.testing.assert_close(weights, expected, rtol=1e-10, atol=1e-12)
 
@@ -51,8 +52,9 @@ def test_attend_final_without_key_weighting_is_one_step_mirror_descent(sample):
     # d = 0: uniform attention over positions, g1 = g0, so lambda2 = softmax((b + c) g0) = MD1.
     task, batch = sample
     m, eta, context = task.order, 0.04, batch.tokens.shape[1] - task.order
-    weights = two_step.two_step_weights(batch.tokens, task.transition, m, "attend-final", 5.0, 0.3 * eta * m * context,
-                                        0.7 * eta * m * context, 0.0)
+    weights = two_step.two_step_weights(
+        batch.tokens, task.transition, m, "attend-final", 5.0, 0.3 * eta * m * context, 0.7 * eta * m * context, 0.0
+    )
     torch.testing.assert_close(weights, E.md_weights(batch.tokens, task.transition, m, eta), rtol=1e-10, atol=1e-12)
 
 
@@ -71,7 +73,9 @@ def test_attend_final_matches_a_loop_over_positions(sample):
         first = [math.exp(a * x) for x in mean]
         first = [x / sum(first) for x in first]
         key_scores = [math.exp(-d * sum(first[g] * gamma[g] for g in range(m))) for gamma in gammas]
-        second = [sum(w * gamma[g] for w, gamma in zip(key_scores, gammas)) / sum(key_scores) for g in range(m)]
+        second = [
+            sum(w * gamma[g] for w, gamma in zip(key_scores, gammas, strict=True)) / sum(key_scores) for g in range(m)
+        ]
         logits = [math.exp(b * mean[g] + c * second[g]) for g in range(m)]
         expected = torch.tensor([x / sum(logits) for x in logits], dtype=weights.dtype)
         torch.testing.assert_close(weights[row], expected, rtol=1e-10, atol=1e-12)
@@ -93,8 +97,10 @@ def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(
         # final-grad contains two-step MD, and the fit starts there: on the tuning batch it is no worse.
         tune, _ = two_step.sample_batches(task, row["seq_len"], two_step.QUICK["n_tune"], two_step.QUICK["n_eval"])
         m, eta = task.order, row["eta"]["md2_tuned"]
-        md2_kl = E.kl_divergence(tune.next_probs, E.predictive(
-            tune.tokens, task.transition, E.md_weights(tune.tokens, task.transition, m, eta, 2))).mean()
+        md2_kl = E.kl_divergence(
+            tune.next_probs,
+            E.predictive(tune.tokens, task.transition, E.md_weights(tune.tokens, task.transition, m, eta, 2)),
+        ).mean()
         fitted = two_step.two_step_weights(tune.tokens, task.transition, m, "final-grad", *row["scales"]["final-grad"])
         fitted_kl = E.kl_divergence(tune.next_probs, E.predictive(tune.tokens, task.transition, fitted)).mean()
         assert fitted_kl <= md2_kl + 1e-12

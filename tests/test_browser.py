@@ -48,8 +48,15 @@ def run_chromium(binary: str, profile: Path, *args: str) -> str:
     """Headless Chromium with no network (every host name fails to resolve) and a throw-away
     profile. ``--no-sandbox``: Chromium's sandbox refuses to start as root, as in containers."""
     command = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-        "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
         *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -118,8 +125,13 @@ def test_chromium_renders_the_attention_grid_offline(chromium, page, tmp_path):
     assert int(zoomed["width"]) >= 300 and int(zoomed["height"]) >= 300
 
     screenshot = tmp_path / "attention.png"
-    run_chromium(chromium, tmp_path / "profile", f"--screenshot={screenshot}",
-                 f"--window-size={WINDOW[0]},{WINDOW[1]}", path.as_uri())
+    run_chromium(
+        chromium,
+        tmp_path / "profile",
+        f"--screenshot={screenshot}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        path.as_uri(),
+    )
     image = Image.open(screenshot).convert("RGB")
     assert image.size == WINDOW
     pixels = torch.from_numpy(np.array(image)).reshape(-1, 3).to(torch.int32)  # [H*W, 3]

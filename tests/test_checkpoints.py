@@ -36,8 +36,16 @@ MODELS = {
     "disentangled-f64-5l": lambda: disentangled_transformer(4, 2, 16, n_layers=5, seed=2, dtype=torch.float64),
     "standard-mlp-ln": lambda: standard_transformer(5, 24, n_layers=2, d_model=16, seed=3),
     "standard-rotary-attn-only": lambda: standard_transformer(
-        5, 24, n_layers=1, d_model=8, n_heads=2, attn_only=True, normalization=None, positions="rotary",
-        output="probs", seed=4,
+        5,
+        24,
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        attn_only=True,
+        normalization=None,
+        positions="rotary",
+        output="probs",
+        seed=4,
     ),
 }
 
@@ -62,7 +70,9 @@ def test_layout_aliases_md_params_and_frozen_flags_survive(tmp_path):
     mdlens.save(model, tmp_path)
     loaded = mdlens.load(tmp_path)
     assert loaded.layout == model.layout and loaded.layout["L1.responsibility"] == slice(15, 18)
-    assert loaded.md_params["eta"] == 0.25 and torch.equal(loaded.md_params["transition"], torch.eye(5, dtype=torch.float64))
+    assert loaded.md_params["eta"] == 0.25 and torch.equal(
+        loaded.md_params["transition"], torch.eye(5, dtype=torch.float64)
+    )
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and frozen == {n for n, p in loaded.named_parameters() if not p.requires_grad}
 
@@ -102,10 +112,10 @@ def test_missing_files_raise_file_not_found(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         mdlens.load(tmp_path / "nowhere")
     (saved / WEIGHTS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         mdlens.load(saved)
     (saved / CONFIG_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="model.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model\.json is missing"):
         mdlens.load(saved)
 
 

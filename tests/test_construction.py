@@ -14,7 +14,6 @@ from mdlens.models import DisentangledTransformer
 TOL = 1e-9
 
 
-
 def random_transition(q: int, seed: int, tiny: float | None = 1e-6) -> torch.Tensor:
     """Dirichlet(1) rows; with ``tiny``, one random entry per row is set to ``tiny`` (renormalised)."""
     generator = torch.Generator().manual_seed(seed)
@@ -210,8 +209,7 @@ def test_float32_is_close():
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs, message):
-    args = {"transition": torch.full((4, 4), 0.25, dtype=torch.float64), "order": 3, "seq_len": 16,
-            "eta": 0.1}
+    args = {"transition": torch.full((4, 4), 0.25, dtype=torch.float64), "order": 3, "seq_len": 16, "eta": 0.1}
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         build_md_transformer(**args)

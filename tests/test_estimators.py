@@ -29,7 +29,7 @@ def random_instance(vocab_size: int, order: int, batch: int, seq_len: int, seed:
 
 def lag_table_loop(tokens: list[int], pi: np.ndarray, m: int) -> list[list[float]]:
     """P[k][g-1] = pi(y_{k-g}, y_k) for 1-based k = m+1..T, by explicit loops."""
-    y = [None] + list(tokens)  # y[1..T], 1-based as in the maths
+    y = [None, *tokens]  # y[1..T], 1-based as in the maths
     table = []
     for k in range(m + 1, len(tokens) + 1):
         table.append([float(pi[y[k - g], y[k]]) for g in range(1, m + 1)])
@@ -238,8 +238,9 @@ def test_gibbs_matches_exact_within_monte_carlo_error():
     pi, sample = random_instance(vocab_size=5, order=3, batch=6, seq_len=40, seed=8)
     chains = 8
     tokens = sample.tokens.repeat_interleave(chains, dim=0)
-    gibbs = E.bayes_weights(tokens, pi, 3, method="gibbs", num_samples=1500, burn_in=100,
-                            generator=torch.Generator().manual_seed(1))
+    gibbs = E.bayes_weights(
+        tokens, pi, 3, method="gibbs", num_samples=1500, burn_in=100, generator=torch.Generator().manual_seed(1)
+    )
     gibbs = gibbs.view(6, chains, 3)
     exact = E.bayes_weights(sample.tokens, pi, 3, method="exact")
     mean = gibbs.mean(1)
@@ -413,8 +414,9 @@ BAD_W = {
 
 def token_functions(tokens, pi):
     """Every public estimator that takes (tokens, transition), with good other arguments."""
-    target = torch.full((tokens.shape[0] if tokens.ndim == 2 else 1, pi.shape[0] if pi.ndim == 2 else 3), 1 / 3,
-                        dtype=torch.float64)
+    target = torch.full(
+        (tokens.shape[0] if tokens.ndim == 2 else 1, pi.shape[0] if pi.ndim == 2 else 3), 1 / 3, dtype=torch.float64
+    )
     return {
         "lag_likelihoods": lambda: E.lag_likelihoods(tokens, pi, M),
         "responsibilities": lambda: E.responsibilities(tokens, pi, M),
@@ -457,8 +459,12 @@ def test_bad_transition_raises(name, case):
 # the context is: T <= m).
 @pytest.mark.parametrize(
     "name,case",
-    [(name, case) for name in ("log_likelihood", "predictive") for case in BAD_W
-     if (name, case) != ("predictive", "wrong m")],
+    [
+        (name, case)
+        for name in ("log_likelihood", "predictive")
+        for case in BAD_W
+        if (name, case) != ("predictive", "wrong m")
+    ],
 )
 def test_bad_weights_raise(name, case):
     weights, message = BAD_W[case]
@@ -482,7 +488,10 @@ def test_bad_weights_raise(name, case):
         (lambda: E.bayes_weights(GOOD_TOKENS, GOOD_PI, M, method="gibbs", burn_in=-1), "burn_in"),
         (lambda: E.bayes_weights(GOOD_TOKENS, GOOD_PI, M, method="gibbs", generator=0), "generator"),
         (lambda: E.tune_eta(GOOD_TOKENS, GOOD_PI, M, torch.full((3, 3), 1 / 3)), "target_probs"),
-        (lambda: E.tune_eta(GOOD_TOKENS, GOOD_PI, M, torch.full((2, 3), 1 / 3), etas=torch.tensor([0.1, -1.0])), "etas"),
+        (
+            lambda: E.tune_eta(GOOD_TOKENS, GOOD_PI, M, torch.full((2, 3), 1 / 3), etas=torch.tensor([0.1, -1.0])),
+            "etas",
+        ),
         (lambda: E.kl_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.2, 0.3, 0.5])), "shapes"),
         (lambda: E.kl_divergence(torch.tensor([0.5, 0.6]), torch.tensor([0.5, 0.5])), "sum to 1"),
         (lambda: E.kl_divergence(torch.tensor([torch.nan, 0.5]), torch.tensor([0.5, 0.5])), "NaN"),
@@ -500,7 +509,10 @@ def test_impossible_token_raises():
     """A token with probability 0 under every lag has likelihood 0 for every lambda."""
     pi = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     tokens = torch.tensor([[0, 0, 1]])  # y_3 = 1 but both parents are 0 and pi(0, 1) = 0
-    for call in (lambda: E.responsibilities(tokens, pi, 2), lambda: E.md_weights(tokens, pi, 2, 0.1),
-                 lambda: E.bayes_weights(tokens, pi, 2)):
+    for call in (
+        lambda: E.responsibilities(tokens, pi, 2),
+        lambda: E.md_weights(tokens, pi, 2, 0.1),
+        lambda: E.bayes_weights(tokens, pi, 2),
+    ):
         with pytest.raises(ValueError, match="probability 0"):
             call()

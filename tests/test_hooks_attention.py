@@ -111,7 +111,9 @@ def test_responsibility_tv(task, construction, uniform_model, tokens):
     gamma = gamma_by_hand(tokens, task.transition)
     n_keys = torch.arange(M, T, dtype=torch.float64) + 1
     expected = 0.5 * ((1 / n_keys[None, :, None] - gamma).abs().sum(-1) + (n_keys - M) / n_keys)
-    assert responsibility_tv(uniform_model, tokens, task.transition, M) == pytest.approx(float(expected.mean()), abs=1e-12)
+    assert responsibility_tv(uniform_model, tokens, task.transition, M) == pytest.approx(
+        float(expected.mean()), abs=1e-12
+    )
 
 
 def test_offset_mass(task, construction, tokens):
@@ -125,7 +127,7 @@ def _permute_heads(model, permutations):
     """A copy of a standard model whose head h of layer l is the original's head permutations[l][h]."""
     permuted = copy.deepcopy(model)
     with torch.no_grad():
-        for block, perm in zip(permuted.blocks, permutations):
+        for block, perm in zip(permuted.blocks, permutations, strict=True):
             for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
                 parameter = getattr(block.attn, name)
                 parameter.copy_(parameter[perm].clone())
@@ -149,8 +151,12 @@ def test_hungarian_matching_recovers_permuted_heads():
     assert max(result.tv) < 1e-12 and max(result.kl) < 1e-10
     assert min(result.support_mass) == pytest.approx(1.0, abs=1e-6)  # keys below 1e-9 are off-support
     # Unmatched pairs are far apart: the recovered assignment is not a tie.
-    off_diagonal = [result.tv_matrix[r, u] for r in range(6) for u in range(6) if (r, u) not in
-                    [(3 * rl + rh, 3 * ml + mh) for (rl, rh), (ml, mh) in expected]]
+    off_diagonal = [
+        result.tv_matrix[r, u]
+        for r in range(6)
+        for u in range(6)
+        if (r, u) not in [(3 * rl + rh, 3 * ml + mh) for (rl, rh), (ml, mh) in expected]
+    ]
     assert min(off_diagonal) > 0.01
 
 
@@ -216,8 +222,7 @@ def test_ordered_matching_keeps_layer_order_and_minimises_under_it():
     for _ in range(5):
         cost = torch.rand(3, 5, generator=generator, dtype=torch.float64)
         best = min(
-            (sum(cost[r, c].item() for r, c in enumerate(cols)), cols)
-            for cols in itertools.combinations(range(5), 3)
+            (sum(cost[r, c].item() for r, c in enumerate(cols)), cols) for cols in itertools.combinations(range(5), 3)
         )
         pairs = _ordered_assignment(cost, [0, 1, 2], [0, 1, 2, 3, 4])
         assert tuple(c for _, c in pairs) == best[1]

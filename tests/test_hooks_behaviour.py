@@ -128,7 +128,9 @@ def test_sensitivity_rejects_bad_input():
     with pytest.raises(ValueError, match="n_ctx"):
         sensitivity_alignment(model, model, torch.zeros(2, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="d_vocab"):
-        sensitivity_alignment(model, standard_transformer(5, 6, n_layers=1, d_model=8), torch.zeros(2, 3, dtype=torch.long))
+        sensitivity_alignment(
+            model, standard_transformer(5, 6, n_layers=1, d_model=8), torch.zeros(2, 3, dtype=torch.long)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def brute_force_closest(target, parents, pi, resolution):
     """min over a grid of the simplex (steps 1/resolution) of KL(target || sum_g w_g pi(parent_g, .))."""
     m = len(parents)
     grid = [w for w in itertools.product(range(resolution + 1), repeat=m - 1) if sum(w) <= resolution]
-    weights = np.array([list(w) + [resolution - sum(w)] for w in grid], dtype=np.float64) / resolution
+    weights = np.array([[*w, resolution - sum(w)] for w in grid], dtype=np.float64) / resolution
     mixtures = weights @ pi[parents]  # [n_grid, q]
     kl = (target * (np.log(target) - np.log(mixtures))).sum(axis=1)
     best = int(np.argmin(kl))
@@ -183,7 +185,9 @@ def test_implicit_weights_of_the_construction_are_one_step_md():
     assert (merged(result.weights) - merged(md)).abs().max().item() < 1e-8
     # merge_repeated_lags by hand on one row: parents (y_T, y_{T-1}, y_{T-2}) = (2, 0, 2).
     row = torch.tensor([[1, 2, 0, 2]])
-    assert merge_repeated_lags(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64), row, 4).tolist() == [[0.3, 0.0, 0.7, 0.0]]
+    assert merge_repeated_lags(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64), row, 4).tolist() == [
+        [0.3, 0.0, 0.7, 0.0]
+    ]
 
 
 def test_implicit_weights_distances_on_the_construction():

@@ -111,8 +111,9 @@ def test_probe_patch_on_a_standard_model_is_the_projection(task, standard, pair)
     tokens_a, tokens_b = pair
     hook_name = "blocks.1.hook_resid_pre"
     weight = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    result = patch_mean_responsibility(standard, tokens_a, tokens_b, task.transition, M, beta=5.0,
-                                       probe=HandProbe(weight, hook_name), seed=1)
+    result = patch_mean_responsibility(
+        standard, tokens_a, tokens_b, task.transition, M, beta=5.0, probe=HandProbe(weight, hook_name), seed=1
+    )
     projector = weight @ torch.linalg.inv(weight.T @ weight) @ weight.T
     _, cache_b = standard.run_with_cache(tokens_b)
     h_b = cache_b[hook_name][:, -1]
@@ -130,10 +131,12 @@ def test_probe_patch_on_a_standard_model_is_the_projection(task, standard, pair)
     assert (result.counterfactual - md_prediction_by_hand(tokens_b, tokens_a, task.transition, 5.0)).abs().max() < 1e-12
     assert result.kl_patched == pytest.approx(kl_by_hand(result.counterfactual, result.patched), rel=1e-9)
     # The control is seeded: the same seed gives the same random patch, another seed another one.
-    again = patch_mean_responsibility(standard, tokens_a, tokens_b, task.transition, M, beta=5.0,
-                                      probe=HandProbe(weight, hook_name), seed=1)
-    other = patch_mean_responsibility(standard, tokens_a, tokens_b, task.transition, M, beta=5.0,
-                                      probe=HandProbe(weight, hook_name), seed=2)
+    again = patch_mean_responsibility(
+        standard, tokens_a, tokens_b, task.transition, M, beta=5.0, probe=HandProbe(weight, hook_name), seed=1
+    )
+    other = patch_mean_responsibility(
+        standard, tokens_a, tokens_b, task.transition, M, beta=5.0, probe=HandProbe(weight, hook_name), seed=2
+    )
     assert torch.equal(again.random_patched, result.random_patched)
     assert not torch.equal(other.random_patched, result.random_patched)
 
@@ -145,13 +148,15 @@ def test_patch_value_errors(task, construction, standard, pair):
     with pytest.raises(ValueError, match="tokens must lie"):
         patch_mean_responsibility(construction, tokens_a + Q, tokens_b, pi, M)
     with pytest.raises(ValueError, match="n_ctx"):
-        patch_mean_responsibility(construction, torch.zeros(2, T + 1, dtype=torch.long),
-                                  torch.zeros(2, T + 1, dtype=torch.long), pi, M)
+        patch_mean_responsibility(
+            construction, torch.zeros(2, T + 1, dtype=torch.long), torch.zeros(2, T + 1, dtype=torch.long), pi, M
+        )
     with pytest.raises(ValueError, match="more tokens than the order"):
         patch_mean_responsibility(construction, tokens_a[:, :M], tokens_b[:, :M], pi, M)
     with pytest.raises(ValueError, match="d_vocab"):
-        patch_mean_responsibility(construction, tokens_a % 4, tokens_b % 4,
-                                  torch.full((4, 4), 0.25, dtype=torch.float64), M)
+        patch_mean_responsibility(
+            construction, tokens_a % 4, tokens_b % 4, torch.full((4, 4), 0.25, dtype=torch.float64), M
+        )
     with pytest.raises(ValueError, match="same shape"):
         patch_mean_responsibility(construction, tokens_a, tokens_b[:3], pi, M)
     with pytest.raises(ValueError, match="probe"):
@@ -159,11 +164,19 @@ def test_patch_value_errors(task, construction, standard, pair):
     with pytest.raises(ValueError, match="beta is required"):
         patch_mean_responsibility(standard, tokens_a, tokens_b, pi, M, probe=probe)
     with pytest.raises(ValueError, match="rows"):
-        patch_mean_responsibility(standard, tokens_a, tokens_b, pi, M, beta=5.0,
-                                  probe=HandProbe(torch.ones(15, 1, dtype=torch.float64), probe.hook_name))
-    with pytest.raises(ValueError, match="differs from probe.hook_name"):
-        patch_mean_responsibility(standard, tokens_a, tokens_b, pi, M, beta=5.0, probe=probe,
-                                  hook_name="blocks.0.hook_resid_pre")
+        patch_mean_responsibility(
+            standard,
+            tokens_a,
+            tokens_b,
+            pi,
+            M,
+            beta=5.0,
+            probe=HandProbe(torch.ones(15, 1, dtype=torch.float64), probe.hook_name),
+        )
+    with pytest.raises(ValueError, match=r"differs from probe\.hook_name"):
+        patch_mean_responsibility(
+            standard, tokens_a, tokens_b, pi, M, beta=5.0, probe=probe, hook_name="blocks.0.hook_resid_pre"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +203,12 @@ def test_heatmap_one_changed_token_on_the_construction(task, construction, pair)
     # Denoising: the corrupt run with the clean embedding at that position is the clean run.
     restored = patching_heatmap(construction, clean, corrupt, hook="resid_pre", direction="denoising")
     assert restored[0, changed] == pytest.approx(0.0, abs=1e-7)
-    assert torch.allclose(others.new_full((T - 1,), kl_clean_corrupt),
-                          torch.cat([restored[0, :changed], restored[0, changed + 1 :]]), rtol=1e-6, atol=0)
+    assert torch.allclose(
+        others.new_full((T - 1,), kl_clean_corrupt),
+        torch.cat([restored[0, :changed], restored[0, changed + 1 :]]),
+        rtol=1e-6,
+        atol=0,
+    )
 
 
 def test_heatmap_entry_matches_a_manual_patch_on_a_standard_model(standard):

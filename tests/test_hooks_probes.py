@@ -56,7 +56,7 @@ def construction_report():
 
 
 def test_construction_holds_mean_responsibility_at_layer_2(construction_report):
-    model, sample, values, report = construction_report
+    model, _, _, report = construction_report
     assert report.rows[0] == "hook_embed" and report.rows[2] == "blocks.1.hook_resid_post"
     mean_r2 = report.r2["mean_responsibility"]
     assert mean_r2[2] >= 0.999 and mean_r2[3] >= 0.999  # layer 2 writes it; layer 3 keeps it

@@ -20,8 +20,12 @@ def test_a_planted_key_position_score_correlates_fully_and_masks_are_skipped():
         model.blocks[0].attn.key_pos_score.copy_(planted)
     tokens = torch.randint(0, 4, (5, 12), generator=torch.Generator().manual_seed(0))
     quantity = planted.expand(5, 12)
-    torch.testing.assert_close(key_score_correlation(model, tokens, quantity, first_key=2), torch.ones(1, 1, dtype=torch.float64))
-    torch.testing.assert_close(key_score_correlation(model, tokens, -quantity, first_key=2), -torch.ones(1, 1, dtype=torch.float64))
+    torch.testing.assert_close(
+        key_score_correlation(model, tokens, quantity, first_key=2), torch.ones(1, 1, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        key_score_correlation(model, tokens, -quantity, first_key=2), -torch.ones(1, 1, dtype=torch.float64)
+    )
 
 
 def test_construction_layer_1_scores_are_log_pi_of_the_window():

@@ -45,18 +45,39 @@ def _calls(setting, tokens, pi, m, values):
         "attention_agreement": lambda: hooks.attention_agreement(model, construction, tokens, order=m),
         "sensitivity_alignment": lambda: hooks.sensitivity_alignment(model, construction, tokens),
         "patch_mean_responsibility": lambda: hooks.patch_mean_responsibility(
-            model, tokens, probe_tokens.flip(0), pi, m, beta=5.0,
-            probe=type("P", (), {"weight": torch.ones(model.cfg.d_model, 1, dtype=torch.float64),
-                                 "hook_name": "blocks.1.hook_resid_post"})()),
+            model,
+            tokens,
+            probe_tokens.flip(0),
+            pi,
+            m,
+            beta=5.0,
+            probe=type(
+                "P",
+                (),
+                {
+                    "weight": torch.ones(model.cfg.d_model, 1, dtype=torch.float64),
+                    "hook_name": "blocks.1.hook_resid_post",
+                },
+            )(),
+        ),
         "implicit_weights": lambda: hooks.implicit_weights(model, tokens, pi, m),
         "responsibility_tv": lambda: hooks.responsibility_tv(model, tokens, pi, m),
     }
 
 
-@pytest.mark.parametrize("name", ["probe_model", "attention_agreement", "sensitivity_alignment",
-                                  "patch_mean_responsibility", "implicit_weights", "responsibility_tv"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "probe_model",
+        "attention_agreement",
+        "sensitivity_alignment",
+        "patch_mean_responsibility",
+        "implicit_weights",
+        "responsibility_tv",
+    ],
+)
 def test_bad_input_gives_a_named_value_error(setting, name):
-    model, task, sample, _, _ = setting
+    _, task, sample, _, _ = setting
     pi, m = task.transition, task.order
     good_values = hooks.targets(sample.tokens, pi, m, include_bayes=False)
     outside = sample.tokens.clone()
@@ -64,16 +85,18 @@ def test_bad_input_gives_a_named_value_error(setting, name):
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         _calls(setting, outside, pi, m, good_values)[name]()
     too_long = task.sample(4, 193, generator=torch.Generator().manual_seed(2)).tokens
-    with pytest.raises(ValueError, match="n_ctx|context"):
+    with pytest.raises(ValueError, match=r"n_ctx|context"):
         _calls(setting, too_long, pi, m, hooks.targets(too_long, pi, m, include_bayes=False))[name]()
     # probe_model reads m off the targets' NaNs (targets() refuses T <= m itself); sensitivity_alignment
     # compares two models' input gradients and needs no m.
     if name not in ("probe_model", "sensitivity_alignment"):
-        with pytest.raises(ValueError, match="order|T=3 <= m=3"):
+        with pytest.raises(ValueError, match=r"order|T=3 <= m=3"):
             _calls(setting, sample.tokens[:, :3], pi, m, good_values)[name]()
     if name in ("implicit_weights", "responsibility_tv", "patch_mean_responsibility"):
-        with pytest.raises(ValueError, match="d_vocab|q="):
+        with pytest.raises(ValueError, match=r"d_vocab|q="):
             _calls(setting, sample.tokens, torch.full((4, 4), 0.25, dtype=torch.float64), m, good_values)[name]()
     if name == "probe_model":
         with pytest.raises(ValueError, match="shape"):
-            _calls(setting, sample.tokens, pi, m, {"mean_responsibility": good_values["mean_responsibility"][:, :20]})[name]()
+            _calls(setting, sample.tokens, pi, m, {"mean_responsibility": good_values["mean_responsibility"][:, :20]})[
+                name
+            ]()

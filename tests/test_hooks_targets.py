@@ -20,8 +20,15 @@ def sample():
 def test_every_position_matches_the_estimators_on_its_prefix(sample, alpha):
     pi, beta = TASK.transition, 6.0
     result = targets(sample.tokens, pi, M, beta=beta, beta2=9.0, alpha=alpha, lags=sample.lags)
-    assert set(result) == {"responsibility", "mean_responsibility", "md_weights", "log_md_weights",
-                           "md2_weights", "bayes_weights", "lag"}
+    assert set(result) == {
+        "responsibility",
+        "mean_responsibility",
+        "md_weights",
+        "log_md_weights",
+        "md2_weights",
+        "bayes_weights",
+        "lag",
+    }
     for values in result.values():
         assert values.shape == (6, 20, M) and values.dtype == torch.float64
         assert torch.isnan(values[:, :M]).all() and torch.isfinite(values[:, M:]).all()
@@ -29,14 +36,24 @@ def test_every_position_matches_the_estimators_on_its_prefix(sample, alpha):
     for t in range(M + 1, 21):  # 1-based position t is tensor index t - 1
         prefix, eta = sample.tokens[:, :t], beta / (M * (t - M))
         torch.testing.assert_close(result["responsibility"][:, t - 1], gamma[:, t - M - 1], rtol=0, atol=1e-15)
-        torch.testing.assert_close(result["mean_responsibility"][:, t - 1], gamma[:, : t - M].mean(dim=1), rtol=0, atol=1e-14)
+        torch.testing.assert_close(
+            result["mean_responsibility"][:, t - 1], gamma[:, : t - M].mean(dim=1), rtol=0, atol=1e-14
+        )
         torch.testing.assert_close(result["md_weights"][:, t - 1], E.md_weights(prefix, pi, M, eta), rtol=0, atol=1e-13)
-        torch.testing.assert_close(result["log_md_weights"][:, t - 1], E.md_weights(prefix, pi, M, eta).log(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            result["log_md_weights"][:, t - 1], E.md_weights(prefix, pi, M, eta).log(), rtol=0, atol=1e-12
+        )
         eta2 = 9.0 / (M * (t - M))
-        torch.testing.assert_close(result["md2_weights"][:, t - 1], E.md_weights(prefix, pi, M, eta2, steps=2), rtol=0, atol=1e-12)
-        torch.testing.assert_close(result["bayes_weights"][:, t - 1], E.bayes_weights(prefix, pi, M, alpha=alpha), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            result["md2_weights"][:, t - 1], E.md_weights(prefix, pi, M, eta2, steps=2), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            result["bayes_weights"][:, t - 1], E.bayes_weights(prefix, pi, M, alpha=alpha), rtol=0, atol=1e-12
+        )
     lag_index = result["lag"][:, M:].argmax(dim=-1) + 1
-    assert torch.equal(lag_index, sample.lags[:, M:]) and torch.equal(result["lag"][:, M:].sum(-1), torch.ones(6, 20 - M, dtype=torch.float64))
+    assert torch.equal(lag_index, sample.lags[:, M:]) and torch.equal(
+        result["lag"][:, M:].sum(-1), torch.ones(6, 20 - M, dtype=torch.float64)
+    )
 
 
 def test_optional_targets_are_left_out(sample):

@@ -31,7 +31,9 @@ def random_transition(q: int, seed: int, zeros: int = 0) -> torch.Tensor:
     return pi / pi.sum(dim=1, keepdim=True)
 
 
-def model_with_scores(scores: torch.Tensor, n_layers: int = 1, window: int = 2, n_ctx: int = 8) -> DisentangledTransformer:
+def model_with_scores(
+    scores: torch.Tensor, n_layers: int = 1, window: int = 2, n_ctx: int = 8
+) -> DisentangledTransformer:
     """A float64 disentangled model whose layer-1 token-token block is ``scores`` (row = query token)."""
     q = scores.shape[0]
     model = DisentangledTransformer(q, n_ctx, n_layers=n_layers, window=window, dtype=torch.float64, order=window - 1)
@@ -105,9 +107,9 @@ def test_learned_transition_kl_matches_the_row_formula():
     pi = random_transition(4, seed=1)
     other = random_transition(4, seed=2)
     model = model_with_scores(other.log().T + 3.0)
-    expected = np.mean([
-        sum(pi[a, b].item() * math.log(pi[a, b].item() / other[a, b].item()) for b in range(4)) for a in range(4)
-    ])
+    expected = np.mean(
+        [sum(pi[a, b].item() * math.log(pi[a, b].item() / other[a, b].item()) for b in range(4)) for a in range(4)]
+    )
     assert learned_transition_kl(model, pi) == pytest.approx(expected, rel=1e-9)
     construction = build_md_transformer(pi, 2, seq_len=8, eta=0.5)
     assert learned_transition_kl(construction, pi) < 1e-12
@@ -207,7 +209,7 @@ def test_interpolation_between_constructions_is_md_with_interpolated_eta():
     path = weight_alignment(model, reference, tokens, pi, m)["interpolation"]
     assert len(path["s"]) == 11 and path["s"][0] == 0.0 and path["s"][-1] == 1.0
     target = E.predictive(tokens, pi, E.md_weights(tokens, pi, m, eta_reference))
-    for s, kl in zip(path["s"], path["mean_kl"]):
+    for s, kl in zip(path["s"], path["mean_kl"], strict=True):
         eta = (1 - s) * eta_model + s * eta_reference
         expected = E.kl_divergence(target, E.predictive(tokens, pi, E.md_weights(tokens, pi, m, eta))).mean()
         assert kl == pytest.approx(float(expected), abs=1e-12)

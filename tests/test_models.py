@@ -7,7 +7,6 @@ from transformer_lens import HookedTransformer
 
 from mdlens.models import StandardTransformer, standard_transformer
 
-
 # ----------------------------------------------------------------------------------------------
 # standard_transformer
 
@@ -33,7 +32,7 @@ def test_standard_seed_is_deterministic_and_leaves_global_rng_alone():
     assert np.array_equal(np.random.rand(3), expected_numpy)
     b = standard_transformer(4, 16, seed=7, positions="rotary")
     c = standard_transformer(4, 16, seed=8, positions="rotary")
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.W_Q, c.W_Q)
 
@@ -42,12 +41,24 @@ def test_standard_one_layer_attention_only_matches_hand_computation():
     # Independent forward pass written from the weights: embed + pos, causal softmax(q k / sqrt(d)),
     # z = pattern v, out = z W_O, unembed.
     model = standard_transformer(
-        5, 16, n_layers=1, d_model=8, n_heads=2, attn_only=True, normalization=None,
-        dtype=torch.float64, seed=3,
+        5,
+        16,
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        attn_only=True,
+        normalization=None,
+        dtype=torch.float64,
+        seed=3,
     )
     with torch.no_grad():  # TL initialises biases at zero; make them matter
-        for p in (model.blocks[0].attn.b_Q, model.blocks[0].attn.b_K, model.blocks[0].attn.b_V,
-                  model.blocks[0].attn.b_O, model.b_U):
+        for p in (
+            model.blocks[0].attn.b_Q,
+            model.blocks[0].attn.b_K,
+            model.blocks[0].attn.b_V,
+            model.blocks[0].attn.b_O,
+            model.b_U,
+        ):
             p.normal_(generator=torch.Generator().manual_seed(p.numel()))
     tokens = torch.randint(0, 5, (2, 9), generator=torch.Generator().manual_seed(0))
     attn = model.blocks[0].attn
@@ -58,7 +69,7 @@ def test_standard_one_layer_attention_only_matches_hand_computation():
         q = x @ attn.W_Q[h] + attn.b_Q[h]
         k = x @ attn.W_K[h] + attn.b_K[h]
         v = x @ attn.W_V[h] + attn.b_V[h]
-        scores = q @ k.transpose(1, 2) / (attn.cfg.d_head ** 0.5)
+        scores = q @ k.transpose(1, 2) / (attn.cfg.d_head**0.5)
         scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
         out = out + torch.softmax(scores, dim=-1) @ v @ attn.W_O[h]
     expected = (x + out + attn.b_O) @ model.W_U + model.b_U
@@ -68,8 +79,9 @@ def test_standard_one_layer_attention_only_matches_hand_computation():
 @pytest.mark.parametrize("positions", ["standard", "rotary"])
 @pytest.mark.parametrize("normalization", ["LN", None])
 def test_standard_variants_run_and_train_one_step(positions, normalization):
-    model = standard_transformer(4, 16, n_layers=2, d_model=16, n_heads=2,
-                                 positions=positions, normalization=normalization, output="probs")
+    model = standard_transformer(
+        4, 16, n_layers=2, d_model=16, n_heads=2, positions=positions, normalization=normalization, output="probs"
+    )
     assert model.output_type == "probs"
     assert model.cfg.positional_embedding_type == positions
     tokens = torch.randint(0, 4, (4, 12))
@@ -248,7 +260,7 @@ def test_disentangled_seed_determinism_and_dtypes():
     a = disentangled_transformer(3, order=2, n_ctx=8, seed=5)
     b = disentangled_transformer(3, order=2, n_ctx=8, seed=5)
     c = disentangled_transformer(3, order=2, n_ctx=8, seed=6)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.W_U, c.W_U)
     assert isinstance(a, HookedTransformer) and isinstance(a, DisentangledTransformer)
     assert a.output_type == "probs" and a.W_U.dtype == torch.float32
@@ -260,7 +272,7 @@ def test_disentangled_eight_layers_run():
     from mdlens.models import DisentangledTransformer
 
     model = DisentangledTransformer(vocab_size=2, n_ctx=6, n_layers=8, window=1)
-    assert model.cfg.d_model == 2 ** 8 * 3 - 1  # D_l + W doubles: D_8 = 2^8 (q + W) - W
+    assert model.cfg.d_model == 2**8 * 3 - 1  # D_l + W doubles: D_8 = 2^8 (q + W) - W
     assert model(torch.tensor([[0, 1, 1, 0, 1]])).shape == (1, 5, 2)
 
 

@@ -20,7 +20,7 @@ def test_logits_model_gives_the_softmax_of_its_last_output():
     model = standard_transformer(5, 8, n_layers=1, d_model=16, seed=0)
     probs = mdlens.predict_next(model, TOKENS)
     assert probs.shape == (3, 5) and probs.dtype == torch.float64
-    for row, logits in zip(probs.tolist(), raw_last_output(model, TOKENS)):
+    for row, logits in zip(probs.tolist(), raw_last_output(model, TOKENS), strict=True):
         exps = [math.exp(x) for x in logits]
         assert row == pytest.approx([e / sum(exps) for e in exps], abs=1e-6)
 
@@ -32,7 +32,7 @@ def test_probs_model_is_clipped_at_zero_and_renormalised():
     raw = raw_last_output(model, TOKENS)
     assert any(x < 0 for row in raw for x in row) and all(any(x > 0 for x in row) for row in raw)
     probs = mdlens.predict_next(model, TOKENS)
-    for row, out in zip(probs.tolist(), raw):
+    for row, out in zip(probs.tolist(), raw, strict=True):
         clipped = [max(x, 0.0) for x in out]
         assert row == pytest.approx([c / sum(clipped) for c in clipped], abs=1e-6)
     assert (probs >= 0).all() and torch.allclose(probs.sum(-1), torch.ones(3, dtype=torch.float64))

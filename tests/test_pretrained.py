@@ -13,7 +13,6 @@ from mdlens.models import DisentangledTransformer, disentangled_transformer
 SHIPPED = {"disentangled-3l", "standard-3l", "disentangled-5l"}
 
 
-
 def test_every_shipped_model_loads_and_predicts():
     names = mdlens.list_pretrained()
     assert set(names) == SHIPPED
@@ -55,8 +54,13 @@ def tiny_root(tmp_path):
     task = MTDTask(vocab_size=4, order=2, alpha=1.0, seed=3)
     model = disentangled_transformer(4, 2, 12, n_layers=2, seed=5)
     mdlens.save(model, tmp_path / "tiny-2l", task=task)
-    entry = {"command": "mdlens train --vocab 4 --order 2 --seq-len 12 --layers 2 --out tiny-2l",
-             "wall_clock_s": 1.0, "steps": 1, "samples": 1, "description": "a test model"}
+    entry = {
+        "command": "mdlens train --vocab 4 --order 2 --seq-len 12 --layers 2 --out tiny-2l",
+        "wall_clock_s": 1.0,
+        "steps": 1,
+        "samples": 1,
+        "description": "a test model",
+    }
     (tmp_path / "MANIFEST.json").write_text(json.dumps({"tiny-2l": entry}))
     return tmp_path, model, task
 
@@ -79,7 +83,7 @@ def test_loader_errors_say_what_is_wrong(tiny_root, tmp_path_factory):
         mdlens.load_pretrained("tiny-3l", root=root)
     # Listed in the manifest, but the weights are gone: the error names the file and the command.
     (root / "tiny-2l" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors.*mdlens train --vocab 4"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*mdlens train --vocab 4"):
         mdlens.load_pretrained("tiny-2l", root=root)
     # A directory without a manifest ships nothing.
     empty = tmp_path_factory.mktemp("empty")
@@ -91,27 +95,31 @@ def test_loader_errors_say_what_is_wrong(tiny_root, tmp_path_factory):
     with pytest.raises(ValueError, match="without its task"):
         mdlens.load_pretrained("tiny-2l", root=root)
     (root / "MANIFEST.json").write_text("{not json")
-    with pytest.raises(ValueError, match="MANIFEST.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"MANIFEST\.json is not valid JSON"):
         mdlens.list_pretrained(root=root)
 
 
 def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
     """``mdlens reproduce trained`` on a root holding the exact one-step-MD construction: its KL must be
     one-step MD's KL at the construction's step, recomputed here from the estimators."""
+    from mdlens import estimators as E
     from mdlens.analyses import trained
     from mdlens.analyses.estimators import sample_batches
-    from mdlens import estimators as E
     from mdlens.construction import build_md_transformer
 
     task = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
     seq_len, eta = 16, 0.05
     root = tmp_path / "models"
     mdlens.save(build_md_transformer(task.transition, 3, seq_len, eta), root / "disentangled-3l", task=task)
-    (root / "MANIFEST.json").write_text(json.dumps({"disentangled-3l": {"command": "built", "wall_clock_s": 1.0,
-                                                                        "steps": 1, "samples": 1}}))
+    (root / "MANIFEST.json").write_text(
+        json.dumps({"disentangled-3l": {"command": "built", "wall_clock_s": 1.0, "steps": 1, "samples": 1}})
+    )
     report = trained.run(tmp_path / "out", quick=True, root=root)
     assert {p.rsplit("/", 1)[-1] for p in report["files"]} == {
-        "trained.json", "trained_kl_vs_length.png", "trained_kl_ratio_to_md1.png"}
+        "trained.json",
+        "trained_kl_vs_length.png",
+        "trained_kl_ratio_to_md1.png",
+    }
     assert json.loads((tmp_path / "out" / "trained.json").read_text())["criteria"].keys() == {"disentangled-3l"}
 
     by_length = {r["seq_len"]: r for r in report["results"]}
@@ -156,8 +164,10 @@ def test_plot_label_names_the_lengths_left_out_for_an_infinite_kl():
     """A length whose mean KL is inf is not drawn; the legend must say which and on how many sequences."""
     from mdlens.analyses.trained import model_label
 
-    results = [{"seq_len": 8, "kl": {"m": {"mean": None, "n_infinite": 2}}},
-               {"seq_len": 16, "kl": {"m": {"mean": 0.01, "n_infinite": 0}}},
-               {"seq_len": 32, "kl": {"m": None}}]
+    results = [
+        {"seq_len": 8, "kl": {"m": {"mean": None, "n_infinite": 2}}},
+        {"seq_len": 16, "kl": {"m": {"mean": 0.01, "n_infinite": 0}}},
+        {"seq_len": 32, "kl": {"m": None}},
+    ]
     assert model_label(results, "m") == "trained m\nKL = inf, not drawn: T=8 (2 seq)"
     assert model_label(results[1:], "m") == "trained m"

@@ -86,8 +86,9 @@ def test_weights_have_dirichlet_moments(alpha):
 def test_transition_rows_from_dirichlet_concentration():
     """Rows ~ Dirichlet(c 1_q): entry mean 1/q, var (q-1)/(q^2 (q c + 1))."""
     q, c = 4, 2.0
-    rows = torch.cat([MTDTask(vocab_size=q, order=1, seed=s, transition_concentration=c).transition
-                      for s in range(400)])
+    rows = torch.cat(
+        [MTDTask(vocab_size=q, order=1, seed=s, transition_concentration=c).transition for s in range(400)]
+    )
     var = (q - 1) / (q**2 * (q * c + 1))
     assert (rows.mean(0) - 1 / q).abs().max() < 5 * math.sqrt(var / rows.shape[0])
     assert abs(rows.var().item() / var - 1) < 0.15

@@ -110,9 +110,14 @@ def test_run_with_cache_on_the_loss_returns_it_and_every_gradient(construction, 
     loss, cache = construction.run_with_cache(tokens, return_type="loss", incl_bwd=True)
     construction.zero_grad(set_to_none=True)
     assert abs(loss.item() - cross_entropy_by_hand(construction, tokens).mean().item()) < 1e-12
-    for name in ("hook_embed_grad", "hook_pos_embed_grad", "blocks.0.hook_resid_pre_grad",
-                 "blocks.0.attn.hook_rel_scores_grad", "blocks.2.attn.hook_rel_values_grad"):
-        assert name in cache.keys(), name
+    for name in (
+        "hook_embed_grad",
+        "hook_pos_embed_grad",
+        "blocks.0.hook_resid_pre_grad",
+        "blocks.0.attn.hook_rel_scores_grad",
+        "blocks.2.attn.hook_rel_values_grad",
+    ):
+        assert name in cache, name
 
 
 def test_loss_mask_and_per_token_follow_transformer_lens(construction, task):
@@ -138,8 +143,9 @@ def test_loss_mask_and_per_token_follow_transformer_lens(construction, task):
 def test_loss_gradient_is_finite_with_clipped_outputs_and_matches_finite_differences(task):
     model = disentangled_transformer(Q, order=M, n_ctx=T, n_layers=2, dtype="float64", seed=3)
     with torch.no_grad():  # the residual is >= 0; a readout of mixed sign clips some outputs
-        model.W_U.copy_(torch.randn(model.W_U.shape, generator=torch.Generator().manual_seed(0),
-                                    dtype=torch.float64) + 0.6)
+        model.W_U.copy_(
+            torch.randn(model.W_U.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.6
+        )
     tokens = sample_tokens(task, 2, T, seed=4)
     with torch.no_grad():
         output = model(tokens)
@@ -222,8 +228,9 @@ def test_generate_stream_draws_the_same_tokens_as_generate(construction, task):
     torch.manual_seed(2)
     generated = construction.generate(prompt, max_new_tokens=4, verbose=False)
     torch.manual_seed(2)
-    streamed = torch.cat(list(construction.generate_stream(prompt, max_new_tokens=4, verbose=False,
-                                                            max_tokens_per_yield=2)), dim=1)
+    streamed = torch.cat(
+        list(construction.generate_stream(prompt, max_new_tokens=4, verbose=False, max_tokens_per_yield=2)), dim=1
+    )
     assert torch.equal(generated, streamed)
     assert not construction._log_probs_for_sampling  # plain forwards return the raw output again
 
@@ -290,8 +297,17 @@ def test_training_leaves_the_embedding_alone(task):
     embed, pos = model.W_E.clone(), model.W_pos.clone()
     frozen_names = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert {"embed.W_E", "pos_embed.W_pos"} <= frozen_names
-    config = TrainConfig(steps=3, batch_size=4, seq_len=T, lr=0.1, eval_every=0, eval_batch_size=4,
-                         eval_bayes=False, progress=False, device="cpu")
+    config = TrainConfig(
+        steps=3,
+        batch_size=4,
+        seq_len=T,
+        lr=0.1,
+        eval_every=0,
+        eval_batch_size=4,
+        eval_bayes=False,
+        progress=False,
+        device="cpu",
+    )
     train(model, task, config)
     assert torch.equal(model.W_E, embed) and torch.equal(model.W_pos, pos)
     assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen_names

@@ -19,7 +19,6 @@ Q, M, T, ETA = 4, 3, 10, 0.2
 RPE_HOOKS = ("hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores", "hook_rel_values")
 
 
-
 @pytest.fixture(scope="module")
 def task():
     return MTDTask(vocab_size=Q, order=M, seed=11)
@@ -65,7 +64,8 @@ def test_run_with_cache_has_every_hook_with_the_right_shapes(construction, clean
     with torch.no_grad():
         out, cache = construction.run_with_cache(tokens)
     per_layer = ["hook_resid_pre", "hook_attn_out", "hook_resid_post"] + [
-        f"attn.{name}" for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", *RPE_HOOKS)
+        f"attn.{name}"
+        for name in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", *RPE_HOOKS)
     ]
     expected = {"hook_embed", "hook_pos_embed", "unembed.hook_in", "unembed.hook_out"}
     expected |= {f"blocks.{layer}.{name}" for layer in range(3) for name in per_layer}
@@ -110,9 +110,16 @@ def test_run_with_cache_on_a_standard_model(standard, clean_and_corrupted):
     with torch.no_grad():
         _, cache = standard.run_with_cache(tokens)
     assert set(cache.keys()) <= set(standard.hook_dict)
-    for name in ("hook_embed", "hook_pos_embed", "blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post",
-                 "blocks.1.ln1.hook_normalized", "ln_final.hook_normalized", "blocks.0.attn.hook_z"):
-        assert name in cache.keys(), name
+    for name in (
+        "hook_embed",
+        "hook_pos_embed",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.mlp.hook_post",
+        "blocks.1.ln1.hook_normalized",
+        "ln_final.hook_normalized",
+        "blocks.0.attn.hook_z",
+    ):
+        assert name in cache, name
     assert cache["blocks.1.attn.hook_pattern"].shape == (2, 2, T, T)
     assert cache["blocks.1.hook_mlp_out"].shape == (2, T, 16)
 
@@ -209,16 +216,16 @@ def test_get_act_patch_attn_head_out_by_pos(which, construction, standard, clean
     # Head outputs before the corrupted position are identical in both runs.
     assert (result[:, : M + 1] - corrupted_metric).abs().max().item() < tol
     for layer, pos, head in [(0, M + 1, 0), (model.cfg.n_layers - 1, T - 1, n_heads - 1)]:
-        expected = manual_patch(model, corrupted, clean_cache, f"blocks.{layer}.attn.hook_z",
-                                (slice(None), pos, head))
+        expected = manual_patch(model, corrupted, clean_cache, f"blocks.{layer}.attn.hook_z", (slice(None), pos, head))
         assert abs(result[layer, pos, head].item() - expected) < tol
 
 
 def test_head_patch_on_linear_standard_model_matches_the_weights(clean_and_corrupted):
     # Attention-only, no LayerNorm: the last layer's head h adds z_h W_O[h] to the residual, which
     # W_U reads linearly, so patching z_h at the last position moves the metric by a known amount.
-    model = standard_transformer(Q, T, n_layers=2, d_model=8, n_heads=2, attn_only=True,
-                                 normalization=None, dtype=torch.float64, seed=2)
+    model = standard_transformer(
+        Q, T, n_layers=2, d_model=8, n_heads=2, attn_only=True, normalization=None, dtype=torch.float64, seed=2
+    )
     clean, corrupted = clean_and_corrupted
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)

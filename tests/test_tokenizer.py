@@ -101,7 +101,7 @@ def test_words_outside_the_vocabulary_raise(model, text, word):
 
 
 def test_asking_for_a_bos_raises(model):
-    with pytest.raises(ValueError, match="no BOS token.*prepend_bos=False"):
+    with pytest.raises(ValueError, match=r"no BOS token.*prepend_bos=False"):
         model.to_tokens("3 1 4", prepend_bos=True)
     assert model.tokenizer.bos_token == NO_TOKEN and model.tokenizer.bos_token_id is None
 
@@ -192,7 +192,7 @@ def test_a_saved_tokenizer_that_does_not_fit_raises(tmp_path):
 
 
 def test_shipped_checkpoints_load_with_a_tokenizer():
-    model, task = mdlens.load_pretrained("disentangled-3l")
+    model, _ = mdlens.load_pretrained("disentangled-3l")
     assert model.to_tokens("4 0 2").tolist() == [[4, 0, 2]]
     assert model.to_str_tokens(torch.tensor([1, 3])) == ["1", "3"]
 

@@ -15,11 +15,20 @@ from mdlens.training import TrainConfig, _loss, learning_rate, next_token_target
 TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
 
 
-
 def small_config(**overrides) -> TrainConfig:
     """A few-second run: short sequences, small batches, a small held-out batch, no Bayes reference."""
-    fields = dict(steps=20, batch_size=16, seq_len=16, lr=1e-2, eval_every=0, eval_batch_size=32,
-                  eval_bayes=False, device="cpu", progress=False, log_every=1)
+    fields = dict(
+        steps=20,
+        batch_size=16,
+        seq_len=16,
+        lr=1e-2,
+        eval_every=0,
+        eval_batch_size=32,
+        eval_bayes=False,
+        device="cpu",
+        progress=False,
+        log_every=1,
+    )
     fields.update(overrides)
     return TrainConfig(**fields)
 
@@ -157,8 +166,16 @@ def test_tiny_run_lowers_the_loss_and_beats_the_uniform_guess():
     # put zero mass on a possible token early in training).
     task = MTDTask(vocab_size=5, order=3, alpha=0.1, seed=0)
     model = DisentangledTransformer.from_task(task, 24, n_layers=3, seed=0, output="logits")
-    config = small_config(steps=200, batch_size=32, seq_len=24, lr=3e-2, lr_schedule="constant", loss="ce",
-                          eval_batch_size=256, log_every=10)
+    config = small_config(
+        steps=200,
+        batch_size=32,
+        seq_len=24,
+        lr=3e-2,
+        lr_schedule="constant",
+        loss="ce",
+        eval_batch_size=256,
+        log_every=10,
+    )
     result = train(model, task, config)
     losses = [loss for _, loss in result.losses]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.03, losses
@@ -224,8 +241,15 @@ def test_run_killed_half_way_and_resumed_matches_an_uninterrupted_run(tmp_path, 
     reference = fresh_model(0)
     reference_result = train(reference, TASK, config)
 
-    checkpointed = small_config(steps=20, loss=loss, lr_schedule="cosine", warmup_steps=3, eval_every=5,
-                                checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    checkpointed = small_config(
+        steps=20,
+        loss=loss,
+        lr_schedule="cosine",
+        warmup_steps=3,
+        eval_every=5,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every=10,
+    )
     with pytest.raises(Killed):  # dies at step 15, five steps after the checkpoint at step 10
         train(fresh_model(0), DiesAfter(TASK, 15, config.batch_size), checkpointed)
     # A new process: a model with another initialisation, the same config, resume=True.
@@ -252,12 +276,18 @@ def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_pat
     meta = json.loads(state.read_text())
     del meta["config"]["freeze_layers"]  # as written before TrainConfig had the field
     state.write_text(json.dumps(meta))
-    result = train(disentangled_transformer(5, 3, 16, n_layers=2), TASK,
-                   small_config(steps=4, checkpoint_dir=str(tmp_path), resume=True))
+    result = train(
+        disentangled_transformer(5, 3, 16, n_layers=2),
+        TASK,
+        small_config(steps=4, checkpoint_dir=str(tmp_path), resume=True),
+    )
     assert result.losses[-1][0] == 4 and result.samples == 4 * 16  # the saved run, loaded
     with pytest.raises(ValueError, match="freeze_layers"):
-        train(disentangled_transformer(5, 3, 16, n_layers=2), TASK,
-              small_config(steps=4, freeze_layers=1, checkpoint_dir=str(tmp_path), resume=True))
+        train(
+            disentangled_transformer(5, 3, 16, n_layers=2),
+            TASK,
+            small_config(steps=4, freeze_layers=1, checkpoint_dir=str(tmp_path), resume=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,8 +339,11 @@ def test_train_rejects_a_model_that_does_not_fit():
 
 @pytest.mark.parametrize("model_kind", ["disentangled", "standard"])
 def test_frozen_layers_keep_their_weights_and_the_rest_trains(model_kind):
-    model = (disentangled_transformer(5, 3, 16, n_layers=3, seed=0) if model_kind == "disentangled"
-             else standard_transformer(5, 16, n_layers=3, d_model=16, seed=0))
+    model = (
+        disentangled_transformer(5, 3, 16, n_layers=3, seed=0)
+        if model_kind == "disentangled"
+        else standard_transformer(5, 16, n_layers=3, d_model=16, seed=0)
+    )
     before = weights_of(model)
     trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
     train(model, TASK, small_config(steps=5, freeze_layers=2))
@@ -331,9 +364,32 @@ def test_frozen_layers_keep_their_weights_and_the_rest_trains(model_kind):
 
 def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    cli_main(["train", "--model", "disentangled", "--layers", "2", "--seq-len", "16", "--steps", "6",
-              "--batch", "8", "--eval-every", "0", "--checkpoint-every", "3", "--device", "cpu", "--threads", "1",
-              "--no-progress", "--out", str(out)])
+    cli_main(
+        [
+            "train",
+            "--model",
+            "disentangled",
+            "--layers",
+            "2",
+            "--seq-len",
+            "16",
+            "--steps",
+            "6",
+            "--batch",
+            "8",
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "3",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"checkpoint: {out}" in printed
     model, task = mdlens.load(out), mdlens.load_task(out)
@@ -344,8 +400,7 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
 
     # The same run through the Python API gives the same weights as the command.
     reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
-    train(reference, TASK, TrainConfig(steps=6, batch_size=8, seq_len=16, eval_every=0, device="cpu",
-                                       progress=False))
+    train(reference, TASK, TrainConfig(steps=6, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False))
     assert_same_weights(weights_of(reference), weights_of(model))
     tokens = TASK.sample(4, 16, generator=torch.Generator().manual_seed(0)).tokens
     probs = mdlens.predict_next(model, tokens)
@@ -354,14 +409,47 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 def test_cli_train_config_file_and_bad_fields(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model": "standard", "layers": 1, "d_model": 16, "seq_len": 12, "steps": 2,
-                                  "batch": 4, "eval_every": 0, "loss": "ce", "device": "cpu"}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": "standard",
+                "layers": 1,
+                "d_model": 16,
+                "seq_len": 12,
+                "steps": 2,
+                "batch": 4,
+                "eval_every": 0,
+                "loss": "ce",
+                "device": "cpu",
+            }
+        )
+    )
     out = tmp_path / "std"
     cli_main(["train", "--config", str(config), "--no-progress", "--out", str(out)])
     assert mdlens.load(out).output_type == "logits"
     # A disentangled model trained with cross-entropy reads its output as logits.
-    cli_main(["train", "--layers", "1", "--seq-len", "12", "--steps", "2", "--batch", "4", "--loss", "ce",
-              "--eval-every", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "dce")])
+    cli_main(
+        [
+            "train",
+            "--layers",
+            "1",
+            "--seq-len",
+            "12",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--loss",
+            "ce",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "dce"),
+        ]
+    )
     assert mdlens.load(tmp_path / "dce").output_type == "logits"
     config.write_text(json.dumps({"layer": 2}))
     with pytest.raises(ValueError, match="unknown fields"):
@@ -372,7 +460,6 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
         cli_main(["train", "--threads", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="--out"):
         cli_main(["train", "--steps", "2"])
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,21 +513,68 @@ def test_load_shallower_rejects_models_that_do_not_fit():
 def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
     common = ["--seq-len", "16", "--batch", "8", "--eval-every", "0", "--device", "cpu", "--no-progress"]
     cli_main(["train", "--layers", "1", "--steps", "4", *common, "--out", str(tmp_path / "one")])
-    cli_main(["train", "--layers", "2", "--steps", "3", "--init-from", str(tmp_path / "one"), "--new-layers",
-              new_layers, "--freeze-layers", "1", *common, "--out", str(tmp_path / "two")])
+    cli_main(
+        [
+            "train",
+            "--layers",
+            "2",
+            "--steps",
+            "3",
+            "--init-from",
+            str(tmp_path / "one"),
+            "--new-layers",
+            new_layers,
+            "--freeze-layers",
+            "1",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ]
+    )
     # The same through the Python API: grow, then train with the same recipe.
     reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
     reference.load_shallower(mdlens.load(tmp_path / "one"), new_layers=new_layers)
-    train(reference, TASK, TrainConfig(steps=3, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False,
-                                       freeze_layers=1))
+    train(
+        reference,
+        TASK,
+        TrainConfig(steps=3, batch_size=8, seq_len=16, eval_every=0, device="cpu", progress=False, freeze_layers=1),
+    )
     assert_same_weights(weights_of(reference), weights_of(mdlens.load(tmp_path / "two")))
 
     with pytest.raises(ValueError, match="not trained on this task"):
-        cli_main(["train", "--layers", "2", "--steps", "1", "--task-seed", "1", "--init-from", str(tmp_path / "one"),
-                  *common, "--out", str(tmp_path / "other")])
+        cli_main(
+            [
+                "train",
+                "--layers",
+                "2",
+                "--steps",
+                "1",
+                "--task-seed",
+                "1",
+                "--init-from",
+                str(tmp_path / "one"),
+                *common,
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
     with pytest.raises(ValueError, match="disentangled models only"):
-        cli_main(["train", "--model", "standard", "--layers", "1", "--steps", "1", "--init-from",
-                  str(tmp_path / "one"), *common, "--out", str(tmp_path / "std")])
+        cli_main(
+            [
+                "train",
+                "--model",
+                "standard",
+                "--layers",
+                "1",
+                "--steps",
+                "1",
+                "--init-from",
+                str(tmp_path / "one"),
+                *common,
+                "--out",
+                str(tmp_path / "std"),
+            ]
+        )
     with pytest.raises(ValueError, match="--new-layers must"):
         cli_main(["train", "--new-layers", "copy", "--init-from", str(tmp_path / "one"), "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="only applies with --init-from"):

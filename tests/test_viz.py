@@ -16,15 +16,14 @@ import pytest
 import torch
 
 import mdlens
-from mdlens import MTDTask
+from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens import hooks
 from mdlens.construction import build_md_transformer
 from mdlens.hooks import viz
 from mdlens.models import standard_transformer
 
 Q, M, T, ETA = 4, 3, 10, 0.2
-ATOL = 10.0 ** -viz.DIGITS  # the page keeps DIGITS decimal places
+ATOL = 10.0**-viz.DIGITS  # the page keeps DIGITS decimal places
 BUNDLE = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
 
 
@@ -75,9 +74,7 @@ def patterns_of(model, tokens, layer):
 def test_panels_labels_and_embedded_values_on_the_construction(view, construction, sample):
     tokens, lags = sample.tokens[1], sample.lags[1]
     assert view.names == ["L1", "L2", "L3"]
-    expected_labels = [
-        f"y{t + 1}={tokens[t].item()},z={lags[t].item() if t >= M else '-'}" for t in range(T)
-    ]
+    expected_labels = [f"y{t + 1}={tokens[t].item()},z={lags[t].item() if t >= M else '-'}" for t in range(T)]
     assert view.labels == expected_labels
     assert lags[:M].tolist() == [0] * M and all(1 <= z <= M for z in lags[M:].tolist())
 
@@ -134,8 +131,11 @@ def test_token_labels():
 # Offline: nothing fetched, nothing probed
 
 
-EXTERNAL = re.compile(r"""(from\s*["']https?://|import\s*\(\s*["']https?://|\bsrc\s*=\s*["']?https?://|"""
-                      r"""\bhref\s*=\s*["']?https?://|url\(\s*["']?https?://|@import\s*["']https?://)""", re.I)
+EXTERNAL = re.compile(
+    r"""(from\s*["']https?://|import\s*\(\s*["']https?://|\bsrc\s*=\s*["']?https?://|"""
+    r"""\bhref\s*=\s*["']?https?://|url\(\s*["']?https?://|@import\s*["']https?://)""",
+    re.I,
+)
 
 
 def test_saved_page_is_standalone_and_offline(view, tmp_path):
@@ -174,8 +174,15 @@ def test_repr_html_is_the_offline_form_and_never_probes_the_internet(view, monke
 
 def test_compare_interleaves_model_and_construction(standard, construction, sample):
     view = viz.compare_attention_view(standard, construction, sample.tokens, lags=sample.lags)
-    assert view.names == ["model L1.H0", "model L1.H1", "construction L1",
-                          "model L2.H0", "model L2.H1", "construction L2", "construction L3"]
+    assert view.names == [
+        "model L1.H0",
+        "model L1.H1",
+        "construction L1",
+        "model L2.H0",
+        "model L2.H1",
+        "construction L2",
+        "construction L3",
+    ]
     page = torch.tensor(rendered_props(view.html)["attention"], dtype=torch.float64)
     tokens = sample.tokens[0]
     assert torch.allclose(page[0:2], patterns_of(standard, tokens, 0), atol=ATOL)
@@ -186,9 +193,13 @@ def test_compare_interleaves_model_and_construction(standard, construction, samp
 
     # layers alone applies to both; reference_layers picks the reference's own.
     assert viz.compare_attention_view(standard, construction, sample.tokens, layers=[0]).names == [
-        "model L1.H0", "model L1.H1", "construction L1"]
-    named = viz.compare_attention_view(construction, construction, sample.tokens, layers=[2],
-                                       reference_layers=[0, 1], names=("trained", "MD"))
+        "model L1.H0",
+        "model L1.H1",
+        "construction L1",
+    ]
+    named = viz.compare_attention_view(
+        construction, construction, sample.tokens, layers=[2], reference_layers=[0, 1], names=("trained", "MD")
+    )
     assert named.names == ["trained L3", "MD L1", "MD L2"]
 
 
@@ -197,8 +208,7 @@ def test_compare_a_shipped_model_with_its_construction():
     reference = build_md_transformer(task.transition, task.order, 12, 0.05)
     sample = task.sample(1, 12, generator=torch.Generator().manual_seed(3))
     view = viz.compare_attention_view(model, reference, sample.tokens, lags=sample.lags)
-    assert view.names == ["model L1", "construction L1", "model L2", "construction L2",
-                          "model L3", "construction L3"]
+    assert view.names == ["model L1", "construction L1", "model L2", "construction L2", "model L3", "construction L3"]
     page = torch.tensor(rendered_props(view.html)["attention"], dtype=torch.float64)
     for layer in range(3):
         assert torch.allclose(page[2 * layer], patterns_of(model, sample.tokens[0], layer)[0], atol=ATOL)
@@ -216,8 +226,13 @@ def test_attention_view_rejects_bad_input(construction, standard, sample, task):
         viz.attention_view(construction, torch.tensor([0, 1, 2, 4, 1]))
     with pytest.raises(ValueError, match="n_ctx=10"):
         viz.attention_view(construction, task.sample(1, T + 1).tokens)
-    for layers, match in [(3, r"\[0, 3\)"), ([-1], r"\[0, 3\)"), ([True], "block indices"),
-                          ([], "layers is empty"), ([0, 0], "repeats")]:
+    for layers, match in [
+        (3, r"\[0, 3\)"),
+        ([-1], r"\[0, 3\)"),
+        ([True], "block indices"),
+        ([], "layers is empty"),
+        ([0, 0], "repeats"),
+    ]:
         with pytest.raises(ValueError, match=match):
             viz.attention_view(construction, tokens, layers=layers)
     with pytest.raises(ValueError, match=r"sequence must be an int in \[0, 2\)"):
@@ -254,8 +269,14 @@ def probe_setup(construction, task):
     """A probe for the mean responsibility read from the construction's named block, a fresh
     sequence, its cache and its targets."""
     train = task.sample(40, T, generator=torch.Generator().manual_seed(1)).tokens
-    report = hooks.probe_model(construction, train, hooks.targets(train, task.transition, M, include_bayes=False),
-                               hook_names=[], blocks=["L2.mean_responsibility"], random_model=False)
+    report = hooks.probe_model(
+        construction,
+        train,
+        hooks.targets(train, task.transition, M, include_bayes=False),
+        hook_names=[],
+        blocks=["L2.mean_responsibility"],
+        random_model=False,
+    )
     probe = report.probes[("blocks.1.hook_resid_post:L2.mean_responsibility", "mean_responsibility")]
     sample = task.sample(2, T, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -291,8 +312,14 @@ def test_probe_view_from_a_report_probe_and_a_cache(probe_setup):
     assert "<script" not in view.html and not EXTERNAL.search(view.html)
 
     # The same view from the activations and the target tensor directly.
-    direct = viz.probe_view(probe, cache["blocks.1.hook_resid_post"], targets["mean_responsibility"],
-                            sample.tokens, sequence=1, coordinate_names=["lag 1", "lag 2", "lag 3"])
+    direct = viz.probe_view(
+        probe,
+        cache["blocks.1.hook_resid_post"],
+        targets["mean_responsibility"],
+        sample.tokens,
+        sequence=1,
+        coordinate_names=["lag 1", "lag 2", "lag 3"],
+    )
     assert torch.equal(direct.prediction, view.prediction)
     assert "lag 2" in direct.html and "z=" not in direct.html
 
@@ -301,8 +328,12 @@ def test_probe_view_rejects_bad_input(probe_setup, construction):
     probe, sample, cache, targets = probe_setup
     tokens = sample.tokens
     acts = cache["blocks.1.hook_resid_post"]
-    bare = hooks.fit_probe(acts[:, M:].reshape(-1, acts.shape[-1]),
-                           targets["mean_responsibility"][:, M:].reshape(-1, M), n_folds=2, test_fraction=0.3)
+    bare = hooks.fit_probe(
+        acts[:, M:].reshape(-1, acts.shape[-1]),
+        targets["mean_responsibility"][:, M:].reshape(-1, M),
+        n_folds=2,
+        test_fraction=0.3,
+    )
     with pytest.raises(ValueError, match="no hook_name"):
         viz.probe_view(bare, cache, targets["mean_responsibility"], tokens)
     with pytest.raises(ValueError, match="not in the targets dict"):
@@ -325,4 +356,3 @@ def test_probe_view_rejects_bad_input(probe_setup, construction):
         viz.probe_view(probe, cache, targets, -tokens - 1)
     with pytest.raises(ValueError, match="Probe"):
         viz.probe_view("probe", cache, targets, tokens)
-

@@ -24,6 +24,7 @@ float64 run to float32 rounding (about 1e-7 relative).
 """
 
 from mdlens.models._tl import MDLensTransformer
+from mdlens.models.composition import CompositionScores, composition_scores
 from mdlens.models.disentangled import (
     DisentangledActivationCache,
     DisentangledAttention,
@@ -32,7 +33,6 @@ from mdlens.models.disentangled import (
     disentangled_transformer,
     residual_widths,
 )
-from mdlens.models.composition import CompositionScores, composition_scores
 from mdlens.models.layout import ResidualBlock, ResidualLayout
 from mdlens.models.standard import StandardTransformer, standard_transformer
 from mdlens.models.tokenizer import attach_tokenizer, vocabulary_tokenizer

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,9 +31,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def quiet_hooked_transformer_deprecation() -> Iterator[None]:
     """Silence exactly TransformerLens' "HookedTransformer is deprecated" DeprecationWarning."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=DEPRECATION_MESSAGE, category=DeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message=DEPRECATION_MESSAGE, category=DeprecationWarning)
         yield
 
 
@@ -98,9 +96,7 @@ def output_to_probs(output: Float[Tensor, "... q"], output_type: str) -> Float[T
     totals = clipped.sum(dim=-1, keepdim=True)
     if (totals <= 0).any():
         n_bad = int((totals <= 0).sum().item())
-        raise ValueError(
-            f"{n_bad} output row(s) have no positive entry: a 'probs' output cannot be renormalised"
-        )
+        raise ValueError(f"{n_bad} output row(s) have no positive entry: a 'probs' output cannot be renormalised")
     return clipped / totals
 
 

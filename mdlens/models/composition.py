@@ -79,9 +79,7 @@ class CompositionScores:
     terms: dict[str, Float[Tensor, "layer1 head1 layer2 head2"]]
 
 
-def composition_scores(
-    model: HookedTransformer, kind: str, normalization: str = "frobenius"
-) -> CompositionScores:
+def composition_scores(model: HookedTransformer, kind: str, normalization: str = "frobenius") -> CompositionScores:
     """Q-, K- or V-composition scores with the disentangled position terms (module docstring).
 
     Args:

@@ -125,7 +125,7 @@ class DisentangledActivationCache(ActivationCache):
             return self.cache_dict[act_name(key[0], layer)]
         return super().__getitem__(key)
 
-    def apply_slice_to_batch_dim(self, batch_slice) -> "DisentangledActivationCache":
+    def apply_slice_to_batch_dim(self, batch_slice) -> DisentangledActivationCache:
         sliced = super().apply_slice_to_batch_dim(batch_slice)
         return DisentangledActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
 
@@ -357,8 +357,13 @@ class DisentangledTransformer(MDLensTransformer):
         order: int | None = None,
         output: str = "probs",
     ):
-        for value, name, minimum in ((vocab_size, "vocab_size", 2), (n_ctx, "n_ctx", 2),
-                                     (n_layers, "n_layers", 1), (window, "window", 1), (seed, "seed", 0)):
+        for value, name, minimum in (
+            (vocab_size, "vocab_size", 2),
+            (n_ctx, "n_ctx", 2),
+            (n_layers, "n_layers", 1),
+            (window, "window", 1),
+            (seed, "seed", 0),
+        ):
             check_int(value, name, minimum)
         if n_layers > MAX_LAYERS:
             raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
@@ -401,9 +406,15 @@ class DisentangledTransformer(MDLensTransformer):
         # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
         self.mdlens_kind = "disentangled"
         self.mdlens_args = {
-            "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "window": window,
-            "seed": seed, "dtype": dtype_name(dtype), "init_std": float(init_std),
-            "order": order, "output": output,
+            "vocab_size": vocab_size,
+            "n_ctx": n_ctx,
+            "n_layers": n_layers,
+            "window": window,
+            "seed": seed,
+            "dtype": dtype_name(dtype),
+            "init_std": float(init_std),
+            "order": order,
+            "output": output,
         }
         self._init_disentangled_weights(seed, float(init_std))
         self.to(device, print_details=False)
@@ -439,7 +450,7 @@ class DisentangledTransformer(MDLensTransformer):
         self.unembed.b_U = _frozen(torch.zeros(q, dtype=dtype))
 
     @torch.no_grad()
-    def load_shallower(self, source: "DisentangledTransformer", new_layers: str = "fresh") -> None:
+    def load_shallower(self, source: DisentangledTransformer, new_layers: str = "fresh") -> None:
         """Grow a trained model with ``L <= n_layers`` layers into this one, keeping its function.
 
         The residual of an ``L``-layer disentangled model is a prefix of a deeper one's (layer ``l``
@@ -493,7 +504,7 @@ class DisentangledTransformer(MDLensTransformer):
             copied = list(range(last)) + [last] * (n_new + 1)
         else:  # insert_fresh
             copied = list(range(n_source)) + [None] * (n_new - 1) + [last]
-        for ours, index in zip(self.blocks, copied):
+        for ours, index in zip(self.blocks, copied, strict=True):
             if index is None:
                 continue
             theirs = source.blocks[index].attn
@@ -528,8 +539,14 @@ class DisentangledTransformer(MDLensTransformer):
     def from_task(cls, task, n_ctx: int, n_layers: int = 3, window: int | None = None, **kwargs):
         """A model sized for an :class:`mdlens.task.MTDTask` (``q`` and the default window ``m + 1``)."""
         order = task.order
-        return cls(task.transition.shape[0], n_ctx, n_layers=n_layers,
-                   window=order + 1 if window is None else window, order=order, **kwargs)
+        return cls(
+            task.transition.shape[0],
+            n_ctx,
+            n_layers=n_layers,
+            window=order + 1 if window is None else window,
+            order=order,
+            **kwargs,
+        )
 
 
 def disentangled_transformer(
@@ -546,6 +563,13 @@ def disentangled_transformer(
     """A disentangled transformer for MTD of order ``m = order``; window defaults to ``m + 1``."""
     check_order(order)
     return DisentangledTransformer(
-        vocab_size, n_ctx, n_layers=n_layers, window=order + 1 if window is None else window,
-        seed=seed, dtype=dtype, device=device, init_std=init_std, order=order,
+        vocab_size,
+        n_ctx,
+        n_layers=n_layers,
+        window=order + 1 if window is None else window,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        init_std=init_std,
+        order=order,
     )

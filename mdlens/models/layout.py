@@ -20,8 +20,8 @@ anything.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 BLOCK_KINDS = ("leaf", "group", "alias")
 
@@ -79,7 +79,7 @@ class ResidualLayout:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def disentangled(cls, vocab_size: int, n_layers: int, window: int) -> "ResidualLayout":
+    def disentangled(cls, vocab_size: int, n_layers: int, window: int) -> ResidualLayout:
         """The layout of a disentangled transformer with ``n_layers`` layers (module docstring)."""
         blocks = [ResidualBlock("tokens", 0, vocab_size, "one-hot of the token at this position")]
         width = vocab_size  # D_0 = q
@@ -91,22 +91,25 @@ class ResidualLayout:
                     f"{name}.{b.name}",
                     start + b.start,
                     start + b.stop,
-                    f"layer {layer}'s attention-weighted mix of {b.name}" if b.kind == "leaf"
+                    f"layer {layer}'s attention-weighted mix of {b.name}"
+                    if b.kind == "leaf"
                     else f"layer {layer}'s mix of {b.name}",
                     b.kind,
                 )
                 for b in blocks
             ]
             rel = ResidualBlock(
-                f"{name}.rel", start + width, start + width + window,
+                f"{name}.rel",
+                start + width,
+                start + width + window,
                 f"layer {layer}'s attention-weighted relative-position values (coordinate o = offset o)",
             )
             group = ResidualBlock(name, start, start + width + window, f"everything layer {layer} writes", "group")
-            blocks = blocks + [group] + copied + [rel]
+            blocks = [*blocks, group, *copied, rel]
             width = 2 * width + window  # D_l = 2 D_{l-1} + W
         return cls(width, blocks)
 
-    def with_aliases(self, aliases: list[ResidualBlock]) -> "ResidualLayout":
+    def with_aliases(self, aliases: list[ResidualBlock]) -> ResidualLayout:
         """A copy of this layout with extra alias names (e.g. a construction's semantic names)."""
         extra = [ResidualBlock(a.name, a.start, a.stop, a.meaning, "alias") for a in aliases]
         return ResidualLayout(self.d_model, list(self.blocks) + extra)
@@ -148,7 +151,7 @@ class ResidualLayout:
         return {"d_model": self.d_model, "blocks": [asdict(b) for b in self.blocks]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ResidualLayout":
+    def from_dict(cls, data: dict) -> ResidualLayout:
         try:
             blocks = [ResidualBlock(**b) for b in data["blocks"]]
             return cls(int(data["d_model"]), blocks)

@@ -118,9 +118,18 @@ def standard_transformer(
     # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
     model.mdlens_kind = "standard"
     model.mdlens_args = {
-        "vocab_size": vocab_size, "n_ctx": n_ctx, "n_layers": n_layers, "d_model": d_model,
-        "n_heads": n_heads, "d_mlp": d_mlp, "attn_only": attn_only, "normalization": normalization,
-        "positions": positions, "seed": seed, "dtype": dtype_name(dtype),
-        "output": output, "act_fn": act_fn,
+        "vocab_size": vocab_size,
+        "n_ctx": n_ctx,
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "d_mlp": d_mlp,
+        "attn_only": attn_only,
+        "normalization": normalization,
+        "positions": positions,
+        "seed": seed,
+        "dtype": dtype_name(dtype),
+        "output": output,
+        "act_fn": act_fn,
     }
     return model

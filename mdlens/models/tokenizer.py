@@ -164,9 +164,7 @@ def tokenizer_from_dict(record: dict) -> VocabularyTokenizer:
     return _wrap(backend, record["pad_token"], record["eos_token"], record["padding_side"])
 
 
-def attach_tokenizer(
-    model: HookedTransformer, tokenizer: PreTrainedTokenizerFast | None = None
-) -> HookedTransformer:
+def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerFast | None = None) -> HookedTransformer:
     """Give ``model`` a tokenizer through TransformerLens's ``set_tokenizer``; returns ``model``.
 
     Args:
@@ -186,9 +184,7 @@ def attach_tokenizer(
         tokenizer = tokenizer_from_dict(tokenizer_to_dict(tokenizer))
     ids = tokenizer.get_vocab().values()
     if max(ids, default=-1) >= d_vocab or min(ids, default=0) < 0:
-        raise ValueError(
-            f"the tokenizer has ids in [{min(ids)}, {max(ids)}] but the model reads ids in [0, {d_vocab})"
-        )
+        raise ValueError(f"the tokenizer has ids in [{min(ids)}, {max(ids)}] but the model reads ids in [0, {d_vocab})")
     pad_id = tokenizer.pad_token_id
     if pad_id is None or not 0 <= pad_id < d_vocab:
         raise ValueError(
