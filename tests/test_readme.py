@@ -8,10 +8,12 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quick_start_runs():
+def test_quick_start_runs(tmp_path, monkeypatch):
     text = README.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python block"
+    assert len(blocks[0].strip().splitlines()) <= 25, "the quick start must stay at most 25 lines"
+    monkeypatch.chdir(tmp_path)  # it saves heads.html in the working directory
     out = io.StringIO()
     namespace: dict = {}
     with contextlib.redirect_stdout(out):
@@ -20,8 +22,11 @@ def test_quick_start_runs():
     # The quick start prints torch.allclose(construction, one-step MD): it must be True.
     assert "True" in printed and "False" not in printed, printed
     kl_md = float(re.search(r"KL one-step MD: (\S+)", printed).group(1))
-    kl_bayes = float(re.search(r"KL Bayes\s+: (\S+)", printed).group(1))
-    assert 0 < kl_bayes and 0 < kl_md
-    # The probe line: R^2 of the mean responsibility at embed, L1, L2, L3 of the construction.
-    r2 = [float(x) for x in re.search(r"^\[(.*)\]$", printed, flags=re.M).group(1).split(",")[:4]]
-    assert r2[0] < 0.1 and r2[1] < 0.5 and r2[2] > 0.999 and r2[3] > 0.999
+    assert 0 < kl_md < 0.05
+    # The probe line: R^2 of the mean responsibility at embed, L1, L2, L3 of disentangled-3l, whose
+    # layer 2 holds it linearly (0.84 on 512 sequences in `mdlens reproduce mechanisms`).
+    r2 = [float(x) for x in re.search(r"^\[(.*)\]$", printed, flags=re.M).group(1).split(",")]
+    assert len(r2) == 4 and r2[0] < 0.1 and r2[1] < 0.3 and r2[2] > 0.6
+    # The head view renders offline: the page carries its script and imports nothing from the web.
+    page = (tmp_path / "heads.html").read_text()
+    assert "<script" in page and not re.search(r"(from|src=|href=)\s*[\"']https?://", page)
