@@ -21,7 +21,6 @@ scale like ``1/T``: we fit ``log eta* = log c - p log T`` (expect ``p ~ 1``) and
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import warnings
@@ -34,6 +33,7 @@ from torch import Tensor
 from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import plotting
+from mdlens.evaluation import batch_seeds, mean_and_se, sample_batches  # shared with the other analyses
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {
@@ -65,26 +65,6 @@ METHOD_LABELS = {
     "bayes_exact": "Bayes, exact DP",
     "bayes_gibbs": "Bayes, Gibbs",
 }
-
-
-def batch_seeds(seq_len: int) -> dict[str, int]:
-    """Generator seeds of the tuning and evaluation batches at one length (disjoint by design)."""
-    return {"tune": 1_000_000 + seq_len, "eval": 2_000_000 + seq_len, "gibbs": 3_000_000 + seq_len}
-
-
-def sample_batches(task: MTDTask, seq_len: int, n_tune: int, n_eval: int):
-    """The tuning and evaluation batches at one length, each from its own seeded generator."""
-    seeds = batch_seeds(seq_len)
-    tune = task.sample(n_tune, seq_len, generator=torch.Generator().manual_seed(seeds["tune"]))
-    evaluation = task.sample(n_eval, seq_len, generator=torch.Generator().manual_seed(seeds["eval"]))
-    return tune, evaluation
-
-
-def mean_and_se(values: Tensor) -> dict[str, float]:
-    """Mean and its standard error (sample std / sqrt(n)) of per-sequence values."""
-    n = values.numel()
-    se = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": values.mean().item(), "se": se}
 
 
 def fit_step_sizes(lengths: list[int], etas: list[float], order: int) -> dict:

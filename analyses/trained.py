@@ -1,7 +1,7 @@
 """Do trained transformers reach mirror descent? KL to the truth vs sequence length (paper §5).
 
 For the shipped models (``mdlens.list_pretrained()``: ``disentangled-3l``, ``disentangled-5l``,
-``standard-3l``) and, on the same sequences, the reference estimators of ``mdlens.analyses.estimators``:
+``standard-3l``) and, on the same sequences, the reference estimators of ``mdlens.evaluation``:
 
 - ``uniform``      lambda = 1/m,
 - ``md1_tuned``    one-step mirror descent, eta grid-searched per length on a separate tuning batch,
@@ -31,7 +31,7 @@ import mdlens
 from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import plotting
-from mdlens.analyses.estimators import batch_seeds, mean_and_se, sample_batches
+from mdlens.evaluation import batch_seeds, mean_and_se, reference_kls, sample_batches
 from mdlens.pretrained import load_all_pretrained
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
@@ -102,19 +102,9 @@ def model_predictions(model, tokens: torch.Tensor) -> torch.Tensor:
 def evaluate_length(models: dict, task: MTDTask, seq_len: int, sizes: dict) -> dict:
     """References (steps tuned on one batch) and models, all scored on a fresh evaluation batch; each
     model's paired KL ratio to the tuned MDs."""
-    pi, m = task.transition, task.order
     tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
     tokens, truth = evaluation.tokens, evaluation.next_probs
-    etas = {
-        name: E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
-        for name, steps in TUNED_STEPS.items()
-    }
-    weights = {
-        "uniform": torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),
-        **{name: E.md_weights(tokens, pi, m, etas[name], steps=steps) for name, steps in TUNED_STEPS.items()},
-        "bayes_exact": E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact"),
-    }
-    per_sequence = {name: E.kl_divergence(truth, E.predictive(tokens, pi, w)) for name, w in weights.items()}
+    etas, per_sequence = reference_kls(task, tune, evaluation, TUNED_STEPS)
     kl = {name: kl_summary(values) for name, values in per_sequence.items()}
     ratios = {}
     for name, model in models.items():

@@ -1,4 +1,4 @@
-"""The ``mdlens`` command line: ``reproduce``, ``bench`` (and ``train``, from mdlens.training).
+"""The ``mdlens`` command line: ``reproduce``, ``bench`` and ``train`` (from mdlens.train_cli).
 
 The analyses live in ``mdlens.analyses`` (the repository folder ``analyses/``), downstream of the library; the CLI is
 the one place that reaches them, and it imports them lazily so that ``import mdlens`` never does.
@@ -12,6 +12,8 @@ import pkgutil
 import sys
 import time
 from pathlib import Path
+
+from mdlens.train_cli import add_train_arguments
 
 # name -> module in ``analyses`` with a ``run(out_dir: Path, quick: bool) -> dict`` function.
 REPRODUCTIONS: dict[str, str] = {
@@ -74,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", help="run one benchmark, e.g. 'estimators'")
     bench.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
     bench.set_defaults(handler=_bench)
-
-    from mdlens.training import add_train_arguments
 
     train = commands.add_parser("train", help="train a model on the MTD task; writes a loadable checkpoint")
     add_train_arguments(train)

@@ -1,4 +1,4 @@
-"""Training a model on the MTD task: ``TrainConfig``, ``train(model, task, config)`` and ``mdlens train``.
+"""Training a model on the MTD task: ``TrainConfig``, the targets, the loss and ``train(model, task, config)``.
 
 The paper trains with Adam and MSE on the last-token prediction for 5e5 steps at batch 128, a fresh
 ``lambda`` every sequence (paper-notes §5). Two things make the same models train in minutes on a CPU:
@@ -11,111 +11,110 @@ The paper trains with Adam and MSE on the last-token prediction for 5e5 steps at
   sampled next token, so there is no sampling noise in the targets.
 
 The loop itself (:func:`train`) is one linear function: sample, forward, loss, backward, step, and now
-and then evaluate on a fixed held-out batch and write a checkpoint that ``resume`` continues from.
+and then evaluate on a fixed held-out batch (:mod:`mdlens.evaluation`) and write the training state
+that ``resume`` continues from. The command line ``mdlens train`` lives in :mod:`mdlens.train_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mdlens import estimators as E
 from mdlens._validation import check_int, check_positive, check_tokens, check_transition, check_weights
-from mdlens.models.disentangled import NEW_LAYER_RULES
-from mdlens.predict import output_type_of, predict_next
+from mdlens.evaluation import evaluate, make_held_out
+from mdlens.predict import output_type_of
 
 LOSSES = ("mse", "ce")
 TARGETS = ("last", "all")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
-STATE_TENSORS = "train_state.safetensors"
-STATE_JSON = "train_state.json"
+DEVICES = ("auto", "cpu", "cuda")
 # TrainConfig fields that do not change the trained weights: a resumed run may set them differently.
 RUNTIME_FIELDS = ("resume", "progress", "device", "checkpoint_dir", "checkpoint_every", "eval_every", "log_every")
+
+
+def config_field(default, text: str):
+    """A :class:`TrainConfig` field with its one-line help (``mdlens train --help`` shows it)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides a training run (and nothing else: same config and seed, same weights).
 
-    Attributes:
-        steps: optimizer steps in total (a resumed run continues up to this number).
-        batch_size: sequences per step, each with its own fresh ``lambda``.
-        seq_len: training context length ``T``.
-        lr, optimizer, weight_decay: Adam ("adam") or AdamW ("adamw") and its settings.
-        lr_schedule: "constant" or "cosine" (decay to ``min_lr_ratio * lr`` at ``steps``), after
-            ``warmup_steps`` of linear warm-up.
-        grad_clip: clip the global gradient norm to this value (``None``: no clipping).
-        loss: "mse" on the predicted distribution (the paper) or "ce" (cross-entropy against the true
-            predictive distribution; needs a model with ``output_type == "logits"``).
-        targets: "last" (the paper) or "all" (every position ``t > m``, see the module docstring).
-        position_weight_exponent: with ``targets="all"``, the loss at position ``t`` is weighted by
-            ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the
-            plain mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like
-            ``1 / (t - m)``, so 1 makes each position's *relative* error count about equally); < 0
-            leans on short ones (-0.5 from scratch kept the 3-layer model's outputs positive on short
-            prefixes, where the MSE optimum lets small ones dip below zero: an infinite KL; it did not
-            for 5 layers, ``shortfall_weight`` did).
-        shortfall_weight: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2 / p*_v``
-            (over ``p*_v > 0``) to each position's loss, where ``p*`` is the true predictive and ``p`` the
-            model's. It is zero unless the model puts less than half the true probability on some token:
-            the error that makes the KL large (infinite once ``p_v <= 0``) while costing MSE almost
-            nothing when ``p*_v`` is small, hence the chi-square-like division by ``p*_v``. 0 is the
-            paper's plain MSE.
-        freeze_layers: the parameters of the first this many blocks stay as they are (e.g. the layers
-            a deeper model was grown from with ``--init-from``); 0 trains every layer.
-        curriculum_start_len: if set, ``T`` grows linearly from this length to ``seq_len`` over the
-            first ``curriculum_steps`` steps.
-        eval_every, eval_batch_size, eval_seed: evaluate every ``eval_every`` steps (0: only at the end)
-            on one held-out batch drawn once with ``eval_seed`` (the same batch for every training seed).
-        eval_bayes: also compute the exact Bayes reference on the held-out batch (once).
-        checkpoint_dir, checkpoint_every: where and how often (0: only at the end) to write the
-            training state; ``resume=True`` continues from the state found there.
-        seed: seeds the training batches.
-        device: "auto" (CUDA when present), "cpu" or "cuda".
-        progress: show a tqdm progress bar with the live loss and KL.
-        log_every: record the training loss every this many steps.
+    Each field's ``metadata["help"]`` says what it does; ``mdlens train`` makes one flag of each
+    (:mod:`mdlens.train_cli`). Two of them need more than a line:
+
+    - ``position_weight_exponent``: with ``targets="all"``, the loss at position ``t`` is weighted by
+      ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the plain
+      mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like ``1 / (t - m)``,
+      so 1 makes each position's *relative* error count about equally); < 0 leans on short ones (-0.5
+      from scratch kept the 3-layer model's outputs positive on short prefixes, where the MSE optimum
+      lets small ones dip below zero: an infinite KL; it did not for 5 layers, ``shortfall_weight`` did).
+    - ``shortfall_weight``: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2 / p*_v``
+      (over ``p*_v > 0``) to each position's loss, where ``p*`` is the true predictive and ``p`` the
+      model's. It is zero unless the model puts less than half the true probability on some token: the
+      error that makes the KL large (infinite once ``p_v <= 0``) while costing MSE almost nothing when
+      ``p*_v`` is small, hence the chi-square-like division by ``p*_v``. 0 is the paper's plain MSE.
     """
 
-    steps: int = 2000
-    batch_size: int = 64
-    seq_len: int = 192
-    lr: float = 3e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.05
-    grad_clip: float | None = 1.0
-    loss: str = "mse"
-    targets: str = "all"
-    position_weight_exponent: float = 0.0
-    shortfall_weight: float = 0.0
-    freeze_layers: int = 0
-    curriculum_start_len: int | None = None
-    curriculum_steps: int = 0
-    eval_every: int = 250
-    eval_batch_size: int = 512
-    eval_seed: int = 1234
-    eval_bayes: bool = True
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-    log_every: int = 10
+    steps: int = config_field(2000, "optimizer steps in total (a resumed run continues up to this number)")
+    batch_size: int = config_field(64, "sequences per step, each with its own fresh lambda")
+    seq_len: int = config_field(192, "training context length T (mdlens train: also the model's n_ctx)")
+    lr: float = config_field(3e-3, "peak learning rate")
+    optimizer: str = config_field("adam", "adam | adamw")
+    weight_decay: float = config_field(0.0, "the optimizer's weight decay")
+    lr_schedule: str = config_field(
+        "cosine", "constant | cosine (decay to min_lr_ratio * lr at the last step), after the warm-up"
+    )
+    warmup_steps: int = config_field(0, "steps of linear learning-rate warm-up")
+    min_lr_ratio: float = config_field(0.05, "the cosine schedule's final learning rate, as a fraction of lr")
+    grad_clip: float | None = config_field(1.0, "clip the global gradient norm to this value (none: no clipping)")
+    loss: str = config_field(
+        "mse",
+        "mse (on the predicted distribution, the paper's) | ce (cross-entropy against the true predictive; "
+        "needs a model that outputs logits)",
+    )
+    targets: str = config_field("all", "last (the paper's) | all (every position t > m)")
+    position_weight_exponent: float = config_field(
+        0.0, "with targets all: weight the loss at position t by (t - m)^this (mean 1); > 0 leans on long prefixes"
+    )
+    shortfall_weight: float = config_field(
+        0.0,
+        "with loss mse: add this times (p*/2 - p)^2 / p* for each output p below half its true probability p* "
+        "(keeps small ones positive)",
+    )
+    freeze_layers: int = config_field(
+        0, "keep the parameters of the first N layers as they are (e.g. those grown from)"
+    )
+    curriculum_start_len: int | None = config_field(
+        None, "grow T linearly from this length to seq_len over curriculum_steps (none: no curriculum)"
+    )
+    curriculum_steps: int = config_field(0, "steps of the length curriculum")
+    eval_every: int = config_field(250, "evaluate on the held-out batch every N steps (0: only at the end)")
+    eval_batch_size: int = config_field(
+        512, "sequences in the held-out batch (and in the batch its references are tuned on)"
+    )
+    eval_seed: int = config_field(1234, "seed of the held-out batch (the same batch whatever the training seed)")
+    eval_bayes: bool = config_field(True, "also score the exact Bayes reference on the held-out batch (once)")
+    checkpoint_dir: str | None = config_field(
+        None, "where to write the training state (none: nowhere; mdlens train: the --out directory)"
+    )
+    checkpoint_every: int = config_field(500, "write the training state every N steps, and at the end")
+    resume: bool = config_field(False, "continue from the training state in checkpoint_dir, if there is one")
+    seed: int = config_field(0, "seed of the training batches (mdlens train: also of the model's initialisation)")
+    device: str = config_field("auto", "auto (CUDA when present) | cpu | cuda")
+    progress: bool = config_field(True, "show a progress bar with the live loss and KL")
+    log_every: int = config_field(10, "record the training loss every N steps")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "log_every"):
@@ -142,7 +141,7 @@ class TrainConfig:
             ("targets", TARGETS),
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
-            ("device", ("auto", "cpu", "cuda")),
+            ("device", DEVICES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -170,10 +169,10 @@ class TrainResult:
     """What a run did: the loss curve, the evaluations, and its cost.
 
     ``losses`` holds ``(step, loss)`` pairs; ``evals`` holds one dict per evaluation with the model's
-    mean KL to the truth next to the references on the same held-out batch (``kl_md1`` / ``kl_md2`` are
-    one- / two-step MD with ``eta_md1`` / ``eta_md2`` tuned on that batch, ``kl_bayes`` the exact
-    posterior mean, ``kl_uniform`` the uniform-weights guess). ``wall_clock_s`` counts this call only
-    (not the run it resumed from).
+    mean KL to the truth next to the references on the same held-out batch
+    (:func:`mdlens.evaluation.make_held_out`: ``kl_md1`` / ``kl_md2`` are tuned one- / two-step MD with
+    steps ``eta_md1`` / ``eta_md2``, ``kl_bayes`` the exact posterior mean, ``kl_uniform`` the
+    uniform-weights guess). ``wall_clock_s`` counts this call only (not the run it resumed from).
     """
 
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -289,49 +288,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation on a fixed held-out batch
+# Training state: one file, written atomically
+#
+# ``train_state.pt`` holds everything ``resume`` needs to continue bit for bit: the step, the config,
+# the model's and the optimizer's state dicts, the batch generator's state and the history so far. It
+# is written with ``torch.save`` to a temporary name and renamed into place (``os.replace``), so a run
+# killed at any moment leaves either the previous state or the new one, never a mix of the two. It is
+# read with ``torch.load(weights_only=True)``: tensors and plain containers only, no code.
+#
+# Training states written before this format (``train_state.safetensors`` + ``train_state.json``,
+# written one after the other) are not resumed: ``resume`` refuses them with a message that says so.
 
-
-@dataclass
-class HeldOut:
-    """One held-out batch and the references computed on it once."""
-
-    tokens: Tensor
-    truth: Tensor  # [B, q] true predictive of y_{T+1}
-    references: dict[str, float]
-
-
-def make_held_out(task, config: TrainConfig) -> HeldOut:
-    """Draw the held-out batch with ``eval_seed`` and score tuned one- and two-step MD, Bayes and uniform
-    on it (MD's step sizes are tuned on this same batch: the references are a little optimistic)."""
-    generator = torch.Generator().manual_seed(config.eval_seed)
-    sample = task.sample(config.eval_batch_size, config.seq_len, generator=generator)
-    tokens, truth = sample.tokens, sample.next_probs
-    pi, m = task.transition, task.order
-    uniform = torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64)
-    references = {}
-    for steps in (1, 2):
-        tuned = E.tune_eta_refined(tokens, pi, m, truth, steps=steps)  # "tuned MD", as in the analyses
-        references[f"eta_md{steps}"] = tuned["eta"]
-        references[f"kl_md{steps}"] = tuned["tuning_kl"]
-    references["kl_uniform"] = E.kl_divergence(truth, E.predictive(tokens, pi, uniform)).mean().item()
-    if config.eval_bayes:
-        bayes = E.predictive(tokens, pi, E.bayes_weights(tokens, pi, m, method="exact"))
-        references["kl_bayes"] = E.kl_divergence(truth, bayes).mean().item()
-    return HeldOut(tokens, truth, references)
-
-
-def evaluate(model: HookedTransformer, held_out: HeldOut) -> float:
-    """The model's mean ``KL(p* || p_model)`` for ``y_{T+1}`` on the held-out batch."""
-    was_training = model.training
-    model.eval()
-    kl = E.kl_divergence(held_out.truth, predict_next(model, held_out.tokens)).mean().item()
-    model.train(was_training)
-    return kl
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training state: model weights, optimizer state, step and generator state (safetensors + JSON)
+STATE_FILE = "train_state.pt"
+STATE_FORMAT = "mdlens-train-state"
+STATE_VERSION = 1
+OLD_STATE_FILES = ("train_state.safetensors", "train_state.json")
 
 
 def save_train_state(
@@ -342,25 +313,28 @@ def save_train_state(
     generator: torch.Generator,
     result: TrainResult,
     config: TrainConfig,
-) -> None:
-    """Everything ``resume`` needs to continue bit-for-bit, in ``train_state.{safetensors,json}``."""
+) -> Path:
+    """Write the state after ``step`` steps to ``directory / train_state.pt`` atomically; returns the path."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
-    optim_state = optimizer.state_dict()
-    for index, param_state in optim_state["state"].items():
-        for key, value in param_state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous()
-    tensors["generator_state"] = generator.get_state()
-    save_file(tensors, str(directory / STATE_TENSORS))
-    meta = {
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
         "step": step,
-        "param_groups": optim_state["param_groups"],
         "config": asdict(config),
+        "model": {name: value.detach().cpu() for name, value in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
         "losses": result.losses,
         "evals": result.evals,
         "samples": result.samples,
     }
-    (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
+    path, temporary = directory / STATE_FILE, directory / f".{STATE_FILE}.tmp"
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the state
+    os.replace(temporary, path)
+    return path
 
 
 def load_train_state(
@@ -371,16 +345,31 @@ def load_train_state(
     result: TrainResult,
     config: TrainConfig,
 ) -> int:
-    """Load what :func:`save_train_state` wrote into ``model``, ``optimizer``, ``generator``, ``result``.
+    """Load the state in ``directory`` into ``model``, ``optimizer``, ``generator`` and ``result``.
 
-    Returns the number of steps already done.
+    Returns the number of steps already done: 0 when ``directory`` holds no training state (a fresh
+    start). Raises ``ValueError`` for a state it cannot continue: unreadable, written by an older mdlens,
+    for another model, or under another recipe.
     """
-    tensors = load_file(str(directory / STATE_TENSORS))
-    meta = json.loads((directory / STATE_JSON).read_text())
+    path = directory / STATE_FILE
+    if not path.exists():
+        old = [name for name in OLD_STATE_FILES if (directory / name).exists()]
+        if old:
+            raise ValueError(
+                f"cannot resume from {directory}: {old} is a training state in the format before "
+                f"{STATE_FILE}, which mdlens no longer reads; start the run again without resume"
+            )
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign: torch raises several types here
+        raise ValueError(f"cannot resume from {path}: the file is not a readable training state ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise ValueError(f"cannot resume from {path}: not an mdlens training state of version {STATE_VERSION}")
     # Resuming under another recipe (another lr, schedule length, batch, seed...) would silently give
     # a run that neither config describes; only the fields that cannot change the weights may differ.
     # A field the saved config lacks (added to TrainConfig after it was written) had its default then.
-    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **meta["config"]}
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **state["config"]}
     current = asdict(config)
     changed = sorted(name for name in current if name not in RUNTIME_FIELDS and saved.get(name) != current[name])
     if changed:
@@ -388,28 +377,19 @@ def load_train_state(
             f"cannot resume from {directory}: the saved training config differs in {changed} "
             f"(saved {[saved.get(name) for name in changed]}, now {[current[name] for name in changed]})"
         )
-    device = next(model.parameters()).device
-    model.load_state_dict({name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")})
-    state: dict[int, dict] = {}
-    reference = optimizer.state_dict()["param_groups"]
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            # Adam keeps ``step`` as a 0-d tensor; the moments have their parameter's shape.
-            state.setdefault(int(index), {})[key] = value
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, param_state in state.items():
-        for key, value in param_state.items():
-            shape = () if key == "step" else params[index].shape
-            param_state[key] = value.reshape(shape).to(device if key != "step" else "cpu")
-    if len(meta["param_groups"]) != len(reference):
-        raise ValueError("the checkpoint's optimizer does not match this model's parameters")
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    generator.set_state(tensors["generator_state"])
-    result.losses = [tuple(pair) for pair in meta["losses"]]
-    result.evals = meta["evals"]
-    result.samples = meta["samples"]
-    return meta["step"]
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    if shapes != {name: tuple(value.shape) for name, value in state["model"].items()}:
+        raise ValueError(f"cannot resume from {path}: it does not fit this model (other parameters or shapes)")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"cannot resume from {path}: it does not fit this model ({error})") from error
+    generator.set_state(state["generator"])
+    result.losses = [tuple(pair) for pair in state["losses"]]
+    result.evals = state["evals"]
+    result.samples = state["samples"]
+    return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,7 +416,10 @@ def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
     """Train ``model`` on fresh samples of ``task`` (an ``MTDTask``); returns the loss and KL history.
 
     The model is trained in place (float32 is expected). Same ``config`` (seed included) -> the same
-    weights, bit for bit, also across an interruption followed by ``resume=True``.
+    weights, bit for bit, also across an interruption followed by ``resume=True``, which continues from
+    the last training state written to ``checkpoint_dir`` (see :func:`save_train_state`; a state in the
+    format of earlier mdlens versions, ``train_state.safetensors`` + ``.json``, is refused with a
+    ``ValueError`` that says so).
     """
     output_type = output_type_of(model)
     if config.loss == "ce" and output_type != "logits":
@@ -466,10 +449,8 @@ def _train_loop(
     generator = torch.Generator().manual_seed(config.seed)  # training batches are drawn on the CPU
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     result = TrainResult()
-    start = 0
-    if config.resume and (checkpoint_dir / STATE_TENSORS).exists():
-        start = load_train_state(checkpoint_dir, model, optimizer, generator, result, config)
-    held_out = make_held_out(task, config)
+    start = load_train_state(checkpoint_dir, model, optimizer, generator, result, config) if config.resume else 0
+    held_out = make_held_out(task, config.seq_len, config.eval_batch_size, config.eval_seed, config.eval_bayes)
     transition, order = task.transition, task.order
 
     t0 = time.perf_counter()
@@ -517,219 +498,3 @@ def _train_loop(
     result.steps = config.steps
     result.wall_clock_s = time.perf_counter() - t0
     return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# ``mdlens train``: build the task and model from flags (or a JSON file of the same fields), train,
-# save a loadable checkpoint (``mdlens.load``) plus ``train.json`` with the command and the numbers.
-
-MODEL_KINDS = ("disentangled", "standard")
-
-# CLI field -> (flag, type, default, help). ``--config FILE.json`` may set any of these fields.
-CLI_FIELDS: dict[str, tuple[str, type, object, str]] = {
-    "model": ("--model", str, "disentangled", "architecture: disentangled | standard"),
-    "layers": ("--layers", int, 3, "number of layers"),
-    "vocab": ("--vocab", int, 5, "vocabulary size q of the task"),
-    "order": ("--order", int, 3, "MTD order m of the task"),
-    "alpha": ("--alpha", float, 1.0, "Dirichlet concentration of lambda"),
-    "task_seed": ("--task-seed", int, 0, "seed of the task's transition matrix"),
-    "seq_len": ("--seq-len", int, 192, "training context length (also the model's n_ctx)"),
-    "d_model": ("--d-model", int, 64, "residual width of a standard model"),
-    "loss": ("--loss", str, "mse", "mse | ce"),
-    "targets": ("--targets", str, "all", "last | all"),
-    "position_weight_exponent": (
-        "--position-weight-exponent",
-        float,
-        0.0,
-        "with --targets all: weight the loss at position t by (t - m)^this (mean 1); >0 leans on long prefixes",
-    ),
-    "shortfall_weight": (
-        "--shortfall-weight",
-        float,
-        0.0,
-        "with --loss mse: add this times (p*/2 - p)^2 / p* "
-        "for each output p below half its true probability p* (keeps small ones positive)",
-    ),
-    "freeze_layers": ("--freeze-layers", int, 0, "keep the first N layers as they are (e.g. those of --init-from)"),
-    "steps": ("--steps", int, 2000, "optimizer steps"),
-    "batch": ("--batch", int, 64, "sequences per step"),
-    "lr": ("--lr", float, 3e-3, "peak learning rate"),
-    "lr_schedule": ("--lr-schedule", str, "cosine", "constant | cosine"),
-    "warmup": ("--warmup", int, 0, "linear warm-up steps"),
-    "optimizer": ("--optimizer", str, "adam", "adam | adamw"),
-    "weight_decay": ("--weight-decay", float, 0.0, "weight decay"),
-    "curriculum_start_len": ("--curriculum-start-len", int, None, "grow T from this length"),
-    "curriculum_steps": ("--curriculum-steps", int, 0, "over this many steps"),
-    "eval_every": ("--eval-every", int, 250, "evaluate every N steps (0: at the end only)"),
-    "checkpoint_every": ("--checkpoint-every", int, 500, "write the training state every N steps"),
-    "seed": ("--seed", int, 0, "seed of the model initialisation and of the training batches"),
-    "init_from": (
-        "--init-from",
-        str,
-        None,
-        "start from a saved disentangled model with at most --layers layers "
-        "(grown into this model, see --new-layers; same task)",
-    ),
-    "new_layers": (
-        "--new-layers",
-        str,
-        "fresh",
-        "with --init-from: fresh (new layers on top, freshly "
-        "initialised) | repeat_last (inserted before the last layer, as copies of it) | "
-        "insert_fresh (fresh, between the saved layers and a copy of its last layer on top)",
-    ),
-    "device": ("--device", str, "auto", "auto | cpu | cuda"),
-    "threads": (
-        "--threads",
-        int,
-        None,
-        "torch intra-op CPU threads (default: torch's choice); 1 is often fastest on a busy machine",
-    ),
-    "out": ("--out", str, None, "output directory (required)"),
-}
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``mdlens train`` (called from ``mdlens.cli.build_parser``)."""
-    parser.add_argument("--config", help="JSON file with any of the fields below (flags override it)")
-    for dest, (flag, kind, default, help_text) in CLI_FIELDS.items():
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=f"{help_text} (default {default})")
-    parser.add_argument("--resume", action="store_true", help="continue from the training state in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=run_train_command)
-
-
-def resolve_train_fields(args: argparse.Namespace) -> dict:
-    """Flags over the ``--config`` file over the defaults; unknown config keys are an error."""
-    fields_ = {dest: spec[2] for dest, spec in CLI_FIELDS.items()}
-    if args.config:
-        loaded = json.loads(Path(args.config).read_text())
-        unknown = sorted(set(loaded) - set(fields_))
-        if unknown:
-            raise ValueError(f"unknown fields in {args.config}: {unknown}; known: {sorted(fields_)}")
-        fields_.update(loaded)
-    fields_.update({dest: getattr(args, dest) for dest in CLI_FIELDS if getattr(args, dest) is not None})
-    if fields_["out"] is None:
-        raise ValueError("mdlens train needs --out (or 'out' in the config file)")
-    if fields_["model"] not in MODEL_KINDS:
-        raise ValueError(f"--model must be one of {MODEL_KINDS}, got {fields_['model']!r}")
-    if fields_["new_layers"] not in NEW_LAYER_RULES:
-        raise ValueError(f"--new-layers must be one of {NEW_LAYER_RULES}, got {fields_['new_layers']!r}")
-    if fields_["new_layers"] != "fresh" and fields_["init_from"] is None:
-        raise ValueError("--new-layers only applies with --init-from")
-    return fields_
-
-
-def build_model(fields_: dict) -> HookedTransformer:
-    """The untrained model the fields describe (float32, seeded by ``seed``)."""
-    from mdlens.models import DisentangledTransformer, standard_transformer
-
-    if fields_["model"] == "standard":
-        # A plain HookedTransformer outputs logits; "mse" is then taken on their softmax.
-        return standard_transformer(
-            fields_["vocab"],
-            fields_["seq_len"],
-            n_layers=fields_["layers"],
-            d_model=fields_["d_model"],
-            seed=fields_["seed"],
-            output="logits",
-        )
-    # The paper's disentangled readout is a probability vector trained with MSE; with "ce" it is read
-    # as logits instead (softmax), so that cross-entropy has something to take the log of.
-    return DisentangledTransformer(
-        fields_["vocab"],
-        fields_["seq_len"],
-        n_layers=fields_["layers"],
-        window=fields_["order"] + 1,
-        seed=fields_["seed"],
-        order=fields_["order"],
-        output="logits" if fields_["loss"] == "ce" else "probs",
-    )
-
-
-def grow_from(model: HookedTransformer, task, directory: str, new_layers: str = "fresh") -> None:
-    """``--init-from``: copy the saved model in ``directory`` into ``model``'s first layers.
-
-    See :meth:`mdlens.models.DisentangledTransformer.load_shallower`; the saved model must have been
-    trained on the same task (same transition matrix and order).
-    """
-    import mdlens
-    from mdlens.models import DisentangledTransformer
-
-    if not isinstance(model, DisentangledTransformer):
-        raise ValueError("--init-from works for disentangled models only")
-    source_task = mdlens.load_task(directory)
-    if (
-        source_task is None
-        or source_task.order != task.order
-        or not torch.equal(source_task.transition, task.transition)
-    ):
-        raise ValueError(f"--init-from {directory}: that model was not trained on this task")
-    model.load_shallower(mdlens.load(directory), new_layers=new_layers)
-
-
-def run_train_command(args: argparse.Namespace) -> None:
-    import mdlens
-    from mdlens.task import MTDTask
-
-    fields_ = resolve_train_fields(args)
-    if fields_["threads"] is not None:
-        torch.set_num_threads(
-            check_int(fields_["threads"], "--threads", 1)
-        )  # a process setting, not part of the recipe
-    out = Path(fields_["out"])
-    task = MTDTask(
-        vocab_size=fields_["vocab"], order=fields_["order"], alpha=fields_["alpha"], seed=fields_["task_seed"]
-    )
-    model = build_model(fields_)
-    if fields_["init_from"] is not None:
-        grow_from(model, task, fields_["init_from"], fields_["new_layers"])
-    config = TrainConfig(
-        steps=fields_["steps"],
-        batch_size=fields_["batch"],
-        seq_len=fields_["seq_len"],
-        lr=fields_["lr"],
-        optimizer=fields_["optimizer"],
-        weight_decay=fields_["weight_decay"],
-        lr_schedule=fields_["lr_schedule"],
-        warmup_steps=fields_["warmup"],
-        loss=fields_["loss"],
-        targets=fields_["targets"],
-        position_weight_exponent=fields_["position_weight_exponent"],
-        shortfall_weight=fields_["shortfall_weight"],
-        freeze_layers=fields_["freeze_layers"],
-        curriculum_start_len=fields_["curriculum_start_len"],
-        curriculum_steps=fields_["curriculum_steps"],
-        eval_every=fields_["eval_every"],
-        checkpoint_dir=str(out),
-        checkpoint_every=fields_["checkpoint_every"],
-        resume=args.resume,
-        seed=fields_["seed"],
-        device=fields_["device"],
-        progress=not args.no_progress,
-    )
-    result = train(model, task, config)
-    mdlens.save(model.to("cpu", print_details=False), out, task=task)  # TL's .cpu() prints a line
-    final = result.final_eval
-    report = {
-        "fields": fields_,
-        "train_config": asdict(config),
-        "steps": result.steps,
-        "samples": result.samples,
-        "wall_clock_s": result.wall_clock_s,
-        "final_eval": final,
-        "evals": result.evals,
-        "torch_threads": torch.get_num_threads(),
-    }
-    (out / "train.json").write_text(json.dumps(report, indent=1))
-    print(
-        f"[mdlens] trained {fields_['model']} ({fields_['layers']} layers): {result.steps} steps, "
-        f"{result.samples} sequences, {result.wall_clock_s:.1f} s wall-clock"
-    )
-    print(
-        f"[mdlens] held-out KL: model {final['kl_model']:.4g}, tuned 1-step MD {final['kl_md1']:.4g}, "
-        f"tuned 2-step MD {final['kl_md2']:.4g}"
-        + (f", Bayes {final['kl_bayes']:.4g}" if "kl_bayes" in final else "")
-        + f", uniform {final['kl_uniform']:.4g}"
-    )
-    print(f"[mdlens] checkpoint: {out}")

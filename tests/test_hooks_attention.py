@@ -20,6 +20,7 @@ from mdlens.hooks.attention import (
     responsibility_tv,
 )
 from mdlens.models.disentangled import DisentangledTransformer
+from mdlens.models.growth import grow
 from mdlens.models.standard import standard_transformer
 
 Q, M, T = 5, 3, 24
@@ -162,7 +163,7 @@ def test_hungarian_matching_recovers_permuted_heads():
 
 def test_hungarian_matching_deeper_model_against_construction(task, construction, tokens):
     deep = DisentangledTransformer(Q, T, n_layers=5, window=M + 1, dtype=torch.float64, seed=3, order=M)
-    deep.load_shallower(construction, new_layers="fresh")  # layers 0..2 = the construction's
+    grow(construction, deep, new_layers="fresh")  # layers 0..2 = the construction's
     result = attention_agreement(deep, construction, tokens)
     assert result.matching == "hungarian"
     assert result.pairs == [((layer, 0), (layer, 0)) for layer in range(3)]

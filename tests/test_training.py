@@ -1,15 +1,18 @@
-"""mdlens.training: targets, schedule, a tiny run that learns, determinism, kill + resume, the CLI."""
+"""mdlens.training and mdlens train: targets, schedule, a tiny run that learns, determinism, kill + resume,
+the command line and its flags, growing a model."""
 
+import io
 import json
+import os
 
 import pytest
 import torch
 
 import mdlens
-from mdlens import MTDTask
+from mdlens import MTDTask, training
 from mdlens import estimators as E
 from mdlens.cli import main as cli_main
-from mdlens.models import DisentangledTransformer, disentangled_transformer, standard_transformer
+from mdlens.models import DisentangledTransformer, disentangled_transformer, grow, standard_transformer
 from mdlens.training import TrainConfig, _loss, learning_rate, next_token_targets, sequence_length, train
 
 TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
@@ -272,10 +275,10 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
 
 def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_path):
     train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, small_config(steps=4, checkpoint_dir=str(tmp_path)))
-    state = tmp_path / "train_state.json"
-    meta = json.loads(state.read_text())
-    del meta["config"]["freeze_layers"]  # as written before TrainConfig had the field
-    state.write_text(json.dumps(meta))
+    path = tmp_path / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["freeze_layers"]  # as written before TrainConfig had the field
+    torch.save(state, path)
     result = train(
         disentangled_transformer(5, 3, 16, n_layers=2),
         TASK,
@@ -288,6 +291,80 @@ def test_resume_reads_a_field_missing_from_an_older_state_as_its_default(tmp_pat
             TASK,
             small_config(steps=4, freeze_layers=1, checkpoint_dir=str(tmp_path), resume=True),
         )
+
+
+def killed_writing_the_state(monkeypatch, how: str):
+    """Make the second training-state write of a run die: ``"mid-write"`` after half of its bytes went to
+    the temporary file, ``"before-rename"`` with the whole temporary file written but not yet renamed."""
+    calls = {"save": 0}
+    real_save, real_replace = torch.save, os.replace
+
+    def save(state, file):
+        calls["save"] += 1
+        if how == "mid-write" and calls["save"] == 2:
+            buffer = io.BytesIO()
+            real_save(state, buffer)
+            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise Killed
+        real_save(state, file)
+
+    def replace(source, destination):
+        if how == "before-rename" and calls["save"] == 2:
+            raise Killed
+        real_replace(source, destination)
+
+    monkeypatch.setattr(training.torch, "save", save)
+    monkeypatch.setattr(training.os, "replace", replace)
+
+
+@pytest.mark.parametrize("how", ["mid-write", "before-rename"])
+def test_killed_while_writing_the_state_resumes_from_the_state_before(tmp_path, monkeypatch, how):
+    # Checkpoints at steps 5 and 10; the run dies while writing the second. The state on disk must then
+    # be the whole step-5 state, and resuming from it must end with the uninterrupted run's weights.
+    config = small_config(steps=12, warmup_steps=2, eval_every=4, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    reference_result = train(reference, TASK, small_config(**{**vars(config), "checkpoint_dir": None}))
+
+    with monkeypatch.context() as patch:
+        killed_writing_the_state(patch, how)
+        with pytest.raises(Killed):
+            train(disentangled_transformer(5, 3, 16, n_layers=2, seed=0), TASK, config)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["step"] == 5 and state["samples"] == 5 * 16 and state["losses"][-1][0] == 5
+
+    resumed = disentangled_transformer(5, 3, 16, n_layers=2, seed=7)  # another init: all of it is loaded
+    resumed_result = train(resumed, TASK, small_config(**{**vars(config), "resume": True}))
+    assert_same_weights(weights_of(reference), weights_of(resumed))
+    assert resumed_result.losses == reference_result.losses
+    assert resumed_result.evals == reference_result.evals
+
+
+def test_resume_refuses_a_state_it_cannot_continue(tmp_path):
+    config = small_config(steps=4, checkpoint_dir=str(tmp_path), resume=True)
+    # Without atomic renames (a copy, a foreign file system) a state could be cut short: refused.
+    train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, small_config(steps=4, checkpoint_dir=str(tmp_path)))
+    path = tmp_path / "train_state.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable training state"):
+        train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, config)
+    # A state of another model.
+    train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, small_config(steps=4, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(disentangled_transformer(5, 3, 16, n_layers=1), TASK, config)
+    # A state in the format before train_state.pt (weights and JSON written one after the other).
+    path.unlink()
+    (tmp_path / "train_state.safetensors").write_bytes(b"")
+    (tmp_path / "train_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"format before train_state\.pt"):
+        train(disentangled_transformer(5, 3, 16, n_layers=2), TASK, config)
+
+
+def test_resume_without_a_state_starts_afresh(tmp_path):
+    resumed = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    train(resumed, TASK, small_config(steps=4, checkpoint_dir=str(tmp_path / "new"), resume=True))
+    fresh = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    train(fresh, TASK, small_config(steps=4))
+    assert_same_weights(weights_of(fresh), weights_of(resumed))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,7 +494,7 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
                 "d_model": 16,
                 "seq_len": 12,
                 "steps": 2,
-                "batch": 4,
+                "batch_size": 4,
                 "eval_every": 0,
                 "loss": "ce",
                 "device": "cpu",
@@ -474,7 +551,7 @@ def test_grown_model_computes_the_shallower_models_function(new_layers):
             block.attn.rel_score.normal_(generator=torch.Generator().manual_seed(2))
             block.attn.rel_value.add_(0.3)
     deep = disentangled_transformer(5, 3, 16, n_layers=4, seed=0)
-    deep.load_shallower(shallow, new_layers=new_layers)
+    grow(shallow, deep, new_layers=new_layers)
     tokens = TASK.sample(8, 16, generator=torch.Generator().manual_seed(0)).tokens
     with torch.no_grad():
         _, deep_cache = deep.run_with_cache(tokens)
@@ -491,22 +568,33 @@ def test_grown_model_computes_the_shallower_models_function(new_layers):
             assert torch.equal(block.attn.rel_score, shallow.blocks[1].attn.rel_score)
         else:  # the deep model's own initialisation: small random W_A, zero position scores
             assert block.attn.W_A.abs().sum() > 0 and block.attn.rel_score.abs().sum() == 0
+    # The readout, block by name: the shallow model's last block L2 is read where the deep model's
+    # highest copy of layer 2 writes it, every earlier block where it was, and nothing else.
+    reader = {"fresh": "L2", "repeat_last": "L4", "insert_fresh": "L4"}[new_layers]
+    read_rows = torch.zeros(deep.cfg.d_model, dtype=torch.bool)
+    for leaf in shallow.layout.leaves():
+        name = reader + leaf.name.removeprefix("L2") if leaf.name.startswith("L2.") else leaf.name
+        assert torch.equal(deep.unembed.W_U[deep.layout[name]], shallow.unembed.W_U[leaf.slice]), name
+        read_rows[deep.layout[name]] = True
+    assert (deep.unembed.W_U[~read_rows] == 0).all()
 
 
-def test_load_shallower_rejects_models_that_do_not_fit():
+def test_grow_rejects_models_that_do_not_fit():
     deep = disentangled_transformer(5, 3, 16, n_layers=2)
     with pytest.raises(ValueError, match="more than"):
-        deep.load_shallower(disentangled_transformer(5, 3, 16, n_layers=3))
+        grow(disentangled_transformer(5, 3, 16, n_layers=3), deep)
     with pytest.raises(ValueError, match="vocabulary"):
-        deep.load_shallower(disentangled_transformer(4, 3, 16, n_layers=1))
+        grow(disentangled_transformer(4, 3, 16, n_layers=1), deep)
     with pytest.raises(ValueError, match="window"):
-        deep.load_shallower(disentangled_transformer(5, 2, 16, n_layers=1))
+        grow(disentangled_transformer(5, 2, 16, n_layers=1), deep)
     with pytest.raises(ValueError, match="n_ctx"):
-        deep.load_shallower(disentangled_transformer(5, 3, 24, n_layers=1))
-    with pytest.raises(ValueError, match="DisentangledTransformer"):
-        deep.load_shallower(standard_transformer(5, 16, n_layers=1, d_model=8))
+        grow(disentangled_transformer(5, 3, 24, n_layers=1), deep)
+    with pytest.raises(ValueError, match="source must be a DisentangledTransformer"):
+        grow(standard_transformer(5, 16, n_layers=1, d_model=8), deep)
+    with pytest.raises(ValueError, match="target must be a DisentangledTransformer"):
+        grow(disentangled_transformer(5, 3, 16, n_layers=1), standard_transformer(5, 16, n_layers=1, d_model=8))
     with pytest.raises(ValueError, match="new_layers"):
-        deep.load_shallower(disentangled_transformer(5, 3, 16, n_layers=1), new_layers="copy")
+        grow(disentangled_transformer(5, 3, 16, n_layers=1), deep, new_layers="copy")
 
 
 @pytest.mark.parametrize("new_layers", ["fresh", "repeat_last", "insert_fresh"])
@@ -533,7 +621,7 @@ def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
     )
     # The same through the Python API: grow, then train with the same recipe.
     reference = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
-    reference.load_shallower(mdlens.load(tmp_path / "one"), new_layers=new_layers)
+    grow(mdlens.load(tmp_path / "one"), reference, new_layers=new_layers)
     train(
         reference,
         TASK,

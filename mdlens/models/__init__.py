@@ -5,6 +5,7 @@
 - :class:`DisentangledTransformer` / :func:`disentangled_transformer`: the paper's architecture
   (concatenated residual, single score matrix, relative-position terms) as a subclass.
 - :class:`ResidualLayout`: the named blocks of a disentangled residual stream.
+- :func:`grow`: a trained disentangled model copied into a deeper one with the same function.
 - :func:`attach_tokenizer` / :func:`vocabulary_tokenizer`: the offline tokenizer every mdlens model
   carries (token ids as decimal strings: ``model.to_tokens("3 1 4")``, ``model.to_str_tokens``).
 - :func:`composition_scores`: Elhage et al.'s composition scores including the relative-position terms.
@@ -33,11 +34,13 @@ from mdlens.models.disentangled import (
     disentangled_transformer,
     residual_widths,
 )
+from mdlens.models.growth import NEW_LAYER_RULES, grow
 from mdlens.models.layout import ResidualBlock, ResidualLayout
 from mdlens.models.standard import StandardTransformer, standard_transformer
 from mdlens.models.tokenizer import attach_tokenizer, vocabulary_tokenizer
 
 __all__ = [
+    "NEW_LAYER_RULES",
     "CompositionScores",
     "DisentangledActivationCache",
     "DisentangledAttention",
@@ -50,6 +53,7 @@ __all__ = [
     "attach_tokenizer",
     "composition_scores",
     "disentangled_transformer",
+    "grow",
     "residual_widths",
     "standard_transformer",
     "vocabulary_tokenizer",

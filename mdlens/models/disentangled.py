@@ -88,7 +88,6 @@ from mdlens.models._tl import (
 from mdlens.models.layout import ResidualLayout
 
 MAX_LAYERS = 8
-NEW_LAYER_RULES = ("fresh", "repeat_last", "insert_fresh")  # how load_shallower places new layers
 DEFAULT_INIT_STD = 0.02
 # The hook points this module adds to TL's attention, by their shorthand (``act_name``).
 RPE_HOOK_NAMES = ("rel_scores", "key_pos_scores", "rel_query_scores", "rel_values")
@@ -448,86 +447,6 @@ class DisentangledTransformer(MDLensTransformer):
             attn.rel_query[:read] = small(read, self.window)
         self.unembed.W_U = nn.Parameter(small(self.cfg.d_model, q))
         self.unembed.b_U = _frozen(torch.zeros(q, dtype=dtype))
-
-    @torch.no_grad()
-    def load_shallower(self, source: DisentangledTransformer, new_layers: str = "fresh") -> None:
-        """Grow a trained model with ``L <= n_layers`` layers into this one, keeping its function.
-
-        The residual of an ``L``-layer disentangled model is a prefix of a deeper one's (layer ``l``
-        writes ``[D_{l-1}, D_l)`` whatever comes after), so a layer of ``source`` fits here unchanged
-        as long as it reads only that prefix. Two rules place the ``n_layers - L`` new layers:
-
-        - ``"fresh"``: ``source``'s layers become layers ``1..L``; the new layers ``L+1..`` keep this
-          model's own initialisation, and the readout ``W_U`` copies ``source``'s on ``[0, D_L)`` and
-          is zero on the new blocks.
-        - ``"repeat_last"``: the new layers are inserted *before* ``source``'s last layer, all as
-          copies of it: layers ``L..n_layers`` are that layer (it reads ``[0, D_{L-1})``, the same
-          coordinates at every depth), and ``W_U`` reads the last layer's block where ``source`` read
-          its layer ``L``'s (progressive stacking). The last layer stays the readout, and every
-          earlier copy starts out computing the same attention pattern.
-        - ``"insert_fresh"``: ``source``'s layers stay layers ``1..L``, the new layers ``L+1..n-1``
-          keep this model's own initialisation, and layer ``n`` is a second copy of ``source``'s
-          last layer, which ``W_U`` reads. Made for growing one-step MD into two: the first
-          estimate ``lambda1`` stays in block ``L{L}`` where a fresh layer can attend with it
-          (paper-notes §6; ``mdlens reproduce two-step``), and the readout above can add what the
-          fresh layers write to its lag scores. A fresh layer starts near uniform attention, so
-          every key gets gradient (a copy of a lag-selecting layer masks all but ``m`` keys).
-
-        Whatever the rule, the grown model computes exactly ``source``'s function: the new blocks are read by
-        nothing until training teaches the model to use them.
-        """
-        if not isinstance(source, DisentangledTransformer):
-            raise ValueError(f"source must be a DisentangledTransformer, got {type(source).__name__}")
-        if new_layers not in NEW_LAYER_RULES:
-            raise ValueError(f"new_layers must be one of {NEW_LAYER_RULES}, got {new_layers!r}")
-        mismatched = [
-            f"{name} {theirs} != {ours}"
-            for name, theirs, ours in (
-                ("vocabulary", source.cfg.d_vocab, self.cfg.d_vocab),
-                ("window", source.window, self.window),
-                ("n_ctx", source.cfg.n_ctx, self.cfg.n_ctx),
-                ("output", source.output_type, self.output_type),
-            )
-            if theirs != ours
-        ]
-        if mismatched:
-            raise ValueError(f"source model does not fit this one: {', '.join(mismatched)}")
-        n_source, n_target = source.cfg.n_layers, self.cfg.n_layers
-        if n_source > n_target:
-            raise ValueError(f"source has {n_source} layers, more than this model's {n_target}")
-
-        # Which source layer each target layer copies (None: keep this model's initialisation).
-        n_new, last = n_target - n_source, n_source - 1
-        if new_layers == "fresh" or n_new == 0:
-            copied = list(range(n_source)) + [None] * n_new
-        elif new_layers == "repeat_last":
-            copied = list(range(last)) + [last] * (n_new + 1)
-        else:  # insert_fresh
-            copied = list(range(n_source)) + [None] * (n_new - 1) + [last]
-        for ours, index in zip(self.blocks, copied, strict=True):
-            if index is None:
-                continue
-            theirs = source.blocks[index].attn
-            read = theirs.read_width  # the coordinates the source layer reads, a prefix of ours
-            ours.attn.W_Q.zero_()
-            ours.attn.W_Q[0, :read, :read] = theirs.W_A
-            ours.attn.rel_query.zero_()
-            ours.attn.rel_query[:read] = theirs.rel_query[:read]
-            for name in ("rel_score", "key_pos_score", "rel_value"):
-                getattr(ours.attn, name).copy_(getattr(theirs, name))
-
-        # Readout: source coordinates -> ours. The prefix up to the source's last read is shared;
-        # the source's last block [copy of D_{L-1} ; rel] maps to the block of the highest target
-        # layer that copies it (layer L for "fresh", the last layer for the two other rules).
-        W_U, source_W_U = self.unembed.W_U, source.unembed.W_U
-        W_U.zero_()
-        last_read = source.blocks[-1].attn.read_width  # D_{L-1}
-        reader = self.blocks[max(i for i, index in enumerate(copied) if index == last)].attn
-        block_start = reader.read_width  # the copy part of that layer's block starts at its read width
-        W_U[:last_read] = source_W_U[:last_read]
-        W_U[block_start : block_start + last_read] = source_W_U[last_read : 2 * last_read]
-        rel_start = 2 * reader.read_width
-        W_U[rel_start : rel_start + self.window] = source_W_U[2 * last_read : 2 * last_read + self.window]
 
     def score_matrix(self, layer: int) -> Float[Tensor, "read read"]:
         """``W_A`` of layer ``layer`` (1-based) on the coordinates it reads, ``[D_{l-1}, D_{l-1}]``."""

@@ -3,7 +3,9 @@
 Each model lives in ``mdlens/pretrained/<name>/`` as an ``mdlens.save`` checkpoint (``model.safetensors``
 + ``model.json``, the task included) next to the ``train.json`` report that ``mdlens train`` wrote.
 ``MANIFEST.json`` lists the shipped names with the exact ``mdlens train`` command that produced each,
-its wall-clock, steps, samples and a one-line description. Nothing is downloaded: the checkpoints are
+its wall-clock, steps, samples and a one-line description; ``recipe`` names the same runs as config
+files in ``<name>/recipe/`` (``mdlens train --config mdlens/pretrained/<name>/recipe/stage1.json``, then
+stage 2, ..., each growing the model the stage before wrote). Nothing is downloaded: the checkpoints are
 tiny and were produced by mdlens's own training command (see the manifest to reproduce them).
 
 ``root`` points the functions at another directory with the same layout (used by the tests, and to

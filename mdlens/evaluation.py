@@ -1,0 +1,115 @@
+"""Held-out evaluation, shared by training and the analyses: the batches, "tuned MD", the reference KLs.
+
+"Tuned MD" means one thing everywhere in mdlens: the step size ``eta`` that
+:func:`mdlens.estimators.tune_eta_refined` picks on a *tuning* batch, scored by mean
+``KL(true predictive || MD's predictive)`` of ``y_{T+1}`` on a separate *evaluation* batch of fresh
+sequences, so that the tuned method gets no in-sample advantage. Training's held-out references
+(``kl_md1`` in ``train.json``) and the analyses (``mdlens reproduce trained``, the README's tables)
+compute them with :func:`reference_kls`; they differ only in the sizes and seeds of the batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from mdlens import estimators as E
+from mdlens.predict import predict_next
+from mdlens.task import MTDSample, MTDTask
+
+# Reference name -> MD steps, for the tuned multi-step MD references.
+TUNED_MD = {"md1_tuned": 1, "md2_tuned": 2}
+
+
+def batch_seeds(seq_len: int) -> dict[str, int]:
+    """Generator seeds of the analyses' tuning and evaluation batches at one length (disjoint by design)."""
+    return {"tune": 1_000_000 + seq_len, "eval": 2_000_000 + seq_len, "gibbs": 3_000_000 + seq_len}
+
+
+def sample_batches(task: MTDTask, seq_len: int, n_tune: int, n_eval: int) -> tuple[MTDSample, MTDSample]:
+    """The analyses' tuning and evaluation batches at one length, each from its own seeded generator."""
+    seeds = batch_seeds(seq_len)
+    tune = task.sample(n_tune, seq_len, generator=torch.Generator().manual_seed(seeds["tune"]))
+    evaluation = task.sample(n_eval, seq_len, generator=torch.Generator().manual_seed(seeds["eval"]))
+    return tune, evaluation
+
+
+def mean_and_se(values: Float[Tensor, " n"]) -> dict[str, float]:
+    """Mean and its standard error (sample std / sqrt(n)) of per-sequence values."""
+    n = values.numel()
+    se = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": values.mean().item(), "se": se}
+
+
+def tuned_eta(task: MTDTask, tune: MTDSample, steps: int = 1) -> float:
+    """Tuned ``steps``-step MD's step size: the ``eta`` with the least mean KL on the tuning batch."""
+    return E.tune_eta_refined(tune.tokens, task.transition, task.order, tune.next_probs, steps=steps)["eta"]
+
+
+def reference_kls(
+    task: MTDTask, tune: MTDSample, evaluation: MTDSample, md: dict[str, int] = TUNED_MD, bayes: bool = True
+) -> tuple[dict[str, float], dict[str, Float[Tensor, " batch"]]]:
+    """The reference estimators' per-sequence ``KL(p* || p)`` of ``y_{T+1}`` on ``evaluation``.
+
+    References: ``uniform`` (``lambda = 1/m``), tuned MD for every ``name -> steps`` of ``md`` (step
+    sizes from :func:`tuned_eta` on ``tune``) and, with ``bayes``, ``bayes_exact`` (the exact posterior
+    mean under the task's Dirichlet prior). Returns ``(etas, kls)``: the tuned step size per MD name
+    and the KLs per reference, each ``[batch]``.
+    """
+    pi, m = task.transition, task.order
+    tokens, truth = evaluation.tokens, evaluation.next_probs
+    etas = {name: tuned_eta(task, tune, steps) for name, steps in md.items()}
+    weights = {
+        "uniform": torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),
+        **{name: E.md_weights(tokens, pi, m, etas[name], steps=steps) for name, steps in md.items()},
+    }
+    if bayes:
+        weights["bayes_exact"] = E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact")
+    kls = {name: E.kl_divergence(truth, E.predictive(tokens, pi, w)) for name, w in weights.items()}
+    return etas, kls
+
+
+@dataclass
+class HeldOut:
+    """One held-out batch and the references scored on it once (see :func:`make_held_out`)."""
+
+    tokens: Int[Tensor, "batch pos"]
+    truth: Float[Tensor, "batch q"]  # true predictive of y_{T+1}
+    references: dict[str, float]
+
+
+def make_held_out(task: MTDTask, seq_len: int, batch_size: int, seed: int, bayes: bool = True) -> HeldOut:
+    """A held-out batch of ``batch_size`` sequences of length ``seq_len`` and its mean reference KLs.
+
+    One generator seeded with ``seed`` draws the held-out batch, then a tuning batch of the same size
+    for the step sizes (:func:`reference_kls`). ``references`` holds ``eta_md1`` / ``kl_md1`` and
+    ``eta_md2`` / ``kl_md2`` (tuned one- and two-step MD), ``kl_uniform`` and, with ``bayes``,
+    ``kl_bayes``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    evaluation = task.sample(batch_size, seq_len, generator=generator)
+    tune = task.sample(batch_size, seq_len, generator=generator)
+    etas, kls = reference_kls(task, tune, evaluation, bayes=bayes)
+    references = {}
+    for name in TUNED_MD:
+        short = name.removesuffix("_tuned")  # md1, md2
+        references[f"eta_{short}"] = etas[name]
+        references[f"kl_{short}"] = kls[name].mean().item()
+    references["kl_uniform"] = kls["uniform"].mean().item()
+    if bayes:
+        references["kl_bayes"] = kls["bayes_exact"].mean().item()
+    return HeldOut(evaluation.tokens, evaluation.next_probs, references)
+
+
+def evaluate(model: HookedTransformer, held_out: HeldOut) -> float:
+    """The model's mean ``KL(p* || p_model)`` of ``y_{T+1}`` on the held-out batch (in eval mode)."""
+    was_training = model.training
+    model.eval()
+    kl = E.kl_divergence(held_out.truth, predict_next(model, held_out.tokens)).mean().item()
+    model.train(was_training)
+    return kl
