@@ -22,15 +22,21 @@ with the second-step term ``g1`` one of
 - ``attend-final``: ``sum_k w_k gamma_k`` with ``w = softmax_k(-d <lambda1, gamma_k>)``: the *last*
   position attends over every earlier one with a score bilinear in its own ``lambda1`` and the key's
   responsibilities, the first-order form of weighing position ``k`` by ``1 / sum_h lambda1_h
-  gamma_k,h`` (then ``sum_k w_k gamma_k`` is proportional to the gradient). One disentangled layer can
-  compute exactly this, so layers 1-5 = responsibilities, mean, ``lambda1`` (by offset, into ``L3.rel``),
-  this attention, the final lag weighting.
+  gamma_k,h`` (then ``sum_k w_k gamma_k`` is proportional to the gradient). This is
+  :func:`mdlens.estimators.causal_md_weights` with two steps, which the 5-layer
+  :func:`mdlens.construction.build_mdk_transformer` computes exactly.
 
 The scales ``(a, b, c, d)`` (``d`` used by ``attend-final`` only) are fitted per length by Adam on a
 tuning batch (from tuned MD1, tuned MD2 and fixed starts; the best scales seen are kept) and scored by
-mean KL to the truth on a fresh batch, next to tuned one- and two-step MD. What is learned from it:
-the online variants keep almost none of step 2's gain on long sequences, ``attend-final`` keeps all of
-it, so a 5-layer causal model is not limited to one-step MD by its architecture.
+mean KL to the truth on a fresh batch, next to tuned one-, two- and three-step MD. What is learned from
+it: the online variants keep almost none of step 2's gain on long sequences, ``attend-final`` keeps all
+of it, so a 5-layer causal model is not limited to one-step MD by its architecture.
+
+The constructions: ``attend-final``'s fit is built as the 5-layer model
+(:func:`mdlens.construction.build_tuned_mdk_transformer`) and run on the evaluation batch
+(``construction_2step``; ``construction_max_abs_diff`` records how far its predictions are from the
+estimator's), and likewise the 7-layer three-step construction (``construction_3step``, its fit also
+started from the 2-step fit), next to tuned MD3 and exact Bayes: the ``three_step`` table of the JSON.
 
 Run with ``mdlens reproduce two-step --out DIR``: writes ``two_step.json`` and ``two_step.png``.
 """
@@ -47,17 +53,39 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mdlens import MTDTask
+import mdlens
+from mdlens import MTDTask, hooks
 from mdlens import estimators as E
 from mdlens.analyses import plotting
 from mdlens.analyses.estimators import TASK, sample_batches
+from mdlens.construction import build_md_transformer, build_mdk_transformer, build_tuned_mdk_transformer
 
-FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 256, "n_eval": 1024, "adam_steps": 150}
-QUICK = {"lengths": [8, 24], "n_tune": 64, "n_eval": 64, "adam_steps": 40}
+FULL = {
+    "lengths": [8, 16, 32, 64, 128, 192],
+    "n_tune": 512,
+    "n_eval": 4096,
+    "adam_steps": 150,
+    "n_model_check": 256,
+    "n_compare": 256,
+    "n_sensitivity": 32,
+}
+QUICK = {
+    "lengths": [8, 24],
+    "n_tune": 64,
+    "n_eval": 64,
+    "adam_steps": 40,
+    "n_model_check": 64,
+    "n_compare": 24,
+    "n_sensitivity": 4,
+}
 VARIANTS = ("final-grad", "final-resp", "online-grad", "online-resp", "attend-final")
 # Starting scales (a, b, c, d) besides tuned MD1 and MD2: a large first step, and a balanced one.
 STARTS = ((40.0, 15.0, 0.0, 0.0), (10.0, 10.0, 10.0, 5.0))
 ADAM_LR = 0.3
+TUNED_MD = {"md1_tuned": 1, "md2_tuned": 2, "md3_tuned": 3}  # name -> steps, eta grid-searched per length
+TRAINED = "disentangled-5l"  # the shipped model compared with the 2-step construction
+COMPARE_SEED = 4_000_000  # + T: the comparison's sequences, apart from the tuning and evaluation batches
+MODEL_CHUNK = 256  # sequences per forward pass of a construction (a 7-layer one at T=192: ~0.5 GB)
 VARIANT_STYLE = {
     "final-grad": {"color": "tab:orange", "marker": "s", "linestyle": "-"},
     "final-resp": {"color": "tab:olive", "marker": "D", "linestyle": "-"},
@@ -80,16 +108,13 @@ def two_step_weights(
     """``lambda2`` of one variant (see the module docstring), ``[batch, m]``; differentiable in the scales."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "attend-final":  # the library's causal two-step MD, which the construction computes
+        return E.causal_md_weights(tokens, transition, order, (a, b, c, d))
     lag_probs = E.lag_likelihoods(tokens, transition, order)  # P[b, k, g], [batch, T-m, m]
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
     rows = torch.arange(1, lag_probs.shape[1] + 1, dtype=lag_probs.dtype)
     prefix_mean = gamma.cumsum(dim=1) / rows[None, :, None]  # g0(k)
     final_mean = prefix_mean[:, -1]  # g0(T), [batch, m]
-    if variant == "attend-final":
-        final_step = torch.softmax(a * final_mean, dim=-1)  # lambda1, [batch, m]
-        key_weights = torch.softmax(-d * torch.einsum("bg,bkg->bk", final_step, gamma), dim=-1)
-        second_term = torch.einsum("bk,bkg->bg", key_weights, gamma)
-        return torch.softmax(b * final_mean + c * second_term, dim=-1)
     if variant.startswith("online"):
         first_step = torch.softmax(a * prefix_mean, dim=-1)  # lambda1(k) at row k
     else:
@@ -111,7 +136,10 @@ def fit_scales(
     starts: list[tuple[float, ...]],
     adam_steps: int,
 ) -> tuple[list[float], float]:
-    """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL."""
+    """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL.
+
+    The same fit as :func:`mdlens.estimators.fit_causal_md_scales` (which ``attend-final`` uses through
+    the tuned construction), for every variant of this analysis."""
     best_scales, best_kl = None, float("inf")
     for start in starts:
         scales = torch.tensor(start, dtype=torch.float64, requires_grad=True)
@@ -127,19 +155,29 @@ def fit_scales(
     return best_scales, best_kl
 
 
+def model_predictions(model, tokens: Tensor, chunk_size: int = MODEL_CHUNK) -> Float[Tensor, "batch q"]:
+    """The model's output at the last position, ``[batch, q]``, a chunk of sequences at a time."""
+    with torch.no_grad():
+        return torch.cat([model(tokens[i : i + chunk_size])[:, -1] for i in range(0, tokens.shape[0], chunk_size)])
+
+
 def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
-    """Tuned MD1 and MD2 and every fitted variant at one length: mean KL on a fresh batch."""
+    """Tuned MD1-3, every fitted variant, the tuned 2- and 3-step constructions and Bayes at one length:
+    mean KL on a fresh batch (scales and step sizes tuned on a separate one)."""
     pi, m = task.transition, task.order
     tune, evaluation = sample_batches(task, seq_len, sizes["n_tune"], sizes["n_eval"])
 
-    def eval_kl(weights: Tensor) -> float:
-        return E.kl_divergence(evaluation.next_probs, E.predictive(evaluation.tokens, pi, weights)).mean().item()
+    def eval_kl(predicted: Tensor) -> float:
+        return E.kl_divergence(evaluation.next_probs, predicted).mean().item()
+
+    def eval_weights_kl(weights: Tensor) -> float:
+        return eval_kl(E.predictive(evaluation.tokens, pi, weights))
 
     row: dict = {"seq_len": seq_len, "kl": {}, "scales": {}, "eta": {}}
-    for name, steps in (("md1_tuned", 1), ("md2_tuned", 2)):
+    for name, steps in TUNED_MD.items():
         eta = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
         row["eta"][name] = eta
-        row["kl"][name] = eval_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
+        row["kl"][name] = eval_weights_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
     # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).
     context = seq_len - m
     eta1, eta2 = row["eta"]["md1_tuned"], row["eta"]["md2_tuned"]
@@ -149,31 +187,179 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         *STARTS,
     ]
     for variant in VARIANTS:
+        if variant == "attend-final":  # fitted below, as the tuned construction
+            continue
         scales, _ = fit_scales(tune.tokens, pi, m, tune.next_probs, variant, starts, sizes["adam_steps"])
         row["scales"][variant] = scales
         with torch.no_grad():
-            row["kl"][variant] = eval_kl(two_step_weights(evaluation.tokens, pi, m, variant, *scales))
+            row["kl"][variant] = eval_weights_kl(two_step_weights(evaluation.tokens, pi, m, variant, *scales))
+
+    # The constructions: scales fitted on the tuning batch, the model run on the evaluation batch.
+    # attend-final is the 2-step construction's estimator; the 3-step fit also starts from the 2-step
+    # fit with a third step that changes nothing (b3 = b2, c3 = d3 = 0), so it never tunes worse. Each
+    # model (5 or 7 layers, d_model up to ~1150) runs on the first n_model_check sequences only: its KL
+    # on the whole batch is its estimator's, which those sequences show it equals
+    # (construction_max_abs_diff; the tests check it at every position to 1e-12).
+    row["construction_max_abs_diff"], row["construction_model_sequences"] = {}, {}
+    fitted: dict[int, list[float]] = {}
+    for steps in (2, 3):
+        starts_s = E.default_causal_md_starts(tune.tokens, pi, m, tune.next_probs, steps)
+        if steps == 3:
+            starts_s.append([*fitted[2], fitted[2][1], 0.0, 0.0])
+        model = build_tuned_mdk_transformer(
+            tune.tokens, tune.next_probs, pi, m, steps, starts=starts_s, adam_steps=sizes["adam_steps"]
+        )
+        fitted[steps] = model.md_params["scales"]
+        estimator = E.predictive(evaluation.tokens, pi, E.causal_md_weights(evaluation.tokens, pi, m, fitted[steps]))
+        n_model = min(sizes["n_model_check"], sizes["n_eval"])
+        predicted = model_predictions(model, evaluation.tokens[:n_model])
+        name = f"construction_{steps}step"
+        row["kl"][f"causal_md{steps}"] = eval_kl(estimator)
+        row["kl"][name] = eval_kl(predicted) if n_model == sizes["n_eval"] else row["kl"][f"causal_md{steps}"]
+        row["scales"][name] = fitted[steps]
+        row["construction_max_abs_diff"][name] = (predicted - estimator[:n_model]).abs().max().item()
+        row["construction_model_sequences"][name] = n_model
+    row["scales"]["attend-final"] = fitted[2]
+    row["kl"]["attend-final"] = row["kl"]["causal_md2"]
+    row["kl"]["bayes_exact"] = eval_weights_kl(E.bayes_weights(evaluation.tokens, pi, m, alpha=task.alpha))
     row["ratio_to_md2"] = {name: kl / row["kl"]["md2_tuned"] for name, kl in row["kl"].items()}
+    row["ratio_to_md3"] = {name: kl / row["kl"]["md3_tuned"] for name, kl in row["kl"].items()}
+    row["ratio_to_bayes"] = {name: kl / row["kl"]["bayes_exact"] for name, kl in row["kl"].items()}
     return row
 
 
+def three_step_table(results: list[dict]) -> list[dict]:
+    """Per length: mean KL of the tuned 3-step construction next to tuned MD1-3, the 2-step construction
+    and exact Bayes, with its ratios to tuned MD3 and to Bayes."""
+    columns = ("md1_tuned", "md2_tuned", "md3_tuned", "construction_2step", "construction_3step", "bayes_exact")
+    return [
+        {
+            "seq_len": row["seq_len"],
+            "kl": {name: row["kl"][name] for name in columns},
+            "construction_3step_over_md3": row["ratio_to_md3"]["construction_3step"],
+            "construction_3step_over_bayes": row["ratio_to_bayes"]["construction_3step"],
+        }
+        for row in results
+    ]
+
+
+def summary_lines(results: list[dict]) -> list[str]:
+    """The printed summary: variants over tuned MD2, then the construction table."""
+    lines = []
+    for row in results:
+        ratios = "  ".join(f"{name} {row['ratio_to_md2'][name]:.3f}" for name in ("md1_tuned", *VARIANTS))
+        lines.append(f"T={row['seq_len']:4d}  KL / tuned MD2:  {ratios}")
+    lines.append("mean KL (x1e3) on the evaluation batch; constructions = tuned models run on it:")
+    lines.append("    T     MD1     MD2     MD3  constr2  constr3   Bayes  constr2/MD2  constr3/MD3  constr3/Bayes")
+    for row in results:
+        kl = {name: 1e3 * value for name, value in row["kl"].items()}
+        lines.append(
+            f"{row['seq_len']:5d} {kl['md1_tuned']:7.3f} {kl['md2_tuned']:7.3f} {kl['md3_tuned']:7.3f} "
+            f"{kl['construction_2step']:8.3f} {kl['construction_3step']:8.3f} {kl['bayes_exact']:7.3f} "
+            f"{row['ratio_to_md2']['construction_2step']:12.4f} {row['ratio_to_md3']['construction_3step']:12.4f} "
+            f"{row['ratio_to_bayes']['construction_3step']:14.4f}"
+        )
+    return lines
+
+
+def causal_md_targets(
+    tokens: Int[Tensor, "batch T"], transition: Tensor, order: int, scales: list[float]
+) -> dict[str, Float[Tensor, "batch T m"]]:
+    """The 2-step construction's quantities at every position (``E.causal_md_steps`` on each prefix):
+    ``lambda1``, ``second_step_mean``, ``lambda2``, name -> ``[batch, T, m]``, NaN at ``t <= m``."""
+    names = ("lambda1", "second_step_mean", "lambda2")
+    values = {name: torch.full((*tokens.shape, order), float("nan"), dtype=torch.float64) for name in names}
+    for t in range(order + 1, tokens.shape[1] + 1):
+        quantities = E.causal_md_steps(tokens[:, :t], transition, order, scales)
+        for name in names:
+            values[name][:, t - 1] = quantities[name]
+    return values
+
+
+def compare_trained(task: MTDTask, row: dict, sizes: dict) -> dict:
+    """Does the shipped ``TRAINED`` model implement the tuned 2-step construction at ``row``'s length?
+
+    Per layer, ordered attention agreement with the construction (``hooks.attention_agreement``);
+    held-out probe R^2 of ``lambda1``, the second-step mean ``h_1`` and ``lambda2`` (and the one-step
+    quantities) at every ``resid_post`` (``hooks.probe_model``, with its random-model control);
+    input-sensitivity alignment with the 2-step and the 1-step construction (``hooks.sensitivity_alignment``).
+    """
+    pi, m, seq_len = task.transition, task.order, row["seq_len"]
+    model, model_task = mdlens.load_pretrained(TRAINED)
+    if not torch.equal(model_task.transition, pi) or model_task.order != m:
+        raise ValueError(f"{TRAINED} was trained on another task than {TASK}")
+    two = build_mdk_transformer(pi, m, seq_len, 2, row["scales"]["construction_2step"])
+    one = build_md_transformer(pi, m, seq_len, row["eta"]["md1_tuned"])
+    generator = torch.Generator().manual_seed(COMPARE_SEED + seq_len)
+    tokens = task.sample(sizes["n_compare"], seq_len, generator=generator).tokens
+    result: dict = {"model": TRAINED, "seq_len": seq_len, "n_sequences": tokens.shape[0]}
+
+    agreement = hooks.attention_agreement(model, two, tokens, order=m, matching="ordered")
+    result["attention"] = {"pairs": agreement.pairs, "tv": agreement.tv, "kl": agreement.kl}
+
+    values = hooks.targets(tokens, pi, m, include_bayes=False)
+    values.update(causal_md_targets(tokens, pi, m, row["scales"]["construction_2step"]))
+    report = hooks.probe_model(model, tokens, values)
+    result["probes"] = {"rows": report.rows, "r2": report.r2, "random_model_r2": report.random_model_r2}
+
+    sensitivity_tokens = tokens[: sizes["n_sensitivity"]]
+    result["sensitivity"] = {}
+    for name, reference in (("construction_2step", two), ("construction_1step", one)):
+        alignment = hooks.sensitivity_alignment(model, reference, sensitivity_tokens)
+        result["sensitivity"][name] = {key: alignment[key] for key in ("cosine", "relative_gap", "prediction_kl")}
+    return result
+
+
+def compare_lines(comparison: dict) -> list[str]:
+    """The comparison with the trained model, as summary lines."""
+    lines = [f"{comparison['model']} against the tuned 2-step construction at T={comparison['seq_len']}:"]
+    for (ref, ours), tv in zip(comparison["attention"]["pairs"], comparison["attention"]["tv"], strict=True):
+        lines.append(f"  construction layer {ref[0] + 1} ~ model layer {ours[0] + 1}: attention TV {tv:.3f}")
+    probes = comparison["probes"]
+    for name in ("responsibility", "mean_responsibility", "lambda1", "second_step_mean", "lambda2"):
+        r2 = "  ".join(f"{value:6.3f}" for value in probes["r2"][name])
+        lines.append(f"  probe R^2 of {name:<19} per reading point (embed, L1..): {r2}")
+    for name, values in comparison["sensitivity"].items():
+        lines.append(
+            f"  sensitivity vs {name}: cosine {values['cosine']:.3f}, prediction KL {values['prediction_kl']:.2e}"
+        )
+    return lines
+
+
+THREE_STEP_STYLE = {
+    "construction_2step": {"color": "tab:green", "marker": "*", "linestyle": "--"},
+    "construction_3step": {"color": "tab:purple", "marker": "*", "linestyle": "-", "linewidth": 2.2},
+    "md3_tuned": {"color": "tab:red", "marker": "D", "linestyle": "-"},
+}
+
+
 def plot_ratios(results: list[dict], path: Path) -> Path:
-    """Mean KL of each variant and of tuned MD1 over tuned MD2's, against T; writes the PNG."""
+    """Left: mean KL of each variant and of tuned MD1 over tuned MD2's. Right: the constructions, tuned
+    MD1-3 and Bayes over tuned MD3's. Against T; writes the PNG."""
     lengths = [row["seq_len"] for row in results]
+    panels = (
+        ("md2", ("md1_tuned", *VARIANTS), "Forms of MD step 2 against the exact one", VARIANT_STYLE),
+        (
+            "md3",
+            ("md1_tuned", "md2_tuned", "construction_2step", "construction_3step", "bayes_exact"),
+            "The tuned constructions against tuned 3-step MD",
+            THREE_STEP_STYLE,
+        ),
+    )
     with plotting.style():
-        fig, (ax,) = plotting.new_figure(width=6.0)
-        for name in ("md1_tuned", *VARIANTS):
-            style = VARIANT_STYLE.get(name) or plotting.method_style(name)
-            ax.plot(lengths, [row["ratio_to_md2"][name] for row in results], label=name, **style)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.axhline(1.1, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_xscale("log")
-        ax.set_xticks(lengths)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("mean KL / tuned 2-step MD")
-        ax.set_title("Forms of MD step 2 against the exact one")
-        plotting.legend_outside(ax)
+        fig, axes = plotting.new_figure(ncols=2, width=5.5)
+        for ax, (reference, names, title, styles) in zip(axes, panels, strict=True):
+            for name in names:
+                style = styles.get(name) or plotting.method_style(name)
+                ax.plot(lengths, [row[f"ratio_to_{reference}"][name] for row in results], label=name, **style)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xticks(lengths)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel(f"mean KL / tuned {reference[-1]}-step MD")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
         return plotting.save_figure(fig, path)
 
 
@@ -185,16 +371,18 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     task = MTDTask(**TASK)
     results = [evaluate_length(task, seq_len, sizes) for seq_len in tqdm(sizes["lengths"], desc="lengths")]
+    comparison = compare_trained(task, results[-1], sizes)
     report = {
         "config": {"task": TASK, **sizes, "starts": STARTS, "adam_lr": ADAM_LR},
         "results": results,
+        "three_step": three_step_table(results),
+        "trained_comparison": comparison,
+        "summary": summary_lines(results) + compare_lines(comparison),
         "wall_clock_s": time.perf_counter() - start,
     }
     json_path = out_dir / "two_step.json"
     json_path.write_text(json.dumps(report, indent=1))
     png_path = plot_ratios(results, out_dir / "two_step.png")
-    for row in results:
-        ratios = "  ".join(f"{name} {ratio:.3f}" for name, ratio in row["ratio_to_md2"].items())
-        print(f"T={row['seq_len']:4d}  KL / tuned MD2:  {ratios}")
+    print("\n".join(report["summary"]))
     report["files"] = [str(json_path), str(png_path)]
     return report

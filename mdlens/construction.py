@@ -1,6 +1,7 @@
-"""The exact one-step mirror-descent construction (paper-notes §4) as a ``DisentangledTransformer``.
+"""Exact mirror-descent constructions (paper-notes §4) as ``DisentangledTransformer``s.
 
-Three layers, one arrow of "responsibilities -> mean over the sequence -> softmax" each:
+**One step, three layers** (:func:`build_md_transformer`), one arrow of "responsibilities -> mean
+over the sequence -> softmax" each:
 
 1. **Layer 1 = responsibilities.** Content score ``log pi(y_j, y_i)`` on the ``tokens`` block,
    keys restricted to offsets ``1 <= i - j <= m``. The softmax gives
@@ -21,16 +22,34 @@ The readout ``W_U = pi`` on ``L3.tokens`` gives ``sum_g lambda_g pi(y_{t+1-g}, .
 ``eta_t = beta / (m (t - m))``, position ``t > m`` outputs one-step MD on ``y_1..y_t`` with step
 ``eta_t``; ``beta = eta * m * (T - m)`` makes the last position ``T = seq_len`` use ``eta``.
 Positions ``t <= m`` have no full lag window: their outputs mean nothing.
+
+**S steps, 2S + 1 layers** (:func:`build_mdk_transformer`): layers 1-3 as above with ``beta = a``
+(``L3.lambda1``), then two layers per further step ``s = 2..S``, the causal multi-step MD of
+:func:`mdlens.estimators.causal_md_weights`:
+
+- **Layer 2s = attend with the last estimate.** Position ``t`` attends over positions ``k = m+1..t``
+  with the content score ``-d_s <lambda_{s-1}(t), gamma_k>``: bilinear in the query's
+  ``L{2s-1}.lambda{s-1}`` and the key's ``L1.responsibility``, so ``W_A`` holds ``-d_s I`` on that
+  pair of blocks. Its copy of ``L1.rel`` is ``h_{s-1} = sum_k w_k gamma_k`` (``L4.second_step_mean``,
+  ``L6.third_step_mean``).
+- **Layer 2s+1 = readout.** As layer 3, with the lag score ``b_s g0 + c_2 h_1 + .. + c_s h_{s-1}`` read
+  from ``L2.mean_responsibility`` and the step means: ``lambda_s`` in ``L{2s+1}.lambda{s}``.
+
+Every quantity is a mean over the prefix, so the scales are the same at every position: position
+``t`` outputs the estimator on ``y_1..y_t`` with the same ``(a, b_s, c_s, d_s)``. In MD terms the
+first step has ``eta_t = a / (m (t - m))``, the step sizes shrink like ``1 / (t - m)`` as for the
+one-step model.
 """
 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from mdlens._validation import check_order, check_positive, check_transition
-from mdlens.models.disentangled import DisentangledTransformer
+from mdlens import estimators as E
+from mdlens._validation import check_int, check_order, check_positive, check_transition
+from mdlens.models.disentangled import MAX_LAYERS, DisentangledTransformer
 from mdlens.models.layout import ResidualBlock
 
 # Score added to a key that must get zero attention. It only ever meets scores in
@@ -41,6 +60,8 @@ MASK_SCORE = -1e9
 LOG_ZERO = -1e4
 # beta above this would bring the allowed layer-3 scores close to MASK_SCORE.
 MAX_BETA = 1e7
+# The most mirror-descent steps a construction can hold: 2S + 1 layers, at most MAX_LAYERS.
+MAX_STEPS = (MAX_LAYERS - 1) // 2
 
 
 def build_md_transformer(
@@ -59,6 +80,7 @@ def build_md_transformer(
     ``"probs"``; ``model.layout`` names where each quantity lives (``L1.responsibility``,
     ``L2.mean_responsibility``, ``L3.lag_weights``, ``L3.lagged_tokens``) and
     ``model.md_params`` records ``transition``, ``order``, ``seq_len``, ``eta`` and ``beta``.
+    It is ``build_mdk_transformer(transition, order, seq_len, steps=1, scales=(beta,))``.
 
     Small and zero entries of ``pi``: layer 1 scores ``log pi`` directly, so entries as small as
     1e-8 (or any positive float64) give the responsibilities to rounding error. A zero entry is
@@ -73,26 +95,70 @@ def build_md_transformer(
     row included), an order < 1, ``seq_len <= order``, an ``eta`` that is not finite and
     positive, a ``beta`` above 1e7, or a dtype other than float32/float64.
     """
-    pi = check_transition(transition)
     m = check_order(order)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= m:
-        raise ValueError(f"seq_len must be an int > order={m} (positions m+1..T are scored), got {seq_len!r}")
+    _check_seq_len(seq_len, m)
     eta = check_positive(eta, "eta")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     beta = eta * m * (seq_len - m)
     if beta > MAX_BETA:
         raise ValueError(
             f"beta = eta * m * (seq_len - m) = {beta:.3g} exceeds {MAX_BETA:.0e}: layer 3's scores would "
             f"approach the mask ({MASK_SCORE:.0e}); use a smaller eta"
         )
+    model = build_mdk_transformer(transition, m, seq_len, steps=1, scales=(beta,), dtype=dtype)
+    model.md_params = {**model.md_params, "eta": eta, "beta": beta}
+    return model
+
+
+def build_mdk_transformer(
+    transition: Float[Tensor, "q q"],
+    order: int,
+    seq_len: int,
+    steps: int,
+    scales,
+    dtype: torch.dtype = torch.float64,
+) -> DisentangledTransformer:
+    """A ``2 steps + 1``-layer disentangled transformer whose output is causal ``steps``-step MD, exactly.
+
+    ``model(tokens)[:, t - 1] == E.predictive(y_1..y_t, pi, E.causal_md_weights(y_1..y_t, pi, m, scales))``
+    at every position ``t > m`` (module docstring): the scales ``(a, b2, c2, d2, .., bS, cS, dS)`` act on
+    prefix *means*, so they are the same at every position, and the first step's MD step size is
+    ``eta_t = a / (m (t - m))``. ``steps = 1`` is :func:`build_md_transformer` with ``beta = a``.
+
+    ``model.layout`` aliases (``s = 1..S``; the ordinal name of step ``s >= 2`` in
+    ``E.STEP_MEAN_NAMES``): ``L1.responsibility`` (``gamma_t``), ``L2.mean_responsibility`` (``g0``),
+    ``L{2s}.<ordinal>_step_mean`` (``h_{s-1}``, e.g. ``L4.second_step_mean``), ``L{2s+1}.lambda{s}``,
+    ``L{2s+1}.lagged_tokens`` (``sum_g lambda_s(g) onehot(y_{t+1-g})``) and ``L{2S+1}.lag_weights``
+    (the weights of the prediction). ``model.md_params`` records ``transition``, ``order``,
+    ``seq_len``, ``steps`` and ``scales``. Small and zero ``pi`` entries: as :func:`build_md_transformer`.
+
+    Raises ``ValueError`` for a bad transition, order or ``seq_len`` (as :func:`build_md_transformer`),
+    ``steps`` outside ``1..MAX_STEPS``, scales that are not ``3 steps - 2`` finite numbers, lag or key
+    scores that could reach the mask (``|b_s| + sum |c_r|`` or ``|d_s|`` above 1e7), or a dtype other
+    than float32/float64.
+    """
+    pi = check_transition(transition)
+    m = check_order(order)
+    _check_seq_len(seq_len, m)
+    steps = check_int(steps, "steps", 1)
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS} (2 steps + 1 <= {MAX_LAYERS} layers), got {steps}")
+    scale_names = E.causal_md_scale_names(steps)
+    values = E.check_causal_scales(scales)[0].detach()
+    if values.numel() != len(scale_names):
+        raise ValueError(
+            f"steps={steps} needs {len(scale_names)} scales ({', '.join(scale_names)}), got {values.numel()}"
+        )
+    scale = dict(zip(scale_names, values.tolist(), strict=True))
+    _check_scores_stay_above_mask(scale, steps)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     q = pi.shape[0]
 
-    model = DisentangledTransformer(q, seq_len, n_layers=3, window=m + 1, dtype=dtype, order=m, output="probs")
-    layout = model.layout
-    tokens = layout["tokens"]
-    offsets = torch.arange(seq_len)  # rel_score index o = i - j; key_pos_score index j
-    positions = torch.arange(seq_len)
+    n_layers = 2 * steps + 1
+    model = DisentangledTransformer(q, seq_len, n_layers=n_layers, window=m + 1, dtype=dtype, order=m, output="probs")
+    layout = model.layout.with_aliases(_aliases(model.layout, m, steps))
+    positions = torch.arange(seq_len)  # key_pos_score index j; rel_score index o = i - j
+    lag_offsets = torch.eye(m, dtype=dtype)  # lag g -> relative offset g - 1 (a readout's rel_query columns)
 
     def masked_unless(allowed: Tensor) -> Tensor:
         """0 where allowed, MASK_SCORE elsewhere, in the model's dtype."""
@@ -104,44 +170,129 @@ def build_md_transformer(
             attn = block.attn
             for param in (attn.W_Q, attn.rel_score, attn.key_pos_score, attn.rel_query, attn.rel_value):
                 param.zero_()
-        layer1, layer2, layer3 = (block.attn for block in model.blocks)
+        layers = {index + 1: block.attn for index, block in enumerate(model.blocks)}  # 1-based, as the paper
 
         # Layer 1: score(i, j) = h_i W_A h_j^T = W_A[y_i, y_j] = log pi(y_j, y_i), so W_A = (log pi)^T.
+        tokens = layout["tokens"]
         log_pi = torch.where(pi > 0, torch.log(pi), torch.full_like(pi, LOG_ZERO))
-        layer1.W_Q[0, tokens, tokens] = log_pi.T.to(dtype)
+        layers[1].W_Q[0, tokens, tokens] = log_pi.T.to(dtype)
         # Keys at offsets 1..m only (offset 0, the query itself, and offsets > m are masked).
-        in_lag_window = (offsets >= 1) & (offsets <= m)
-        layer1.rel_score.copy_(masked_unless(in_lag_window))
+        layers[1].rel_score.copy_(masked_unless((positions >= 1) & (positions <= m)))
         # Value RPE r(o) = e_o: coordinate o of L1.rel receives sum_j A_ij [i - j = o] = gamma_i(o).
-        layer1.rel_value.copy_(torch.eye(m + 1, dtype=dtype))
+        layers[1].rel_value.copy_(torch.eye(m + 1, dtype=dtype))
 
         # Layer 2: mask the keys at positions 1..m (0-based 0..m-1), no other score: uniform over m+1..t.
-        layer2.key_pos_score.copy_(masked_unless(positions >= m))
+        layers[2].key_pos_score.copy_(masked_unless(positions >= m))
 
-        # Layer 3: keys at offsets 0..m-1 (lags g = 1..m); score beta * Gamma_bar(g) at offset g - 1,
-        # read from the query's copy of L1.rel made by layer 2 (coordinate g = lag g).
-        layer3.rel_score.copy_(masked_unless(offsets < m))
-        mean_rel = layout["L2.L1.rel"]
-        for lag in range(1, m + 1):
-            layer3.rel_query[mean_rel.start + lag, lag - 1] = beta
-        # Value RPE r(o) = e_o: coordinate g - 1 of L3.rel receives lambda_g.
-        layer3.rel_value.copy_(torch.eye(m + 1, dtype=dtype))
+        for step in range(1, steps + 1):
+            if step >= 2:
+                # Layer 2s: keys m+1..t, content score -d_s <lambda_{s-1}(query), gamma_k(key)>.
+                attend = layers[2 * step]
+                attend.key_pos_score.copy_(masked_unless(positions >= m))
+                last_estimate = layout[f"L{2 * step - 1}.lambda{step - 1}"]
+                key_score = -scale[f"d{step}"] * torch.eye(m, dtype=dtype)
+                attend.W_Q[0, last_estimate, layout["L1.responsibility"]] = key_score
+            # Layer 2s+1: keys at offsets 0..m-1 (lags g = 1..m), the lag score of lag g at offset g - 1.
+            readout = layers[2 * step + 1]
+            readout.rel_score.copy_(masked_unless(positions < m))
+            lag_scale = scale["a"] if step == 1 else scale[f"b{step}"]
+            readout.rel_query[layout["L2.mean_responsibility"], :m] = lag_scale * lag_offsets
+            for earlier in range(2, step + 1):  # + c_r h_{r-1}, r = 2..s
+                step_mean = layout[f"L{2 * earlier}.{E.STEP_MEAN_NAMES[earlier]}"]
+                readout.rel_query[step_mean, :m] = scale[f"c{earlier}"] * lag_offsets
+            # Value RPE r(o) = e_o: coordinate g - 1 of L{2s+1}.rel receives lambda_s(g).
+            readout.rel_value.copy_(torch.eye(m + 1, dtype=dtype))
 
-        # Readout: p(v) = sum_g lambda_g pi(y_{t+1-g}, v) = (L3.tokens) @ pi.
+        # Readout: p(v) = sum_g lambda_S(g) pi(y_{t+1-g}, v) = (L{2S+1}.lagged_tokens) @ pi.
         model.unembed.W_U.zero_()
-        model.unembed.W_U[layout["L3.tokens"]] = pi.to(dtype)
+        model.unembed.W_U[layout[f"L{n_layers}.lagged_tokens"]] = pi.to(dtype)
+
+    model.layout = layout
+    model.md_params = {
+        "transition": pi.clone(),
+        "order": m,
+        "seq_len": seq_len,
+        "steps": steps,
+        "scales": values.tolist(),
+    }
+    return model
+
+
+def _check_seq_len(seq_len: int, order: int) -> None:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= order:
+        raise ValueError(f"seq_len must be an int > order={order} (positions m+1..T are scored), got {seq_len!r}")
+
+
+def _check_scores_stay_above_mask(scale: dict[str, float], steps: int) -> None:
+    """Every allowed score must stay far from MASK_SCORE: |lag score| <= |b_s| + sum |c_r|, |key score| <= |d_s|."""
+    for step in range(1, steps + 1):
+        lag_bound = abs(scale["a"] if step == 1 else scale[f"b{step}"])
+        lag_bound += sum(abs(scale[f"c{r}"]) for r in range(2, step + 1))
+        key_bound = abs(scale[f"d{step}"]) if step >= 2 else 0.0
+        if max(lag_bound, key_bound) > MAX_BETA:
+            raise ValueError(
+                f"step {step}'s scores can reach {max(lag_bound, key_bound):.3g}, above {MAX_BETA:.0e}: they would "
+                f"approach the mask ({MASK_SCORE:.0e}); use smaller scales"
+            )
+
+
+def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
+    """The construction's names for its algorithmic quantities (see :func:`build_mdk_transformer`)."""
 
     def alias(name: str, parent: str, first: int, count: int, meaning: str) -> ResidualBlock:
         start = layout.block(parent).start + first
         return ResidualBlock(name, start, start + count, meaning)
 
-    model.layout = layout.with_aliases(
-        [
-            alias("L1.responsibility", "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
-            alias("L2.mean_responsibility", "L2.L1.rel", 1, m, "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
-            alias("L3.lag_weights", "L3.rel", 0, m, "lambda_g = softmax(beta * mean responsibility), g = 1..m"),
-            alias("L3.lagged_tokens", "L3.tokens", 0, q, "sum_g lambda_g onehot(y_{t+1-g})"),
-        ]
-    )
-    model.md_params = {"transition": pi.clone(), "order": m, "seq_len": seq_len, "eta": eta, "beta": beta}
+    q = layout.block("tokens").width
+    blocks = [
+        alias("L1.responsibility", "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
+        alias("L2.mean_responsibility", "L2.L1.rel", 1, m, "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
+    ]
+    for step in range(1, steps + 1):
+        readout = f"L{2 * step + 1}"
+        if step >= 2:
+            attend = f"L{2 * step}"
+            blocks.append(
+                alias(
+                    f"{attend}.{E.STEP_MEAN_NAMES[step]}",
+                    f"{attend}.L1.rel",
+                    1,
+                    m,
+                    f"h_{step - 1} = sum_k w_k gamma_k, w = softmax_k(-d{step} <lambda{step - 1}, gamma_k>)",
+                )
+            )
+        score = "a g0" if step == 1 else f"b{step} g0 + " + " + ".join(f"c{r} h_{r - 1}" for r in range(2, step + 1))
+        blocks.append(alias(f"{readout}.lambda{step}", f"{readout}.rel", 0, m, f"lambda{step} = softmax({score})"))
+        blocks.append(
+            alias(f"{readout}.lagged_tokens", f"{readout}.tokens", 0, q, f"sum_g lambda{step}(g) onehot(y_(t+1-g))")
+        )
+    final = f"L{2 * steps + 1}"
+    blocks.append(alias(f"{final}.lag_weights", f"{final}.rel", 0, m, "the lag weights of the prediction"))
+    return blocks
+
+
+def build_tuned_mdk_transformer(
+    tokens: Int[Tensor, "batch pos"],
+    target_probs: Float[Tensor, "batch q"],
+    transition: Float[Tensor, "q q"],
+    order: int,
+    steps: int,
+    starts: list | None = None,
+    adam_steps: int = 150,
+    dtype: torch.dtype = torch.float64,
+) -> DisentangledTransformer:
+    """The ``steps``-step construction with its scales fitted to a tuning batch of length ``seq_len = T``.
+
+    The scales minimise the batch-mean ``KL(target_probs || predictive)`` of
+    :func:`mdlens.estimators.causal_md_weights` (:func:`mdlens.estimators.fit_causal_md_scales`, Adam
+    from ``starts``; default :func:`mdlens.estimators.default_causal_md_starts`), as tuned MD fits its
+    step size per length. ``model.md_params`` also records ``tuning_kl``. Score it on fresh sequences.
+    """
+    pi = check_transition(transition)
+    m = check_order(order)
+    if starts is None:
+        starts = E.default_causal_md_starts(tokens, pi, m, target_probs, steps)
+    fit = E.fit_causal_md_scales(tokens, pi, m, target_probs, starts, adam_steps=adam_steps)
+    model = build_mdk_transformer(pi, m, tokens.shape[-1], steps, fit["scales"], dtype=dtype)
+    model.md_params["tuning_kl"] = fit["tuning_kl"]
     return model

@@ -195,6 +195,159 @@ def prefix_md_weights(
     return log_weights.exp()
 
 
+# ----------------------------------------------------------------------------------------------
+# Causal multi-step MD: the estimator the multi-step construction computes
+# ----------------------------------------------------------------------------------------------
+
+# Names of the quantities causal_md_steps returns, step by step (also the construction's aliases).
+STEP_MEAN_NAMES = {2: "second_step_mean", 3: "third_step_mean", 4: "fourth_step_mean", 5: "fifth_step_mean"}
+
+
+def causal_md_scale_names(steps: int) -> list[str]:
+    """The names of ``causal_md_weights``'s scales for ``steps`` steps: ``a, b2, c2, d2, .., bS, cS, dS``."""
+    steps = check_int(steps, "steps", 1)
+    return ["a", *(f"{letter}{s}" for s in range(2, steps + 1) for letter in "bcd")]
+
+
+def check_causal_scales(scales) -> tuple[Tensor, int]:
+    """``causal_md_weights``'s scales as a 1-D float64 tensor (autograd graph kept) and the number of steps
+    they define; ``ValueError`` unless they are ``3 S - 2`` finite numbers."""
+    if not isinstance(scales, Tensor):
+        try:
+            scales = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in scales])
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise ValueError(f"scales must be a 1-D tensor or a sequence of numbers, got {scales!r}") from error
+    if scales.ndim != 1 or scales.numel() % 3 != 1 or scales.numel() // 3 + 1 > max(STEP_MEAN_NAMES):
+        raise ValueError(
+            f"scales must be 1-D with 3 * steps - 2 entries (a, b2, c2, d2, ..), steps = 1..{max(STEP_MEAN_NAMES)}; "
+            f"got shape {tuple(scales.shape)}"
+        )
+    if not torch.isfinite(scales.detach()).all():
+        raise ValueError(f"scales must be finite, got {scales.detach().tolist()}")
+    return scales.to(torch.float64), scales.numel() // 3 + 1
+
+
+def causal_md_steps(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, scales
+) -> dict[str, Float[Tensor, "batch m"]]:
+    """Every intermediate quantity of :func:`causal_md_weights` at the last position, name -> ``[B, m]``.
+
+    Keys: ``responsibility`` (``gamma_T``), ``mean_responsibility`` (``g0``), ``lambda1``, then for
+    each later step ``s``: ``<ordinal>_step_mean`` (``h_{s-1}``, e.g. ``second_step_mean``) and
+    ``lambda{s}``. Differentiable in ``scales``.
+    """
+    scales, steps = check_causal_scales(scales)
+    gamma = responsibilities(tokens, transition, order)  # [B, N, m], row k = m+1..T
+    mean = gamma.mean(dim=1)  # g0
+    quantities = {"responsibility": gamma[:, -1], "mean_responsibility": mean}
+    weights = torch.softmax(scales[0] * mean, dim=-1)  # lambda1
+    quantities["lambda1"] = weights
+    step_terms = torch.zeros_like(mean)  # sum_{r<=s} c_r h_{r-1}, the lag scores the later steps add
+    for step in range(2, steps + 1):
+        lag_scale, step_scale, key_scale = scales[3 * step - 5 : 3 * step - 2]  # b_s, c_s, d_s
+        # Position k is weighed by softmax_k(-d <lambda_{s-1}, gamma_k>): the first-order form of
+        # 1 / sum_h lambda_h gamma_k(h), so the weighted mean of gamma_k follows the gradient.
+        key_weights = torch.softmax(-key_scale * einops.einsum(weights, gamma, "b g, b k g -> b k"), dim=-1)
+        step_mean = einops.einsum(key_weights, gamma, "b k, b k g -> b g")  # h_{s-1}
+        step_terms = step_terms + step_scale * step_mean
+        weights = torch.softmax(lag_scale * mean + step_terms, dim=-1)
+        quantities[STEP_MEAN_NAMES[step]] = step_mean
+        quantities[f"lambda{step}"] = weights
+    return quantities
+
+
+def causal_md_weights(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, scales
+) -> Float[Tensor, "batch m"]:
+    """Causal ``S``-step mirror descent: the lag weights the ``2S+1``-layer construction computes, ``[B, m]``.
+
+    Exact ``S``-step MD needs, at every position ``k``, the lag likelihoods weighed by the *final*
+    estimate, which a causal position ``k`` cannot see. This form moves that weighting to the last
+    position, which attends over every earlier one (``k = m+1..T``, ``gamma_k`` its responsibilities,
+    ``g0 = mean_k gamma_k``)::
+
+        lambda_1 = softmax(a g0)
+        h_{s-1}  = sum_k w_k gamma_k,    w = softmax_k(-d_s <lambda_{s-1}, gamma_k>)    s = 2..S
+        lambda_s = softmax(b_s g0 + c_2 h_1 + .. + c_s h_{s-1})
+
+    ``exp(-d <lambda, gamma_k>)`` is the first-order form of the gradient's weight
+    ``1 / sum_h lambda_h gamma_k(h)``, so ``h`` points along the log-likelihood gradient at ``lambda``,
+    and each step adds it to the lag scores. With ``S = 1`` this is one-step MD with
+    ``eta = a / (m (T - m))``; with ``d_s = 0``, ``h = g0`` and every step stays one-step MD.
+
+    Args:
+        scales: ``(a, b2, c2, d2, .., bS, cS, dS)``, ``3 S - 2`` numbers (a 1-D tensor, which may require
+            grad, or a sequence; :func:`causal_md_scale_names`), all finite.
+    """
+    scales, steps = check_causal_scales(scales)
+    return causal_md_steps(tokens, transition, order, scales)[f"lambda{steps}"]
+
+
+def fit_causal_md_scales(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    starts: list,
+    adam_steps: int = 150,
+    lr: float = 0.3,
+) -> dict:
+    """Tuned causal MD: the scales with the lowest mean ``KL(target || predictive)`` seen along Adam runs.
+
+    One Adam run of ``adam_steps`` steps from each start (every start has the same ``3 S - 2`` entries);
+    the loss of every point visited counts, so the result is never worse than the best start.
+    Returns ``{"scales": [..], "tuning_kl": float}``.
+    """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    target_probs = check_distribution(target_probs, "target_probs")
+    adam_steps = check_int(adam_steps, "adam_steps", 0)
+    lr = check_positive(lr, "lr")
+    if not starts:
+        raise ValueError("starts must hold at least one set of scales")
+    best = {"scales": None, "tuning_kl": float("inf")}
+    for start in starts:
+        scales = check_causal_scales(start)[0].detach().clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([scales], lr=lr)
+        for _ in range(adam_steps + 1):
+            optimiser.zero_grad()
+            weights = causal_md_weights(tokens, transition, order, scales)
+            loss = kl_divergence(target_probs, predictive(tokens, transition, weights)).mean()
+            if loss.item() < best["tuning_kl"]:  # the loss of the current scales, before the step moves them
+                best = {"scales": scales.detach().tolist(), "tuning_kl": loss.item()}
+            loss.backward()
+            optimiser.step()
+    return best
+
+
+def default_causal_md_starts(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    steps: int,
+) -> list[list[float]]:
+    """Starting scales for :func:`fit_causal_md_scales` with ``steps`` steps, from tuned MD on this batch.
+
+    - tuned one-step MD: ``a = b_s = eta_1 m N`` (``N = T - m``), ``c_s = d_s = 0`` (every step repeats step 1);
+    - tuned ``steps``-step MD at first order: ``a = b_s = eta m N``, ``c_s = eta m N``, ``d_s = m``
+      (around ``<lambda, gamma_k> = 1/m``, ``1 / x`` and ``m exp(-m x) e`` agree to first order, and the
+      gradient ``sum_k gamma_k / <lambda, gamma_k>`` is ``~ m N h``);
+    - a large first step ``(40, 15, 0, 0, ..)`` and a balanced one ``(10, 10, 10, 5, ..)``.
+    """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    steps = check_int(steps, "steps", 1)
+    context = tokens.shape[1] - order
+    first = tune_eta_refined(tokens, transition, order, target_probs, steps=1)["eta"] * order * context
+    multi = tune_eta_refined(tokens, transition, order, target_probs, steps=steps)["eta"] * order * context
+    later = steps - 1
+    return [
+        [first, *[first, 0.0, 0.0] * later],
+        [multi, *[multi, multi, float(order)] * later],
+        [40.0, *[15.0, 0.0, 0.0] * later],
+        [10.0, *[10.0, 10.0, 5.0] * later],
+    ]
+
+
 def mle_weights(
     tokens: TokensLike,
     transition: Float[Tensor, "q q"],

@@ -12,6 +12,8 @@ from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import causal_two_step as two_step
 
+CONSTRUCTION_KEYS = ("causal_md2", "causal_md3", "construction_2step", "construction_3step", "bayes_exact")
+
 
 @pytest.fixture(scope="module")
 def sample():
@@ -93,7 +95,10 @@ def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(
     assert [row["seq_len"] for row in data["results"]] == two_step.QUICK["lengths"]
     task = MTDTask(**two_step.TASK)
     for row in data["results"]:
-        assert set(row["kl"]) == {"md1_tuned", "md2_tuned", *two_step.VARIANTS}
+        assert set(row["kl"]) == {*two_step.TUNED_MD, *two_step.VARIANTS, *CONSTRUCTION_KEYS}
+        # The tuned constructions, run as models, compute their estimators (to rounding).
+        assert max(row["construction_max_abs_diff"].values()) < 1e-12
+        assert row["scales"]["attend-final"] == row["scales"]["construction_2step"]
         # final-grad contains two-step MD, and the fit starts there: on the tuning batch it is no worse.
         tune, _ = two_step.sample_batches(task, row["seq_len"], two_step.QUICK["n_tune"], two_step.QUICK["n_eval"])
         m, eta = task.order, row["eta"]["md2_tuned"]
@@ -104,5 +109,36 @@ def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(
         fitted = two_step.two_step_weights(tune.tokens, task.transition, m, "final-grad", *row["scales"]["final-grad"])
         fitted_kl = E.kl_divergence(tune.next_probs, E.predictive(tune.tokens, task.transition, fitted)).mean()
         assert fitted_kl <= md2_kl + 1e-12
+        # The 3-step fit starts from the 2-step fit with a do-nothing third step: it tunes no worse.
+        three_kl, two_kl = (
+            E.kl_divergence(
+                tune.next_probs,
+                E.predictive(
+                    tune.tokens,
+                    task.transition,
+                    E.causal_md_weights(tune.tokens, task.transition, m, row["scales"][f"construction_{steps}step"]),
+                ),
+            ).mean()
+            for steps in (3, 2)
+        )
+        assert three_kl <= two_kl + 1e-12
+    assert [row["seq_len"] for row in data["three_step"]] == two_step.QUICK["lengths"]
+    assert set(data["three_step"][0]["kl"]) == {
+        "md1_tuned",
+        "md2_tuned",
+        "md3_tuned",
+        "construction_2step",
+        "construction_3step",
+        "bayes_exact",
+    }
+    assert any("constr3/MD3" in line for line in data["summary"])
+    comparison = data["trained_comparison"]
+    assert comparison["model"] == "disentangled-5l" and comparison["seq_len"] == two_step.QUICK["lengths"][-1]
+    assert len(comparison["attention"]["tv"]) == 5  # one model layer per construction layer, in order
+    assert [ours[0] for _, ours in comparison["attention"]["pairs"]] == sorted(
+        ours[0] for _, ours in comparison["attention"]["pairs"]
+    )
+    assert {"lambda1", "second_step_mean", "lambda2"} <= set(comparison["probes"]["r2"])
+    assert set(comparison["sensitivity"]) == {"construction_2step", "construction_1step"}
     assert (tmp_path / "two_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report["files"]) == sorted(str(tmp_path / name) for name in ("two_step.json", "two_step.png"))
