@@ -19,7 +19,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens.predict import predict_next
+from mdlens.predict import output_to_probs, output_type_of
 from mdlens.task import MTDSample, MTDTask
 
 # Reference name -> MD steps, for the tuned multi-step MD references.
@@ -107,9 +107,21 @@ def make_held_out(task: MTDTask, seq_len: int, batch_size: int, seed: int, bayes
 
 
 def evaluate(model: HookedTransformer, held_out: HeldOut) -> float:
-    """The model's mean ``KL(p* || p_model)`` of ``y_{T+1}`` on the held-out batch (in eval mode)."""
+    """The model's mean ``KL(p* || p_model)`` of ``y_{T+1}`` on the held-out batch (in eval mode).
+
+    ``inf`` when a ``"probs"`` model outputs a row with no positive entry (no distribution to score:
+    e.g. a freshly initialised model, whose outputs are small numbers of either sign), so that an
+    evaluation early in training reports an infinite KL instead of stopping the run.
+    """
     was_training = model.training
     model.eval()
-    kl = E.kl_divergence(held_out.truth, predict_next(model, held_out.tokens)).mean().item()
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            output = model(held_out.tokens.to(next(model.parameters()).device))[:, -1].cpu()
+    finally:
+        model.train(was_training)
+    output_type = output_type_of(model)
+    if output_type == "probs" and (output.clamp(min=0).sum(dim=-1) <= 0).any():
+        return math.inf  # a row with nothing to renormalise: no distribution, infinite KL
+    kl = E.kl_divergence(held_out.truth, output_to_probs(output, output_type)).mean().item()
     return kl

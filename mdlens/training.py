@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -412,8 +413,17 @@ def freeze_first_layers(model: HookedTransformer, n_layers: int) -> list[torch.n
     return frozen
 
 
-def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
+# Called after each held-out evaluation as ``callback(step, model, evaluation)`` (see :func:`train`).
+EvalCallback = Callable[[int, HookedTransformer, dict], None]
+
+
+def train(model: HookedTransformer, task, config: TrainConfig, callback: EvalCallback | None = None) -> TrainResult:
     """Train ``model`` on fresh samples of ``task`` (an ``MTDTask``); returns the loss and KL history.
+
+    ``callback``, when given, is called after every held-out evaluation (every ``config.eval_every``
+    steps and at the end) as ``callback(step, model, evaluation)``, with ``evaluation`` the dict just
+    appended to ``TrainResult.evals``: a hook to measure the model during training (e.g.
+    ``mdlens reproduce training-mechanism``). It must leave the model's weights as they are.
 
     The model is trained in place (float32 is expected). Same ``config`` (seed included) -> the same
     weights, bit for bit, also across an interruption followed by ``resume=True``, which continues from
@@ -434,14 +444,19 @@ def train(model: HookedTransformer, task, config: TrainConfig) -> TrainResult:
     model.train()
     frozen = freeze_first_layers(model, config.freeze_layers)
     try:
-        return _train_loop(model, task, config, device, output_type)
+        return _train_loop(model, task, config, device, output_type, callback)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
 
 
 def _train_loop(
-    model: HookedTransformer, task, config: TrainConfig, device: torch.device, output_type: str
+    model: HookedTransformer,
+    task,
+    config: TrainConfig,
+    device: torch.device,
+    output_type: str,
+    callback: EvalCallback | None = None,
 ) -> TrainResult:
     """:func:`train` once the model is checked, on its device and with its frozen layers set."""
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -490,6 +505,8 @@ def _train_loop(
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             result.evals.append({"step": done, "kl_model": evaluate(model, held_out), **held_out.references})
             bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.evals[-1]['kl_model']:.3g}")
+            if callback is not None:
+                callback(done, model, result.evals[-1])
         if checkpoint_dir is not None and (
             (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         ):

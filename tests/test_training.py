@@ -207,6 +207,32 @@ def test_same_seed_same_weights_different_seed_different_weights():
     assert not torch.equal(runs[0]["unembed.W_U"], runs[2]["unembed.W_U"])
 
 
+def test_callback_sees_every_evaluation_and_does_not_change_the_run():
+    plain = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    train(plain, TASK, small_config(steps=10, eval_every=4))
+    seen = []
+    watched = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+
+    def callback(step, model, evaluation):
+        assert model is watched
+        seen.append((step, evaluation["kl_model"], mdlens.predict_next(model, TASK.sample(2, 16).tokens).shape))
+
+    result = train(watched, TASK, small_config(steps=10, eval_every=4), callback=callback)
+    assert [step for step, _, _ in seen] == [4, 8, 10]  # every eval_every steps and at the end
+    assert [kl for _, kl, _ in seen] == [e["kl_model"] for e in result.evals]
+    assert_same_weights(weights_of(plain), weights_of(watched))
+
+
+def test_evaluation_of_an_output_with_no_positive_entry_is_infinite():
+    from mdlens.evaluation import evaluate, make_held_out
+
+    model = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    with torch.no_grad():
+        model.unembed.W_U.fill_(-1.0)  # every output negative: no distribution to renormalise
+        model.blocks[0].attn.W_Q.zero_()
+    assert evaluate(model, make_held_out(TASK, 16, 8, seed=0, bayes=False)) == float("inf")
+
+
 class Killed(Exception):
     """Stands for the process dying (SIGKILL, power cut) in the middle of a run."""
 

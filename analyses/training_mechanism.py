@@ -1,0 +1,365 @@
+"""Which recipe factors decide whether a trained 3-layer model learns the paper's mechanism? (issue 18, item 1)
+
+The shipped ``disentangled-3l`` predicts like tuned one-step MD, but its layer 1 is not the
+construction's responsibility layer: its token-token scores follow ``-pi^T`` (+0.92), not
+``(log pi)^T`` (README, "What the models compute inside"). This study trains 3-layer disentangled
+models from one base recipe, changing ONE factor at a time, and measures each model *during*
+training (every ``measure_every`` steps, through :func:`mdlens.training.train`'s callback) with the
+``mdlens.hooks`` probes:
+
+- ``corr_log_pi`` / ``corr_neg_pi``: ``hooks.score_block_correlation`` of layer 1's token-token
+  scores (rows centred) with ``(log pi)^T`` (the construction: 1) and with ``-pi^T`` (the shipped
+  models: +0.92);
+- ``learned_transition_kl``: ``hooks.learned_transition_kl`` (the paper: 0.0376 at T=192); ``None``
+  where no row-stochastic ``pi`` gives the scores (``learned_transition`` raises);
+- ``responsibility_tv``: layer 1's attention against the responsibilities (``hooks.responsibility_tv``);
+- ``layer2_tv`` / ``layer3_tv``: ``hooks.attention_agreement`` (layerwise) against the construction
+  built with the model's *own* step (the ``eta`` whose one-step MD is closest to the model's
+  predictions): its layer 2 is uniform over keys ``m+1..t`` at every query ``t``, its layer 3 is
+  ``softmax(beta * Gamma_bar)`` on the keys ``t+1-g``;
+- ``layer1_self_mass``: layer 1's mass on the query itself (``hooks.offset_mass``, offset 0);
+- ``kl_model`` / ``kl_md1`` / ``kl_ratio``: the model's KL to the truth on the held-out batch of
+  :func:`mdlens.evaluation.make_held_out` against tuned one-step MD on the same batch.
+
+Recipes (``RECIPES``): ``base`` is the recipe of the shipped model's first stage at CPU size (MSE on
+every position, ``init_std`` 0.02, all four positional terms trainable); the others change one of:
+targets (``last``: the paper's, one target per sequence), loss (``ce``: the model then outputs
+logits), initial scale (``init_std``), and the per-key-position score ``key_pos_score``, the one
+positional term the paper's model does not have (``rel_score``, ``rel_query`` and ``rel_value`` are
+the paper's relative position encodings): with ``key_pos: False`` it stays frozen at zero. Two more
+change a factor in which the shipped model's first training stage differs from base: the learning
+rate (0.03) and the position weighting (``(t - m)^-0.5``); ``paper`` changes two factors at once
+(targets last, no ``key_pos``), and ``-seed1`` recipes repeat one with another seed (``seed``: the
+model's initialisation and the training batches). The number of steps is the x-axis of every curve.
+
+Run with ``mdlens reproduce training-mechanism --out DIR`` (``--quick``: a few dozen steps). Each
+recipe's curves are written to ``DIR/recipes/<name>.json`` as it finishes; a later run with the same
+sizes reuses them instead of training again, so recipes can be trained in separate processes
+(:func:`train_recipe`) and collected by one ``run``. Writes ``training_mechanism.json`` and
+``training_mechanism.png``. Not part of ``mdlens reproduce all``: it trains models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import mdlens
+from mdlens import MTDTask, hooks
+from mdlens import estimators as E
+from mdlens.analyses import plotting
+from mdlens.construction import build_md_transformer
+from mdlens.evaluation import evaluate, make_held_out
+from mdlens.models import DisentangledTransformer
+from mdlens.training import TrainConfig, train
+
+TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}  # the shipped models' task
+FULL = {
+    "seq_len": 128,
+    "steps": 10000,
+    "batch_size": 16,
+    "lr": 0.01,
+    "warmup_steps": 100,
+    "measure_every": 250,
+    "n_measure": 64,  # sequences for the attention measurements and the model's own step
+    "n_eval": 512,  # held-out sequences for the KL (and as many to tune MD's step on)
+}
+QUICK = {
+    "seq_len": 16,
+    "steps": 20,
+    "batch_size": 8,
+    "lr": 0.01,
+    "warmup_steps": 5,
+    "measure_every": 10,
+    "n_measure": 8,
+    "n_eval": 32,
+}
+# One factor changed at a time from ``base``. Keys: TrainConfig fields (over the sizes'), plus
+# ``init_std`` (the model's) and ``key_pos`` (False: no per-key-position score term, as in the paper).
+BASE = {"targets": "all", "loss": "mse", "init_std": 0.02, "key_pos": True}
+RECIPES = {
+    "base": {},
+    "targets-last": {"targets": "last"},
+    "loss-ce": {"loss": "ce"},
+    "init-0.2": {"init_std": 0.2},
+    "init-0.002": {"init_std": 0.002},
+    "no-key-pos": {"key_pos": False},
+    # Not one factor: the paper's recipe as far as it differs from base (targets last, no key_pos).
+    "paper": {"targets": "last", "key_pos": False},
+    # Two more ways the shipped model's first stage differs from base: its learning rate and its
+    # position weighting (TrainConfig fields; base takes lr from the sizes and weights uniformly).
+    "lr-0.03": {"lr": 0.03},
+    "pos-weight--0.5": {"position_weight_exponent": -0.5},
+    "lr-0.003": {"lr": 0.003},
+    "lr-0.02": {"lr": 0.02},
+    # Replicates with another seed (of the initialisation and of the training batches).
+    "base-seed1": {"seed": 1},
+    "lr-0.03-seed1": {"lr": 0.03, "seed": 1},
+    "loss-ce-seed1": {"loss": "ce", "seed": 1},
+    "lr-0.02-seed1": {"lr": 0.02, "seed": 1},
+    "targets-last-seed1": {"targets": "last", "seed": 1},
+}
+MODEL_SETTINGS = ("init_std", "key_pos")  # the recipe keys that are not TrainConfig fields
+MEASURE_SEED = 21
+EVAL_SEED = 1234
+MODEL_SEED = 0
+CURVES = (
+    "corr_log_pi",
+    "corr_neg_pi",
+    "learned_transition_kl",
+    "responsibility_tv",
+    "layer1_self_mass",
+    "layer2_tv",
+    "layer3_tv",
+    "kl_ratio",
+)
+
+
+def recipe_settings(name: str) -> dict:
+    """The full recipe ``name``: ``BASE`` with its one change."""
+    return {**BASE, **RECIPES[name]}
+
+
+def make_task() -> MTDTask:
+    return MTDTask(**TASK)
+
+
+def build_model(task: MTDTask, settings: dict, seq_len: int) -> DisentangledTransformer:
+    """The untrained 3-layer model of a recipe (``key_pos`` False: ``key_pos_score`` frozen at zero),
+    initialised from the recipe's ``seed`` (default ``MODEL_SEED``)."""
+    model = DisentangledTransformer.from_task(
+        task,
+        seq_len,
+        n_layers=3,
+        seed=settings.get("seed", MODEL_SEED),
+        init_std=settings["init_std"],
+        output="logits" if settings["loss"] == "ce" else "probs",
+    )
+    if not settings["key_pos"]:
+        for block in model.blocks:
+            block.attn.key_pos_score.requires_grad_(False)  # train() optimises only what requires grad
+    return model
+
+
+def train_config(settings: dict, sizes: dict) -> TrainConfig:
+    """The recipe's TrainConfig: the sizes, then the recipe's TrainConfig fields over them."""
+    fields = dict(
+        steps=sizes["steps"],
+        batch_size=sizes["batch_size"],
+        seq_len=sizes["seq_len"],
+        lr=sizes["lr"],
+        warmup_steps=sizes["warmup_steps"],
+        eval_every=sizes["measure_every"],
+        eval_batch_size=sizes["n_eval"],
+        eval_seed=EVAL_SEED,
+        eval_bayes=False,
+        seed=MODEL_SEED,
+        device="cpu",
+        progress=False,
+    ) | {key: value for key, value in settings.items() if key not in MODEL_SETTINGS}
+    return TrainConfig(**fields)
+
+
+def own_eta(model, tokens, transition, order) -> float:
+    """The one-step-MD step whose predictions are closest to the model's (least mean KL(model || MD))."""
+    return E.tune_eta_refined(tokens, transition, order, mdlens.predict_next(model, tokens), steps=1)["eta"]
+
+
+@torch.no_grad()
+def measure(model: DisentangledTransformer, task: MTDTask, tokens: torch.Tensor) -> dict:
+    """Every curve of the module docstring except the KLs, for ``model`` as it is now."""
+    pi, m, seq_len = task.transition, task.order, tokens.shape[1]
+    was_training = model.training
+    model.eval()
+    correlation = hooks.score_block_correlation(model, pi)
+    try:
+        learned_kl, reason = hooks.learned_transition_kl(model, pi), None
+    except ValueError as error:
+        learned_kl, reason = None, str(error)
+    try:
+        eta = own_eta(model, tokens, pi, m)
+    except ValueError:  # a "probs" output row with no positive entry (early in training): no prediction
+        eta = None
+    # Without the model's own step, layer 3's reference is undefined; layers 1 and 2 do not depend on it.
+    construction = build_md_transformer(pi, m, seq_len, 1.0 if eta is None else eta)
+    agreement = hooks.attention_agreement(model, construction, tokens, order=m, matching="layerwise")
+    result = {
+        "corr_log_pi": correlation["log_transition_T"],
+        "corr_neg_pi": correlation["neg_transition_T"],
+        "learned_transition_kl": learned_kl,
+        "learned_transition_reason": reason,
+        "responsibility_tv": hooks.responsibility_tv(model, tokens, pi, m, layer=0),
+        "layer1_self_mass": float(hooks.offset_mass(model, tokens, m, layer=0)[0, 0]),
+        "layer1_tv": agreement.tv[0],
+        "layer2_tv": agreement.tv[1],
+        "layer3_tv": None if eta is None else agreement.tv[2],
+        "own_eta": eta,
+    }
+    model.train(was_training)
+    return result
+
+
+def _with_kl(step: int, measured: dict, evaluation: dict) -> dict:
+    """A point of the curve: the measurements and the held-out KLs (``inf`` -> ``None`` in the JSON)."""
+    kl_model, kl_md1 = evaluation["kl_model"], evaluation["kl_md1"]
+    return _json_ready(
+        {"step": step, **measured, "kl_model": kl_model, "kl_md1": kl_md1, "kl_ratio": kl_model / kl_md1}
+    )
+
+
+def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
+    """Train recipe ``name`` and measure it every ``measure_every`` steps (and at step 0).
+
+    Writes ``out_dir / "recipes" / f"{name}.json"`` and returns its content; if that file already
+    holds this recipe at these sizes, returns it without training.
+    """
+    sizes = QUICK if quick else FULL
+    settings = recipe_settings(name)
+    path = Path(out_dir) / "recipes" / f"{name}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings and saved["sizes"] == sizes:
+            return saved
+    task = make_task()
+    config = train_config(settings, sizes)
+    model = build_model(task, settings, sizes["seq_len"])
+    tokens = task.sample(
+        sizes["n_measure"], sizes["seq_len"], generator=torch.Generator().manual_seed(MEASURE_SEED)
+    ).tokens
+    held_out = make_held_out(task, sizes["seq_len"], sizes["n_eval"], EVAL_SEED, bayes=False)  # as train() makes it
+
+    curve = [_with_kl(0, measure(model, task, tokens), {"kl_model": evaluate(model, held_out), **held_out.references})]
+    measure_s = 0.0
+
+    def callback(step: int, model, evaluation: dict) -> None:
+        nonlocal measure_s
+        start = time.perf_counter()
+        curve.append(_with_kl(step, measure(model, task, tokens), evaluation))
+        measure_s += time.perf_counter() - start
+
+    torch.manual_seed(0)  # nothing here should draw from the global generator; pinned in case
+    result = train(model, task, config, callback=callback)
+    record = {
+        "name": name,
+        "settings": settings,
+        "sizes": sizes,
+        "config": asdict(config),
+        "curve": curve,
+        "final": curve[-1],
+        "losses": result.losses,
+        "wall_clock_s": result.wall_clock_s,
+        "measure_s": measure_s,
+        "train_s": result.wall_clock_s - measure_s,
+        "threads": torch.get_num_threads(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _json_ready(value):
+    """Non-finite floats to None, recursively (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------------------------
+
+TITLES = {
+    "corr_log_pi": "layer-1 scores: corr with (log pi)^T",
+    "corr_neg_pi": "layer-1 scores: corr with -pi^T",
+    "learned_transition_kl": "learned-transition KL (where a pi fits)",
+    "responsibility_tv": "layer-1 TV to the responsibilities",
+    "layer1_self_mass": "layer-1 mass on the query itself",
+    "layer2_tv": "layer-2 TV to uniform over m+1..t",
+    "layer3_tv": "layer-3 TV to softmax(beta Gamma_bar)",
+    "kl_ratio": "KL / tuned one-step MD's KL",
+}
+SUMMARY_KEYS = (
+    "corr_log_pi",
+    "corr_neg_pi",
+    "learned_transition_kl",
+    "responsibility_tv",
+    "layer1_self_mass",
+    "layer2_tv",
+    "layer3_tv",
+    "own_eta",
+    "kl_model",
+    "kl_md1",
+    "kl_ratio",
+)
+LOG_SCALE = ("learned_transition_kl", "kl_ratio")
+
+
+def plot_curves(recipes: dict, path: Path) -> Path:
+    """One panel per measurement over training steps, one line per recipe (gaps where undefined)."""
+    # A seed replicate ("<recipe>-seed1") gets its recipe's colour, dashed.
+    parents = list(dict.fromkeys(name.removesuffix("-seed1") for name in recipes))
+    colours = plotting.plt.get_cmap("tab10" if len(parents) <= 10 else "tab20")
+    with plotting.style():
+        fig, axes = plotting.plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
+        for ax, key in zip(axes.flat, CURVES, strict=True):
+            for name, record in recipes.items():
+                parent = name.removesuffix("-seed1")
+                style = {"color": colours(parents.index(parent)), "linestyle": "--" if parent != name else "-"}
+                steps = [p["step"] for p in record["curve"]]
+                # None (undefined, or an infinite KL) -> NaN: a gap in the line, not a bridge over it
+                values = [math.nan if p[key] is None else p[key] for p in record["curve"]]
+                ax.plot(steps, values, marker="o", markersize=2, label=name, **style)
+            if key in LOG_SCALE:
+                ax.set_yscale("log")
+            if key == "kl_ratio":
+                ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
+            if key.startswith("corr"):
+                ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
+            ax.set_title(TITLES[key], fontsize=9)
+            ax.set_xlabel("training step")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("3-layer disentangled models during training, one factor changed at a time from 'base'")
+        return plotting.save_figure(fig, path)
+
+
+def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) -> dict:
+    """Train and measure every recipe (reusing finished ones); write the JSON and the figure."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(RECIPES) if recipes is None else recipes
+    results = {name: train_recipe(name, out_dir, quick) for name in names}
+    summary = {
+        name: {key: r["final"][key] for key in SUMMARY_KEYS}
+        | {"wall_clock_s": r["wall_clock_s"], "train_s": r["train_s"]}
+        for name, r in results.items()
+    }
+    report = {
+        "config": {
+            "task": TASK,
+            "quick": quick,
+            "sizes": QUICK if quick else FULL,
+            "base": BASE,
+            "recipes": RECIPES,
+            "model": "3-layer DisentangledTransformer, window m + 1, seed 0",
+            "protocol": (
+                "measured at step 0 and every measure_every steps on n_measure fixed sequences (seed "
+                f"{MEASURE_SEED}); layer TVs against build_md_transformer with the model's own eta; KL on "
+                f"mdlens.evaluation.make_held_out(seed {EVAL_SEED}, n_eval), kl_ratio = kl_model / kl_md1"
+            ),
+        },
+        "summary": summary,
+        "recipes": results,
+    }
+    files = [plot_curves(results, out_dir / "training_mechanism.png")]
+    report["files"] = [str(f) for f in files] + [str(out_dir / "training_mechanism.json")]
+    report["wall_clock_s"] = time.perf_counter() - start
+    (out_dir / "training_mechanism.json").write_text(json.dumps(report, indent=1))
+    return report
