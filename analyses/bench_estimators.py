@@ -1,7 +1,7 @@
 """Benchmarks: exact Bayes (and Gibbs at matched accuracy) and the MTD sampler, each against a
 straightforward per-sequence Python implementation written here, printed as speed-up ratios.
 
-Targets (issue 2): exact Bayes for 256 sequences of length 192 with m = 3 in under 10 s; the
+Targets: exact Bayes for 256 sequences of length 192 with m = 3 in under 10 s; the
 sampler at >= 1M tokens/s for a 1024 x 256 batch; each >= 50x its naive version. The naive
 versions also serve as a correctness check: on the sequences where both run, their numbers are
 compared with the fast ones and the largest difference is printed.

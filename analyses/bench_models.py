@@ -1,4 +1,4 @@
-"""Benchmarks of the disentangled transformer (issue 3), printed as ratios.
+"""Benchmarks of the disentangled transformer, printed as ratios.
 
 1. ``run_with_cache`` against a plain forward, on the same disentangled model (target <= 1.5x);
 2. the ``DisentangledTransformer`` forward against a plain ``HookedTransformer`` of the same

@@ -12,7 +12,7 @@ and optimizer construction that the bare loop does not time either.
 Because the two loops are the same computation, they must end with the same weights: the benchmark
 prints the largest difference as a check that the comparison is apples to apples.
 
-Target (issue 4): ratio ``train time / bare time <= 1.2``. Run with ``mdlens bench --only training``.
+Target: ratio ``train time / bare time <= 1.2``. Run with ``mdlens bench --only training``.
 Timings alternate the two loops and report medians, since other processes share the CPU, and run on
 one intra-op thread: with two threads on a busy 2-core machine, OpenMP spin-waiting made the same run
 vary by 8x from one repeat to the next, which drowns any ratio (the ratio, not the absolute speed, is

@@ -10,7 +10,7 @@ For the shipped models (``mdlens.list_pretrained()``: ``disentangled-3l``, ``dis
 
 The paper's claims to check: a trained 3-layer disentangled model tracks tuned one-step MD (close to
 Bayes on short sequences, drifting with MD on long ones), and a 5-layer model tracks two-step MD.
-Issue 4's criteria: ``disentangled-3l`` within 10% of tuned one-step MD's KL, ``disentangled-5l``
+The criteria: ``disentangled-3l`` within 10% of tuned one-step MD's KL, ``disentangled-5l``
 within 10% of tuned two-step MD's KL (or better), at the context length and at shorter lengths.
 
 A model that outputs probabilities (the disentangled ones, trained with MSE) can put zero mass on a
@@ -53,7 +53,7 @@ MODEL_STYLE = {
     "disentangled-5l": {"color": "tab:pink", "marker": "s", "linestyle": "-", "linewidth": 2.2},
     "standard-3l": {"color": "black", "marker": "^", "linestyle": "-.", "linewidth": 1.6},
 }
-# Issue 4: model -> (reference it must match, allowed ratio of mean KLs).
+# The criteria: model -> (reference it must match, allowed ratio of mean KLs).
 CRITERIA = {"disentangled-3l": ("md1_tuned", 1.10), "disentangled-5l": ("md2_tuned", 1.10)}
 
 

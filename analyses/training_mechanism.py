@@ -1,4 +1,4 @@
-"""Which recipe factors decide whether a trained 3-layer model learns the paper's mechanism? (issue 18, item 1)
+"""Which recipe factors decide whether a trained 3-layer model learns the paper's mechanism?
 
 The shipped ``disentangled-3l`` predicts like tuned one-step MD, but its layer 1 is not the
 construction's responsibility layer: its token-token scores follow ``-pi^T`` (+0.92), not
