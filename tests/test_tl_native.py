@@ -505,3 +505,49 @@ def test_patching_results_are_float32_for_a_float64_model(construction, task):
 def test_every_mdlens_model_is_a_hooked_transformer(models):
     for model, _, _ in models.values():
         assert isinstance(model, HookedTransformer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokens, head detection and composition on every model (the tokenizer, the lag detector and the
+# composition scores have their own test files; these check them on the three models together)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokens_and_str_tokens_work_as_on_any_transformer_lens_model(name, models):
+    model, _, _ = models[name]
+    assert torch.equal(model.to_tokens("3 1 2 1"), torch.tensor([[3, 1, 2, 1]]))
+    assert model.to_str_tokens(torch.tensor([0, 3, 2])) == ["0", "3", "2"]
+    assert model.to_string(torch.tensor([2, 2, 3])) == "2 2 3"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_detect_head_with_the_lag_pattern_is_the_lag_mass_by_hand(name, models):
+    from transformer_lens.head_detector import detect_head
+
+    from mdlens.hooks.heads import lag_detection_pattern
+
+    model, model_task, _ = models[name]
+    m, length = model_task.order, min(20, model.cfg.n_ctx - 1)  # TL wants T < n_ctx
+    tokens = sample_tokens(model_task, 1, length, seed=9)
+    pattern = lag_detection_pattern(length, range(1, m + 1), first_query=m)
+    text = model.to_string(tokens[0])  # detect_head reads text, through the model's tokenizer
+    scores = detect_head(model, text, pattern, exclude_bos=False, exclude_current_token=False, error_measure="mul")
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        attention = cache[f"blocks.{layer}.attn.hook_pattern"][0, 0].to(torch.float64)
+        # TL's "mul" score: the mass on the pattern's pairs, summed over rows, divided by all T rows.
+        by_hand = sum(attention[i, i - g].item() for i in range(m, length) for g in range(1, m + 1)) / length
+        assert abs(scores[layer, 0].item() - by_hand) < 1e-5
+
+
+def test_composition_scores_have_no_silent_nan(construction):
+    import warnings
+
+    from mdlens.models import composition_scores
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        scores = composition_scores(construction, "Q")
+    assert torch.isfinite(scores.total).all()
+    # Layer 3 reads the mean responsibility layer 2 wrote (through rel_query): a nonzero Q-composition.
+    assert scores.total[1, 0, 2, 0] > 0
