@@ -285,19 +285,8 @@ TITLES = {
     "layer3_tv": "layer-3 TV to softmax(beta Gamma_bar)",
     "kl_ratio": "KL / tuned one-step MD's KL",
 }
-SUMMARY_KEYS = (
-    "corr_log_pi",
-    "corr_neg_pi",
-    "learned_transition_kl",
-    "responsibility_tv",
-    "layer1_self_mass",
-    "layer2_tv",
-    "layer3_tv",
-    "own_eta",
-    "kl_model",
-    "kl_md1",
-    "kl_ratio",
-)
+# Every curve's final value, and the numbers behind the KL ratio.
+SUMMARY_KEYS = (*CURVES[:-1], "own_eta", "kl_model", "kl_md1", CURVES[-1])
 LOG_SCALE = ("learned_transition_kl", "kl_ratio")
 
 
