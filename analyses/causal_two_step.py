@@ -136,23 +136,18 @@ def fit_scales(
     starts: list[tuple[float, ...]],
     adam_steps: int,
 ) -> tuple[list[float], float]:
-    """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL.
-
-    The same fit as :func:`mdlens.estimators.fit_causal_md_scales` (which ``attend-final`` uses through
-    the tuned construction), for every variant of this analysis."""
-    best_scales, best_kl = None, float("inf")
-    for start in starts:
-        scales = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-        optimiser = torch.optim.Adam([scales], lr=ADAM_LR)
-        for _ in range(adam_steps + 1):
-            optimiser.zero_grad()
-            weights = two_step_weights(tokens, transition, order, variant, *scales)
-            loss = E.kl_divergence(target, E.predictive(tokens, transition, weights)).mean()
-            if loss.item() < best_kl:  # the loss of the current scales, before this step moves them
-                best_scales, best_kl = scales.detach().tolist(), loss.item()
-            loss.backward()
-            optimiser.step()
-    return best_scales, best_kl
+    """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL
+    (:func:`mdlens.estimators.fit_scales_by_kl`, the fit ``attend-final`` gets through the tuned construction)."""
+    best = E.fit_scales_by_kl(
+        tokens,
+        transition,
+        target,
+        lambda scales: two_step_weights(tokens, transition, order, variant, *scales),
+        list(starts),
+        adam_steps,
+        ADAM_LR,
+    )
+    return best["scales"], best["tuning_kl"]
 
 
 def model_predictions(model, tokens: Tensor, chunk_size: int = MODEL_CHUNK) -> Float[Tensor, "batch q"]:

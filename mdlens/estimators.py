@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import einops
 import torch
@@ -283,6 +284,41 @@ def causal_md_weights(
     return causal_md_steps(tokens, transition, order, scales)[f"lambda{steps}"]
 
 
+def fit_scales_by_kl(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    target_probs: Float[Tensor, "batch q"],
+    weights_of: Callable[[Tensor], Tensor],
+    starts: list,
+    adam_steps: int = 150,
+    lr: float = 0.3,
+) -> dict:
+    """The scales with the lowest mean ``KL(target || predictive(weights_of(scales)))`` seen along Adam
+    runs of ``adam_steps`` steps, one from each start (float64 vectors of one length).
+
+    ``weights_of`` maps a scale vector to lag weights ``[B, m]``, differentiably. The loss of every point
+    visited counts, so the result is never worse than the best start. Returns
+    ``{"scales": [..], "tuning_kl": float}``.
+    """
+    target_probs = check_distribution(target_probs, "target_probs")
+    adam_steps = check_int(adam_steps, "adam_steps", 0)
+    lr = check_positive(lr, "lr")
+    if not starts:
+        raise ValueError("starts must hold at least one set of scales")
+    best = {"scales": None, "tuning_kl": float("inf")}
+    for start in starts:
+        scales = torch.as_tensor(start, dtype=torch.float64).detach().clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([scales], lr=lr)
+        for _ in range(adam_steps + 1):
+            optimiser.zero_grad()
+            loss = kl_divergence(target_probs, predictive(tokens, transition, weights_of(scales))).mean()
+            if loss.item() < best["tuning_kl"]:  # the loss of the current scales, before the step moves them
+                best = {"scales": scales.detach().tolist(), "tuning_kl": loss.item()}
+            loss.backward()
+            optimiser.step()
+    return best
+
+
 def fit_causal_md_scales(
     tokens: TokensLike,
     transition: Float[Tensor, "q q"],
@@ -292,31 +328,19 @@ def fit_causal_md_scales(
     adam_steps: int = 150,
     lr: float = 0.3,
 ) -> dict:
-    """Tuned causal MD: the scales with the lowest mean ``KL(target || predictive)`` seen along Adam runs.
-
-    One Adam run of ``adam_steps`` steps from each start (every start has the same ``3 S - 2`` entries);
-    the loss of every point visited counts, so the result is never worse than the best start.
-    Returns ``{"scales": [..], "tuning_kl": float}``.
-    """
+    """Tuned causal MD: :func:`fit_scales_by_kl` of :func:`causal_md_weights` (every start has the same
+    ``3 S - 2`` entries). Returns ``{"scales": [..], "tuning_kl": float}``."""
     tokens, transition, order = _checked_inputs(tokens, transition, order)
-    target_probs = check_distribution(target_probs, "target_probs")
-    adam_steps = check_int(adam_steps, "adam_steps", 0)
-    lr = check_positive(lr, "lr")
-    if not starts:
-        raise ValueError("starts must hold at least one set of scales")
-    best = {"scales": None, "tuning_kl": float("inf")}
-    for start in starts:
-        scales = check_causal_scales(start)[0].detach().clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([scales], lr=lr)
-        for _ in range(adam_steps + 1):
-            optimiser.zero_grad()
-            weights = causal_md_weights(tokens, transition, order, scales)
-            loss = kl_divergence(target_probs, predictive(tokens, transition, weights)).mean()
-            if loss.item() < best["tuning_kl"]:  # the loss of the current scales, before the step moves them
-                best = {"scales": scales.detach().tolist(), "tuning_kl": loss.item()}
-            loss.backward()
-            optimiser.step()
-    return best
+    starts = [check_causal_scales(start)[0] for start in starts]
+    return fit_scales_by_kl(
+        tokens,
+        transition,
+        target_probs,
+        lambda scales: causal_md_weights(tokens, transition, order, scales),
+        starts,
+        adam_steps,
+        lr,
+    )
 
 
 def default_causal_md_starts(
