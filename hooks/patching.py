@@ -113,9 +113,9 @@ def counterfactual_prediction(
 ) -> Float[Tensor, "batch q"]:
     """One-step MD's predictive with B's lag weights on A's last ``m`` tokens, ``[B, q]``:
     ``sum_g softmax(beta * Gamma_bar_B)_g pi(y^A_{T+1-g}, .)``."""
-    mean_responsibility_b = E.responsibilities(tokens_b, transition, order).mean(dim=1)  # [B, m]
-    weights_b = torch.softmax(beta * mean_responsibility_b, dim=-1)
-    return E.predictive(tokens_a, transition, weights_b)
+    # softmax(beta * mean_k gamma_k) is one-step MD with eta = beta / (m (T - m)) (paper-notes §4).
+    eta = beta / (order * (tokens_b.shape[-1] - order))
+    return E.predictive(tokens_a, transition, E.md_weights(tokens_b, transition, order, eta))
 
 
 def _orthonormal_basis(weight: Float[Tensor, "d k"]) -> Float[Tensor, "d rank"]:
