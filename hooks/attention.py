@@ -436,10 +436,23 @@ def offset_mass(
     tokens = check_model_tokens(model, tokens, order=order)
     _check_head(model, layer, 0)
     check_int(chunk_size, "chunk_size", 1)
-    total = torch.zeros(model.cfg.n_heads, order + 1, dtype=torch.float64)
+    return mean_offset_mass(model, tokens, order, [layer], range(order + 1), chunk_size)
+
+
+def mean_offset_mass(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    order: int,
+    layers: list[int],
+    offsets: range,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Float[Tensor, "unit offset"]:
+    """Mean mass ``A[t, t - o]`` of each head of ``layers`` (layer-major) at each offset ``o``, over query
+    rows ``t > m`` and the batch: ``[len(layers) * n_heads, len(offsets)]``. Inputs already checked."""
+    total = torch.zeros(len(layers) * model.cfg.n_heads, len(offsets), dtype=torch.float64)
     for chunk in _chunks(tokens, chunk_size):
-        pattern = _patterns(model, chunk, [layer])  # [chunk, head, T, T]
-        total += _offset_band(pattern, order, range(order + 1)).sum(dim=(0, 2))
+        pattern = _patterns(model, chunk, layers)  # [chunk, layer * head, T, T]
+        total += _offset_band(pattern, order, offsets).sum(dim=(0, 2))  # over batch and query rows
     return total / (tokens.shape[0] * (tokens.shape[1] - order))
 
 

@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from mdlens._validation import check_int, check_order
 from mdlens.hooks._checks import check_model_tokens
-from mdlens.hooks.attention import DEFAULT_CHUNK_SIZE, _chunks, _offset_band, _patterns
+from mdlens.hooks.attention import DEFAULT_CHUNK_SIZE, mean_offset_mass
 
 FIRST_OFFSETS = (0, 1)  # lag g at offset g (a head that reads the window) or g - 1 (a readout head)
 
@@ -62,11 +62,8 @@ def lag_head_scores(
     check_int(chunk_size, "chunk_size", 1)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     offsets = range(first_offset, first_offset + order)
-    total = torch.zeros(n_layers * n_heads, order, dtype=torch.float64)
-    for chunk in _chunks(tokens, chunk_size):
-        pattern = _patterns(model, chunk, list(range(n_layers)))  # [chunk, layer * head, T, T]
-        total += _offset_band(pattern, order, offsets).sum(dim=(0, 2))  # over batch and query rows
-    return (total / (tokens.shape[0] * (tokens.shape[1] - order))).reshape(n_layers, n_heads, order)
+    mass = mean_offset_mass(model, tokens, order, list(range(n_layers)), offsets, chunk_size)
+    return mass.reshape(n_layers, n_heads, order)
 
 
 def lag_detection_pattern(
