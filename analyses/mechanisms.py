@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import mdlens
 from mdlens import estimators as E
 from mdlens import hooks
 from mdlens.analyses import plotting
 from mdlens.construction import build_md_transformer
+from mdlens.evaluation import effective_eta
 from mdlens.models import DisentangledTransformer
 from mdlens.pretrained import load_all_pretrained
 
@@ -104,11 +104,6 @@ def _json_ready(value):
     return value
 
 
-def _own_eta(model, tokens, pi, m) -> float:
-    """The one-step-MD step whose predictions are closest to the model's (least mean KL(model || MD))."""
-    return E.tune_eta_refined(tokens, pi, m, mdlens.predict_next(model, tokens), steps=1)["eta"]
-
-
 # Where the construction keeps the mean responsibility: the residual after layer 2. Patching a
 # probe's subspace there reaches every later layer (patching the final residual would only reach
 # the unembedding).
@@ -118,7 +113,7 @@ PATCH_HOOK = "blocks.1.hook_resid_post"
 def measure_model(name: str, model, task, data: dict, sizes: dict, construction) -> dict:
     """Every mechanism measurement of one model (module docstring)."""
     pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
-    eta = construction.md_params["eta"] if name == CONSTRUCTION else _own_eta(model, data["tune"].tokens, pi, m)
+    eta = construction.md_params["eta"] if name == CONSTRUCTION else effective_eta(model, data["tune"].tokens, pi, m)
     beta = eta * m * (seq_len - m)
     own_construction = construction if name == CONSTRUCTION else build_md_transformer(pi, m, seq_len, eta)
     result: dict = {"eta": eta, "beta": beta, "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}

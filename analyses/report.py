@@ -2,7 +2,7 @@
 beside ours.
 
 It reads the JSON files the other analyses wrote under one output directory (``estimators/``,
-``trained/``, ``two-step/``, ``mechanisms/``) and writes ``REPORT.md`` there. Every sentence with a
+``trained/``, ``two-step/``, ``step-sizes/``, ``mechanisms/``) and writes ``REPORT.md`` there. Every sentence with a
 number is built from those files, so a quick run's report states the quick run's numbers. Run it
 alone with ``mdlens reproduce report --out DIR`` once the others have run into ``DIR``.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ANALYSES = ("estimators", "trained", "two-step", "mechanisms")
+ANALYSES = ("estimators", "trained", "two-step", "step-sizes", "mechanisms")
 JSON_FILES = {
     "estimators": "estimators.json",
     "trained": "trained.json",
     "two-step": "two_step.json",
+    "step-sizes": "step_sizes.json",
     "mechanisms": "mechanisms.json",
 }
 
@@ -132,6 +133,41 @@ def trained_section(lines: list[str], out_dir: Path, data: dict, two_step: dict)
         f"Causal variants of the second MD step, each with fitted scales, relative to tuned two-step MD. "
         f"Weighing earlier positions by exp(-d <lambda1, gamma_k>) (attend-final): {cells}.",
     )
+
+
+def step_size_section(lines: list[str], out_dir: Path, data: dict) -> None:
+    fits, rows = data["fits"], data["results"]
+    shortest, longest = rows[0], rows[-1]
+
+    def effective(name: str) -> str:
+        first = shortest["models"][name]["effective_eta"]
+        last = longest["models"][name]["effective_eta"]
+        return (
+            f"{name} T^-{fits[name]['effective_eta']['p']:.2f} ({first:.3g} at T={shortest['seq_len']}, "
+            f"{last:.3g} at T={longest['seq_len']}; KL(model || that MD) {longest['models'][name]['fit_kl']:.4f})"
+        )
+
+    sentences = (
+        f"Tuned one-step MD's step falls like T^-{fits['tuned_eta']['p']:.2f}; the step of the one-step MD "
+        "closest to each model: " + "; ".join(effective(name) for name in data["models"]) + "."
+    )
+    schedule = data["construction"]
+    if schedule is not None:
+        name, t = schedule["model"], str(shortest["seq_len"])
+        sentences += (
+            f" A construction with {name}'s beta = {schedule['beta']:.2f} (read at T={schedule['from_seq_len']}) "
+            f"runs eta = {schedule['eta'][t]:.3g} at T={t}, where tuned MD takes {shortest['tuned_eta']:.3g} and "
+            f"{name} {shortest['models'][name]['effective_eta']:.3g}: the model does not keep one beta."
+        )
+    for name in data["models"]:
+        if "5l" in name:
+            sentences += (
+                f" Two-step MD fitted to {name}: eta_1 ~ T^-{fits[name]['eta_1']['p']:.2f}, eta_2 ~ "
+                f"T^-{fits[name]['eta_2']['p']:.2f} (tuned against the truth: T^-{fits['tuned_eta_1']['p']:.2f}, "
+                f"T^-{fits['tuned_eta_2']['p']:.2f}); Theorem 2's law is T^-1."
+            )
+    lines += ["## Step sizes read off the models (Theorem 2's 1/T law)", ""]
+    _figure(lines, out_dir, "step-sizes/step_sizes.png", "Effective step sizes against T", sentences)
 
 
 def mechanism_section(lines: list[str], out_dir: Path, data: dict) -> None:
@@ -329,6 +365,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     lines += paper_table(data)
     estimator_section(lines, out_dir, data["estimators"])
     trained_section(lines, out_dir, data["trained"], data["two-step"])
+    step_size_section(lines, out_dir, data["step-sizes"])
     mechanism_section(lines, out_dir, data["mechanisms"])
     views = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.glob("**/*.html"))
     if views:

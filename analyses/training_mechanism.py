@@ -49,14 +49,14 @@ from pathlib import Path
 
 import torch
 
-import mdlens
 from mdlens import MTDTask, hooks
-from mdlens import estimators as E
 from mdlens.analyses import plotting
+from mdlens.checkpoints import save
 from mdlens.construction import build_md_transformer
-from mdlens.evaluation import evaluate, make_held_out
+from mdlens.evaluation import effective_eta, evaluate, make_held_out
 from mdlens.models import DisentangledTransformer
-from mdlens.training import TrainConfig, train
+from mdlens.models.disentangled import DEFAULT_INIT_STD
+from mdlens.training import RUNTIME_FIELDS, TrainConfig, train
 
 TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}  # the shipped models' task
 FULL = {
@@ -95,6 +95,13 @@ RECIPES = {
     # position weighting (TrainConfig fields; base takes lr from the sizes and weights uniformly).
     "lr-0.03": {"lr": 0.03},
     "pos-weight--0.5": {"position_weight_exponent": -0.5},
+    # The other way: leaning on long prefixes (where one fixed beta is closer to the tuned step).
+    "pos-weight-1": {"position_weight_exponent": 1.0},
+    "pos-weight-2": {"position_weight_exponent": 2.0},
+    # The two at the paper's context length, four times longer (LONG_SIZES): the candidates for a
+    # shipped model with the paper's layer 1.
+    "pos-weight-1-long": {"position_weight_exponent": 1.0},
+    "pos-weight-2-long": {"position_weight_exponent": 2.0},
     "lr-0.003": {"lr": 0.003},
     "lr-0.02": {"lr": 0.02},
     # Replicates with another seed (of the initialisation and of the training batches).
@@ -104,6 +111,10 @@ RECIPES = {
     "lr-0.02-seed1": {"lr": 0.02, "seed": 1},
     "targets-last-seed1": {"targets": "last", "seed": 1},
 }
+# Recipes trained longer, and at the paper's context length, than FULL (the full study only; --quick
+# trains every recipe at QUICK): name -> the sizes that differ from FULL.
+LONG = {"seq_len": 192, "steps": 40000, "measure_every": 2000}
+LONG_SIZES: dict[str, dict] = {"pos-weight-1-long": LONG, "pos-weight-2-long": LONG}
 MODEL_SETTINGS = ("init_std", "key_pos")  # the recipe keys that are not TrainConfig fields
 MEASURE_SEED = 21
 EVAL_SEED = 1234
@@ -118,6 +129,11 @@ CURVES = (
     "layer3_tv",
     "kl_ratio",
 )
+
+
+def recipe_sizes(name: str, quick: bool = False) -> dict:
+    """The sizes recipe ``name`` trains and is measured at: ``QUICK``, or ``FULL`` with its ``LONG_SIZES``."""
+    return dict(QUICK) if quick else FULL | LONG_SIZES.get(name, {})
 
 
 def recipe_settings(name: str) -> dict:
@@ -165,9 +181,18 @@ def train_config(settings: dict, sizes: dict) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def own_eta(model, tokens, transition, order) -> float:
-    """The one-step-MD step whose predictions are closest to the model's (least mean KL(model || MD))."""
-    return E.tune_eta_refined(tokens, transition, order, mdlens.predict_next(model, tokens), steps=1)["eta"]
+def train_command_fields(name: str, quick: bool = False) -> dict:
+    """The ``mdlens train --config`` fields that train recipe ``name`` to the same weights as
+    :func:`train_recipe` (``tests/test_analyses_training_mechanism.py`` checks it): how a recipe's model
+    is shipped. ``ValueError`` for a recipe the command cannot express (an ``init_std`` other than the
+    model's default, or a frozen ``key_pos_score``)."""
+    settings = recipe_settings(name)
+    if settings["init_std"] != DEFAULT_INIT_STD or not settings["key_pos"]:
+        raise ValueError(f"recipe {name!r} changes the model ({settings}); mdlens train builds the default one")
+    config = asdict(train_config(settings, recipe_sizes(name, quick)))
+    recipe = {key: value for key, value in config.items() if key not in RUNTIME_FIELDS}
+    task = {"vocab": TASK["vocab_size"], "order": TASK["order"], "alpha": TASK["alpha"], "task_seed": TASK["seed"]}
+    return {"model": "disentangled", "layers": 3, **task, **recipe}
 
 
 @torch.no_grad()
@@ -182,7 +207,7 @@ def measure(model: DisentangledTransformer, task: MTDTask, tokens: torch.Tensor)
     except ValueError as error:
         learned_kl, reason = None, str(error)
     try:
-        eta = own_eta(model, tokens, pi, m)
+        eta = effective_eta(model, tokens, pi, m)
     except ValueError:  # a "probs" output row with no positive entry (early in training): no prediction
         eta = None
     # Without the model's own step, layer 3's reference is undefined; layers 1 and 2 do not depend on it.
@@ -216,9 +241,10 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
     """Train recipe ``name`` and measure it every ``measure_every`` steps (and at step 0).
 
     Writes ``out_dir / "recipes" / f"{name}.json"`` and returns its content; if that file already
-    holds this recipe at these sizes, returns it without training.
+    holds this recipe at these sizes, returns it without training. The trained model is saved in
+    ``out_dir / "recipes" / name`` (:func:`mdlens.checkpoints.save`), loadable with ``checkpoints.load``.
     """
-    sizes = QUICK if quick else FULL
+    sizes = recipe_sizes(name, quick)
     settings = recipe_settings(name)
     path = Path(out_dir) / "recipes" / f"{name}.json"
     if path.exists():
@@ -258,6 +284,7 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
         "threads": torch.get_num_threads(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    save(model, path.parent / name, task=task)
     path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -335,6 +362,7 @@ def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) ->
             "task": TASK,
             "quick": quick,
             "sizes": QUICK if quick else FULL,
+            "long_sizes": {} if quick else LONG_SIZES,
             "base": BASE,
             "recipes": RECIPES,
             "model": "3-layer DisentangledTransformer, window m + 1, seed 0",

@@ -21,6 +21,7 @@ REPRODUCTIONS: dict[str, str] = {
     "trained": "mdlens.analyses.trained",
     "two-step": "mdlens.analyses.causal_two_step",
     "mechanisms": "mdlens.analyses.mechanisms",
+    "step-sizes": "mdlens.analyses.step_sizes",
     "training-mechanism": "mdlens.analyses.training_mechanism",
     # Last: REPORT.md from the JSON files the others wrote (into DIR/<name>/ under `all`).
     "report": "mdlens.analyses.report",

@@ -150,15 +150,33 @@ def md_weights(
 
     One step has the closed form ``softmax_g(eta * m * sum_k gamma_k(g))`` (the gradient at the
     centre is ``m * sum_k gamma_k``). ``steps > 1`` iterates the exponentiated-gradient update
-    ``lambda_g <- lambda_g exp(eta * dl/dlambda_g) / Z`` in log space.
+    ``lambda_g <- lambda_g exp(eta * dl/dlambda_g) / Z`` in log space, with the same ``eta`` every
+    step (:func:`md_weights_by_step` takes one per step).
     """
     eta = check_positive(eta, "eta")
     steps = check_int(steps, "steps", 1)
+    return md_weights_by_step(tokens, transition, order, torch.full((steps,), eta, dtype=torch.float64))
+
+
+def md_weights_by_step(
+    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, etas: Float[Tensor, " steps"]
+) -> Float[Tensor, "batch m"]:
+    """Mirror descent with step ``etas[s]`` at step ``s + 1``, ``[B, m]``: ``len(etas)`` steps from ``1/m``.
+
+    ``md_weights(..., eta, steps)`` is ``md_weights_by_step(..., [eta] * steps)``. Differentiable in
+    ``etas`` (a 1-D float tensor of finite, positive entries, which may require grad), so the step
+    sizes a model behaves like can be fitted (``mdlens reproduce step-sizes``).
+    """
+    if not isinstance(etas, Tensor) or etas.ndim != 1 or etas.numel() == 0:
+        raise ValueError(f"etas must be a non-empty 1-D tensor, one step size per step, got {etas!r}")
+    if not (torch.isfinite(etas.detach()).all() and (etas.detach() > 0).all()):
+        raise ValueError(f"etas must be finite and > 0, got {etas.detach().tolist()}")
+    etas = etas.to(torch.float64)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
-    log_weights = torch.log_softmax(eta * order * gamma.sum(dim=1), dim=-1)
+    log_weights = torch.log_softmax(etas[0] * order * gamma.sum(dim=1), dim=-1)
     log_lag_probs = torch.log(lag_probs)
-    for _ in range(steps - 1):
+    for eta in etas[1:]:
         gradient = _log_gradient_terms(log_weights, log_lag_probs)
         log_weights = torch.log_softmax(log_weights + eta * gradient, dim=-1)
     return log_weights.exp()
@@ -341,6 +359,39 @@ def fit_causal_md_scales(
         adam_steps,
         lr,
     )
+
+
+def fit_md_step_sizes(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    steps: int,
+    adam_steps: int = 150,
+) -> dict:
+    """The per-step sizes ``(eta_1, .., eta_S)`` of :func:`md_weights_by_step` whose predictive is closest
+    to ``target_probs`` (least mean ``KL(target || MD)``), fitted in log space by :func:`fit_scales_by_kl`.
+
+    Starts: tuned ``S``-step MD's one ``eta`` for every step, and tuned one-step MD's ``eta`` for the
+    first step with every later step ``100`` times smaller (almost one step). With the true
+    predictive as ``target_probs`` this is tuned MD with a schedule; with a model's predictions it
+    reads off the steps the model behaves like. Returns ``{"etas": [..], "tuning_kl": float}``.
+    """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    steps = check_int(steps, "steps", 1)
+    one_step = tune_eta_refined(tokens, transition, order, target_probs, steps=1)["eta"]
+    tied = tune_eta_refined(tokens, transition, order, target_probs, steps=steps)["eta"] if steps > 1 else one_step
+    starts = [[math.log(tied)] * steps, [math.log(one_step)] + [math.log(one_step / 100)] * (steps - 1)]
+    fit = fit_scales_by_kl(
+        tokens,
+        transition,
+        target_probs,
+        lambda log_etas: md_weights_by_step(tokens, transition, order, log_etas.exp()),
+        starts,
+        adam_steps,
+        lr=0.1,
+    )
+    return {"etas": [math.exp(log_eta) for log_eta in fit["scales"]], "tuning_kl": fit["tuning_kl"]}
 
 
 def default_causal_md_starts(

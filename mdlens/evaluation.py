@@ -19,7 +19,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens.predict import output_to_probs, output_type_of
+from mdlens.predict import output_to_probs, output_type_of, predict_next
 from mdlens.task import MTDSample, MTDTask
 
 # Reference name -> MD steps, for the tuned multi-step MD references.
@@ -72,6 +72,16 @@ def reference_kls(
         weights["bayes_exact"] = E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact")
     kls = {name: E.kl_divergence(truth, E.predictive(tokens, pi, w)) for name, w in weights.items()}
     return etas, kls
+
+
+def effective_eta(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], transition: Float[Tensor, "q q"], order: int
+) -> float:
+    """The step size of the one-step MD closest to the model: the ``eta`` of
+    :func:`mdlens.estimators.tune_eta_refined` with the model's own predictions of ``y_{T+1}`` as the
+    target (least mean ``KL(model || MD)`` over ``tokens``). For the construction built with ``beta``
+    it is ``beta / (m (T - m))`` (paper-notes §4), up to the grid's resolution."""
+    return E.tune_eta_refined(tokens, transition, order, predict_next(model, tokens), steps=1)["eta"]
 
 
 @dataclass

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from mdlens import cli
+from mdlens import checkpoints, cli
 from mdlens import estimators as E
 from mdlens.analyses import training_mechanism as tm
 from mdlens.evaluation import make_held_out
@@ -112,3 +112,27 @@ def test_without_key_pos_the_per_key_position_score_stays_zero_and_the_rest_trai
         trained[name] = torch.stack([block.attn.key_pos_score.detach() for block in model.blocks])
     assert torch.count_nonzero(trained["no-key-pos"]) == 0
     assert torch.count_nonzero(trained["base"]) > 0
+
+
+def test_mdlens_train_with_the_recipe_fields_trains_the_recipe_model(tmp_path):
+    """A study recipe's model is shipped by running ``mdlens train --config`` with
+    ``train_command_fields``: that command must give the weights the study measured, bit for bit."""
+    name = "pos-weight-1"
+    studied = tm.train_recipe(name, tmp_path / "study", quick=True)
+    measured = checkpoints.load(tmp_path / "study" / "recipes" / name)
+    fields = tm.train_command_fields(name, quick=True)
+    assert fields["position_weight_exponent"] == 1.0 and fields["steps"] == studied["config"]["steps"]
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(fields))
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--config", str(config), "--out", str(tmp_path / "cli"), "--no-progress"])
+    args.handler(args)
+    trained = checkpoints.load(tmp_path / "cli")
+    for (key, value), (other_key, other) in zip(
+        measured.state_dict().items(), trained.state_dict().items(), strict=True
+    ):
+        assert key == other_key and torch.equal(value, other), key
+    with pytest.raises(ValueError, match=r"init-0\.2"):
+        tm.train_command_fields("init-0.2")
+    with pytest.raises(ValueError, match="no-key-pos"):
+        tm.train_command_fields("no-key-pos")

@@ -1,0 +1,82 @@
+"""Step sizes read off a predictor: MD with one step size per step, its fit, and a model's effective eta.
+
+Checked against independent computations: the exponentiated-gradient step with the log-likelihood
+gradient from autograd, planted step sizes, and the construction's known schedule
+``eta_t = beta / (m (t - m))`` (paper-notes §4).
+"""
+
+import pytest
+import torch
+
+from mdlens import MTDTask
+from mdlens import estimators as E
+from mdlens.construction import build_md_transformer
+from mdlens.evaluation import effective_eta
+
+TASK = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
+PI, M = TASK.transition, TASK.order
+
+
+def _sample(batch: int, seq_len: int, seed: int):
+    return TASK.sample(batch, seq_len, generator=torch.Generator().manual_seed(seed))
+
+
+def _md_by_autograd(tokens, etas):
+    """Exponentiated gradient from 1/m with dl/dlambda from autograd of l = sum_k log sum_g lambda_g P[k,g]."""
+    lag_probs = E.lag_likelihoods(tokens, PI, M)  # [B, N, m]
+    weights = torch.full((tokens.shape[0], M), 1.0 / M, dtype=torch.float64)
+    for eta in etas:
+        point = weights.clone().requires_grad_(True)
+        log_likelihood = torch.log((lag_probs * point[:, None, :]).sum(dim=-1)).sum()
+        (gradient,) = torch.autograd.grad(log_likelihood, point)
+        weights = weights * torch.exp(eta * gradient)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+def test_md_weights_by_step_is_exponentiated_gradient_with_a_schedule():
+    tokens = _sample(8, 40, seed=3).tokens
+    etas = [0.05, 0.01, 0.2]
+    for steps in (1, 2, 3):
+        expected = _md_by_autograd(tokens, etas[:steps])
+        got = E.md_weights_by_step(tokens, PI, M, torch.tensor(etas[:steps], dtype=torch.float64))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # One step size for every step is md_weights.
+    tied = E.md_weights_by_step(tokens, PI, M, torch.full((2,), 0.03, dtype=torch.float64))
+    torch.testing.assert_close(tied, _md_by_autograd(tokens, [0.03, 0.03]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(E.md_weights(tokens, PI, M, 0.03, steps=2), tied, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "etas", [[], [0.1, -0.2], [float("nan")], [[0.1]]], ids=["empty", "negative", "nan", "two-dimensional"]
+)
+def test_md_weights_by_step_rejects_bad_steps(etas):
+    tokens = _sample(2, 10, seed=0).tokens
+    with pytest.raises(ValueError, match="etas"):
+        E.md_weights_by_step(tokens, PI, M, torch.tensor(etas, dtype=torch.float64))
+    with pytest.raises(ValueError, match="etas"):
+        E.md_weights_by_step(tokens, PI, M, [0.1, 0.2])  # a list, not a tensor
+
+
+def test_fit_md_step_sizes_recovers_planted_steps():
+    tokens = _sample(256, 64, seed=4).tokens
+    planted = torch.tensor([0.06, 0.015], dtype=torch.float64)
+    target = E.predictive(tokens, PI, E.md_weights_by_step(tokens, PI, M, planted))
+    fit = E.fit_md_step_sizes(tokens, PI, M, target, steps=2, adam_steps=300)
+    assert fit["tuning_kl"] < 1e-7
+    assert fit["etas"] == pytest.approx(planted.tolist(), rel=0.05)
+    # One step: the fit agrees with the grid search (to the grid's resolution) and is at least as close.
+    one = E.fit_md_step_sizes(tokens, PI, M, target, steps=1)
+    grid = E.tune_eta_refined(tokens, PI, M, target, steps=1)
+    assert one["etas"][0] == pytest.approx(grid["eta"], rel=0.03)
+    assert one["tuning_kl"] <= grid["tuning_kl"] + 1e-12
+
+
+def test_effective_eta_of_the_construction_is_its_schedule():
+    beta, seq_len = 6.0, 96
+    construction = build_md_transformer(PI, M, seq_len, eta=beta / (M * (seq_len - M)))
+    # Shorter inputs: the construction's position t runs one-step MD with eta_t = beta / (m (t - m)).
+    # The grid of tune_eta_refined has a resolution of about 2%.
+    for length in (12, 32, 96):
+        tokens = _sample(64, length, seed=length).tokens
+        assert effective_eta(construction, tokens, PI, M) == pytest.approx(beta / (M * (length - M)), rel=0.025)
