@@ -142,17 +142,21 @@ def score_block_correlation(model: DisentangledTransformer, transition: Float[Te
 
     Both matrices are row-centred first (a per-query constant is invisible to attention), and the
     Pearson correlation of the flattened row-centred matrices (= their cosine, as both have mean 0)
-    is returned: ``{"log_transition_T": r, "neg_transition_T": r}``. The construction gives
-    ``log_transition_T == 1``. Zero entries of ``pi`` enter ``log pi`` as the construction's
+    is returned: ``{"log_transition_T": r, "neg_transition_T": r, "log_transition_T_scale": c}``, where
+    ``c`` is the least-squares slope of the row-centred scores on row-centred ``(log pi)^T``: the
+    construction gives ``r = c = 1``; ``0 < c < 1`` is a flatter copy of ``log pi`` (softer
+    responsibilities, which a larger ``beta`` downstream can partly make up for). Zero entries of ``pi`` enter ``log pi`` as the construction's
     ``LOG_ZERO = -1e4``, which then dominates the correlation. ``ValueError`` as
     :func:`learned_transition_kl` (but no identifiability is needed).
     """
     transition = _check_transition_for(model, transition)
     scores = _row_centred(token_score_block(model))
     log_transition = torch.where(transition > 0, transition.log(), torch.full_like(transition, LOG_ZERO))
+    centred_log = _row_centred(log_transition.T)
     return {
-        "log_transition_T": _cosine(scores, _row_centred(log_transition.T)),
+        "log_transition_T": _cosine(scores, centred_log),
         "neg_transition_T": _cosine(scores, _row_centred(-transition.T)),
+        "log_transition_T_scale": float((scores * centred_log).sum() / (centred_log * centred_log).sum()),
     }
 
 

@@ -130,8 +130,15 @@ def test_score_block_correlation_matches_numpy_pearson():
     for key, target in (("log_transition_T", np.log(pi.numpy()).T), ("neg_transition_T", -pi.numpy().T)):
         expected = np.corrcoef(S.ravel(), row_centred(target).ravel())[0, 1]
         assert result[key] == pytest.approx(expected, abs=1e-12)
+    # The scale is numpy's least-squares slope (no intercept: both sides are row-centred).
+    target = row_centred(np.log(pi.numpy()).T).ravel()
+    slope = np.linalg.lstsq(target[:, None], S.ravel(), rcond=None)[0][0]
+    assert result["log_transition_T_scale"] == pytest.approx(slope, abs=1e-12)
     construction = build_md_transformer(pi, 3, seq_len=8, eta=0.1)
     assert score_block_correlation(construction, pi)["log_transition_T"] == pytest.approx(1.0, abs=1e-12)
+    assert score_block_correlation(construction, pi)["log_transition_T_scale"] == pytest.approx(1.0, abs=1e-12)
+    half = model_with_scores(0.5 * pi.log().T + torch.arange(5.0, dtype=torch.float64)[:, None])
+    assert score_block_correlation(half, pi)["log_transition_T_scale"] == pytest.approx(0.5, abs=1e-12)
     anti = model_with_scores(-2.0 * pi.T + torch.arange(5.0, dtype=torch.float64)[:, None])
     assert score_block_correlation(anti, pi)["neg_transition_T"] == pytest.approx(1.0, abs=1e-12)
 
