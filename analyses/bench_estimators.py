@@ -20,8 +20,8 @@ import torch
 
 from mdlens import MTDTask
 from mdlens import estimators as E
+from mdlens.analyses import TASK
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {
     "bayes_batch": 256,
     "bayes_len": 192,

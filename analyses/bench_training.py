@@ -29,10 +29,10 @@ import time
 import torch
 
 from mdlens import MTDTask
+from mdlens.analyses import TASK
 from mdlens.models import disentangled_transformer
 from mdlens.training import TrainConfig, train
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {"seq_len": 192, "batch": 64, "layers": 3, "steps": 20, "repeats": 5}
 QUICK = {"seq_len": 32, "batch": 16, "layers": 3, "steps": 20, "repeats": 3}
 LR, SEED = 3e-3, 0

@@ -56,9 +56,9 @@ from tqdm.auto import tqdm
 import mdlens
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens.analyses import plotting
-from mdlens.analyses.estimators import TASK, sample_batches
+from mdlens.analyses import TASK, plotting
 from mdlens.construction import build_md_transformer, build_mdk_transformer, build_tuned_mdk_transformer
+from mdlens.evaluation import sample_batches
 
 FULL = {
     "lengths": [8, 16, 32, 64, 128, 192],

@@ -32,10 +32,9 @@ from torch import Tensor
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import plotting
+from mdlens.analyses import TASK, plotting
 from mdlens.evaluation import batch_seeds, mean_and_se, sample_batches  # shared with the other analyses
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 FULL = {
     "lengths": [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
     "n_tune": 256,

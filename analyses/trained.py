@@ -34,7 +34,6 @@ from mdlens.analyses import plotting
 from mdlens.evaluation import batch_seeds, mean_and_se, reference_kls, sample_batches
 from mdlens.pretrained import load_all_pretrained
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}
 # n_eval: the criteria compare mean KLs within 10%, and per-sequence KL is heavy-tailed: with 512
 # sequences the model/MD ratio has a standard error of about 2% at T=192, with 4096 about 0.7-1.8%
 # (paired: the model and the references are scored on the same sequences).

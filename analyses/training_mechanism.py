@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from mdlens import MTDTask, hooks
-from mdlens.analyses import plotting
+from mdlens.analyses import TASK, plotting
 from mdlens.checkpoints import save
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta, evaluate, make_held_out
@@ -58,7 +58,6 @@ from mdlens.models import DisentangledTransformer
 from mdlens.models.disentangled import DEFAULT_INIT_STD
 from mdlens.training import RUNTIME_FIELDS, TrainConfig, train
 
-TASK = {"vocab_size": 5, "order": 3, "alpha": 1.0, "seed": 0}  # the shipped models' task
 FULL = {
     "seq_len": 128,
     "steps": 10000,
