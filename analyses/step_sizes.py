@@ -117,9 +117,14 @@ def construction_schedule(rows: list[dict], order: int) -> dict | None:
     }
 
 
+def two_step_models(report: dict) -> list[str]:
+    """The disentangled models deep enough for two MD steps (5 layers or more): whose (eta_1, eta_2) to show."""
+    return [name for name, layers in report["layers"].items() if layers >= 5 and name.startswith("disentangled")]
+
+
 def plot(report: dict, path: Path) -> Path:
     """Left: one-step steps vs T (tuned, each model's, the fixed-beta construction). Right: the
-    two-step schedule (eta_1, eta_2) tuned and read off each disentangled model."""
+    two-step schedule (eta_1, eta_2) tuned and read off each disentangled model of 5 layers or more."""
     rows = report["results"]
     lengths = [r["seq_len"] for r in rows]
     with plotting.style():
@@ -146,9 +151,7 @@ def plot(report: dict, path: Path) -> Path:
                 marker=marker,
                 linestyle="-" if step == 0 else "--",
             )
-            for name in report["models"]:
-                if name.startswith("standard"):
-                    continue  # one-step MD does not describe it (fit_kl); its schedule says nothing
+            for name in two_step_models(report):
                 points = [
                     (r["seq_len"], r["models"][name]["two_step"]["etas"][step]) for r in rows if name in r["models"]
                 ]
@@ -188,6 +191,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     report = {
         "config": {"quick": quick, "sizes": sizes},
         "models": list(models),
+        "layers": {name: model.cfg.n_layers for name, model in models.items()},
         "results": rows,
         "fits": fit_laws(rows, task.order),
         "construction": construction_schedule(rows, task.order),
