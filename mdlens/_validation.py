@@ -22,10 +22,18 @@ def check_int(value: int, name: str, minimum: int) -> int:
 
 
 def check_order(order: int) -> int:
-    """The MTD order ``m`` (number of lags): a positive int."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be a positive int (the number of lags m), got {order!r}")
-    return order
+    """The MTD order ``m`` (number of lags): an int >= 1."""
+    return check_int(order, "order (the number of lags m)", 1)
+
+
+def check_positive_entries(values: Tensor, name: str) -> Float[Tensor, " n"]:
+    """A non-empty 1-D tensor of finite, strictly positive numbers (per-step sizes), as float64; the
+    autograd graph is kept (the values may require grad)."""
+    if not isinstance(values, Tensor) or values.ndim != 1 or values.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got {values!r}")
+    if not (torch.isfinite(values.detach()).all() and (values.detach() > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {values.detach().tolist()}")
+    return values.to(torch.float64)
 
 
 def check_transition(transition: Tensor) -> Float[Tensor, "q q"]:

@@ -30,6 +30,7 @@ from mdlens._validation import (
     check_int,
     check_order,
     check_positive,
+    check_positive_entries,
     check_tokens,
     check_transition,
     check_weights,
@@ -167,11 +168,7 @@ def md_weights_by_step(
     ``etas`` (a 1-D float tensor of finite, positive entries, which may require grad), so the step
     sizes a model behaves like can be fitted (``mdlens reproduce step-sizes``).
     """
-    if not isinstance(etas, Tensor) or etas.ndim != 1 or etas.numel() == 0:
-        raise ValueError(f"etas must be a non-empty 1-D tensor, one step size per step, got {etas!r}")
-    if not (torch.isfinite(etas.detach()).all() and (etas.detach() > 0).all()):
-        raise ValueError(f"etas must be finite and > 0, got {etas.detach().tolist()}")
-    etas = etas.to(torch.float64)
+    etas = check_positive_entries(etas, "etas")
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
     log_weights = torch.log_softmax(etas[0] * order * gamma.sum(dim=1), dim=-1)
@@ -570,15 +567,10 @@ def tune_eta_refined(
     return {"eta": etas[best].item(), "tuning_kl": mean_kl[best].item(), "etas": etas, "mean_kl": mean_kl}
 
 
-def _check_etas(etas: Tensor) -> Tensor:
-    if not isinstance(etas, Tensor):
-        etas = torch.as_tensor(etas, dtype=torch.float64)
-    etas = etas.to(torch.float64).flatten()
-    if etas.numel() == 0:
-        raise ValueError("etas is empty")
-    if not (torch.isfinite(etas).all() and (etas > 0).all()):
-        raise ValueError("etas must be finite and > 0")
-    return etas
+def _check_etas(etas) -> Tensor:
+    """A grid of step sizes (a tensor or a sequence of numbers, any shape) as a flat float64 tensor."""
+    grid = torch.as_tensor(etas, dtype=torch.float64) if not isinstance(etas, Tensor) else etas
+    return check_positive_entries(grid.to(torch.float64).flatten(), "etas")
 
 
 # ----------------------------------------------------------------------------------------------
