@@ -20,12 +20,11 @@ import json
 
 import pytest
 import torch
+from small_models import M, Q, T
 from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 import mdlens
-from mdlens import MTDTask
-from mdlens.construction import build_md_transformer
 from mdlens.models import (
     DisentangledActivationCache,
     DisentangledTransformer,
@@ -36,19 +35,8 @@ from mdlens.models import (
 from mdlens.predict import output_to_probs, predict_next
 from mdlens.training import TrainConfig, train
 
-Q, M, T, ETA = 4, 3, 10, 0.2
 MODELS = ("construction", "disentangled-3l", "standard-3l")
 RPE_HOOKS = ("rel_scores", "key_pos_scores", "rel_query_scores", "rel_values")
-
-
-@pytest.fixture(scope="module")
-def task():
-    return MTDTask(vocab_size=Q, order=M, seed=11)
-
-
-@pytest.fixture(scope="module")
-def construction(task):
-    return build_md_transformer(task.transition, M, T, ETA)
 
 
 @pytest.fixture(scope="module")

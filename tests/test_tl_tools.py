@@ -8,30 +8,14 @@ computations from the weights, or against a patch written by hand with a hook.
 import circuitsvis.attention
 import pytest
 import torch
+from small_models import ETA, M, Q, T
 from transformer_lens import HookedTransformer, patching
 
-from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.construction import LOG_ZERO, build_md_transformer
+from mdlens.construction import LOG_ZERO
 from mdlens.models import StandardTransformer, standard_transformer
 
-Q, M, T, ETA = 4, 3, 10, 0.2
 RPE_HOOKS = ("hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores", "hook_rel_values")
-
-
-@pytest.fixture(scope="module")
-def task():
-    return MTDTask(vocab_size=Q, order=M, seed=11)
-
-
-@pytest.fixture(scope="module")
-def construction(task):
-    return build_md_transformer(task.transition, M, T, ETA)
-
-
-@pytest.fixture(scope="module")
-def standard():
-    return standard_transformer(Q, T, n_layers=2, d_model=16, n_heads=2, dtype=torch.float64, seed=4)
 
 
 @pytest.fixture(scope="module")

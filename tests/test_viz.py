@@ -14,32 +14,17 @@ from pathlib import Path
 import circuitsvis
 import pytest
 import torch
+from small_models import ETA, M, Q, T
 
 import mdlens
-from mdlens import MTDTask, hooks
 from mdlens import estimators as E
+from mdlens import hooks
 from mdlens.construction import build_md_transformer
 from mdlens.hooks import viz
 from mdlens.models import standard_transformer
 
-Q, M, T, ETA = 4, 3, 10, 0.2
 ATOL = 10.0**-viz.DIGITS  # the page keeps DIGITS decimal places
 BUNDLE = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
-
-
-@pytest.fixture(scope="module")
-def task():
-    return MTDTask(vocab_size=Q, order=M, seed=11)
-
-
-@pytest.fixture(scope="module")
-def construction(task):
-    return build_md_transformer(task.transition, M, T, ETA)
-
-
-@pytest.fixture(scope="module")
-def standard():
-    return standard_transformer(Q, T, n_layers=2, d_model=16, n_heads=2, dtype=torch.float64, seed=4)
 
 
 @pytest.fixture(scope="module")
