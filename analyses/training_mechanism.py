@@ -103,18 +103,22 @@ RECIPES = {
     "pos-weight-2-long": {"position_weight_exponent": 2.0},
     "lr-0.003": {"lr": 0.003},
     "lr-0.02": {"lr": 0.02},
+    # Not a recipe change but a question: with the construction's layers 2-3 and readout given (and
+    # frozen), does training layer 1 alone find the responsibilities (log pi)^T?
+    "layer1-only": {"upper": "construction"},
     # Replicates with another seed (of the initialisation and of the training batches).
     "base-seed1": {"seed": 1},
     "lr-0.03-seed1": {"lr": 0.03, "seed": 1},
     "loss-ce-seed1": {"loss": "ce", "seed": 1},
     "lr-0.02-seed1": {"lr": 0.02, "seed": 1},
+    "pos-weight-1-seed1": {"position_weight_exponent": 1.0, "seed": 1},
     "targets-last-seed1": {"targets": "last", "seed": 1},
 }
 # Recipes trained longer, and at the paper's context length, than FULL (the full study only; --quick
 # trains every recipe at QUICK): name -> the sizes that differ from FULL.
 LONG = {"seq_len": 192, "steps": 40000, "measure_every": 2000}
 LONG_SIZES: dict[str, dict] = {"pos-weight-1-long": LONG, "pos-weight-2-long": LONG}
-MODEL_SETTINGS = ("init_std", "key_pos")  # the recipe keys that are not TrainConfig fields
+MODEL_SETTINGS = ("init_std", "key_pos", "upper")  # the recipe keys that are not TrainConfig fields
 MEASURE_SEED = 21
 EVAL_SEED = 1234
 MODEL_SEED = 0
@@ -144,9 +148,13 @@ def make_task() -> MTDTask:
     return MTDTask(**TASK)
 
 
-def build_model(task: MTDTask, settings: dict, seq_len: int) -> DisentangledTransformer:
+def build_model(task: MTDTask, settings: dict, seq_len: int, eta: float | None = None) -> DisentangledTransformer:
     """The untrained 3-layer model of a recipe (``key_pos`` False: ``key_pos_score`` frozen at zero),
-    initialised from the recipe's ``seed`` (default ``MODEL_SEED``)."""
+    initialised from the recipe's ``seed`` (default ``MODEL_SEED``).
+
+    With ``upper: "construction"``, layers 2 and 3 and the readout are those of
+    ``build_md_transformer(pi, m, seq_len, eta)`` and frozen: only layer 1 (freshly initialised) trains.
+    """
     model = DisentangledTransformer.from_task(
         task,
         seq_len,
@@ -158,6 +166,14 @@ def build_model(task: MTDTask, settings: dict, seq_len: int) -> DisentangledTran
     if not settings["key_pos"]:
         for block in model.blocks:
             block.attn.key_pos_score.requires_grad_(False)  # train() optimises only what requires grad
+    if settings.get("upper", "trained") == "construction":
+        if eta is None:
+            raise ValueError("upper='construction' needs the construction's step eta")
+        construction = build_md_transformer(task.transition, task.order, seq_len, eta)
+        for name in ("blocks.1", "blocks.2", "unembed"):
+            upper = model.get_submodule(name)
+            upper.load_state_dict(construction.get_submodule(name).state_dict())  # float64 -> float32
+            upper.requires_grad_(False)
     return model
 
 
@@ -186,7 +202,7 @@ def train_command_fields(name: str, quick: bool = False) -> dict:
     is shipped. ``ValueError`` for a recipe the command cannot express (an ``init_std`` other than the
     model's default, or a frozen ``key_pos_score``)."""
     settings = recipe_settings(name)
-    if settings["init_std"] != DEFAULT_INIT_STD or not settings["key_pos"]:
+    if settings["init_std"] != DEFAULT_INIT_STD or not settings["key_pos"] or "upper" in settings:
         raise ValueError(f"recipe {name!r} changes the model ({settings}); mdlens train builds the default one")
     config = asdict(train_config(settings, recipe_sizes(name, quick)))
     recipe = {key: value for key, value in config.items() if key not in RUNTIME_FIELDS}
@@ -252,11 +268,11 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
             return saved
     task = make_task()
     config = train_config(settings, sizes)
-    model = build_model(task, settings, sizes["seq_len"])
+    held_out = make_held_out(task, sizes["seq_len"], sizes["n_eval"], EVAL_SEED, bayes=False)  # as train() makes it
+    model = build_model(task, settings, sizes["seq_len"], eta=held_out.references["eta_md1"])
     tokens = task.sample(
         sizes["n_measure"], sizes["seq_len"], generator=torch.Generator().manual_seed(MEASURE_SEED)
     ).tokens
-    held_out = make_held_out(task, sizes["seq_len"], sizes["n_eval"], EVAL_SEED, bayes=False)  # as train() makes it
 
     curve = [_with_kl(0, measure(model, task, tokens), {"kl_model": evaluate(model, held_out), **held_out.references})]
     measure_s = 0.0
