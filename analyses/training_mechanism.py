@@ -106,6 +106,8 @@ RECIPES = {
     # Not a recipe change but a question: with the construction's layers 2-3 and readout given (and
     # frozen), does training layer 1 alone find the responsibilities (log pi)^T?
     "layer1-only": {"upper": "construction"},
+    # The same on the last position only, where the construction's one beta is tuned MD's step.
+    "layer1-only-last": {"upper": "construction", "targets": "last"},
     # Replicates with another seed (of the initialisation and of the training batches).
     "base-seed1": {"seed": 1},
     "lr-0.03-seed1": {"lr": 0.03, "seed": 1},

@@ -8,14 +8,16 @@ import types
 import pytest
 import torch
 
+import mdlens
 from mdlens import checkpoints, cli
 from mdlens import estimators as E
 from mdlens.analyses import training_mechanism as tm
+from mdlens.construction import build_md_transformer
 from mdlens.evaluation import make_held_out
 from mdlens.training import train
 
 # A few recipes keep the test short; every recipe shares the code that these exercise.
-RECIPES = ["base", "init-0.2", "no-key-pos", "paper", "lr-0.03", "lr-0.03-seed1"]
+RECIPES = ["base", "init-0.2", "no-key-pos", "paper", "lr-0.03", "lr-0.03-seed1", "layer1-only-last"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,9 @@ def test_every_recipe_has_every_curve_at_every_measured_step(report):
         assert data["summary"][name]["corr_neg_pi"] == record["curve"][-1]["corr_neg_pi"]
         # one factor changed from base (the 'paper' recipe changes two, a replicate adds a seed)
         changed = {key for key, value in record["settings"].items() if value != tm.BASE.get(key)}
-        expected = {"base": 0, "paper": 2}.get(name, 1) + ("seed" in changed and name != "base-seed1")
+        expected = {"base": 0, "paper": 2, "layer1-only-last": 2}.get(name, 1) + (
+            "seed" in changed and name != "base-seed1"
+        )
         assert len(changed) == expected
     assert data["recipes"]["lr-0.03"]["config"]["lr"] == 0.03 and data["recipes"]["base"]["config"]["lr"] == 0.01
     assert data["recipes"]["lr-0.03-seed1"]["config"]["seed"] == 1 and data["recipes"]["base"]["config"]["seed"] == 0
@@ -136,3 +140,24 @@ def test_mdlens_train_with_the_recipe_fields_trains_the_recipe_model(tmp_path):
         tm.train_command_fields("init-0.2")
     with pytest.raises(ValueError, match="no-key-pos"):
         tm.train_command_fields("no-key-pos")
+
+
+def test_layer1_only_trains_layer_1_on_top_of_the_frozen_construction():
+    task, eta = tm.make_task(), 0.1
+    pi, m, seq_len = task.transition, task.order, tm.QUICK["seq_len"]
+    settings = tm.recipe_settings("layer1-only")
+    model = tm.build_model(task, settings, seq_len, eta=eta)
+    before = model.blocks[0].attn.W_Q.detach().clone()
+    train(model, task, tm.train_config(settings, tm.QUICK))
+    assert not torch.equal(model.blocks[0].attn.W_Q, before)
+    construction = build_md_transformer(pi, m, seq_len, eta)
+    for name in ("blocks.1", "blocks.2", "unembed"):
+        for key, value in model.get_submodule(name).state_dict().items():
+            assert torch.equal(value, construction.get_submodule(name).state_dict()[key].to(value.dtype)), (name, key)
+    # With the construction's layer 1 put back, the model is one-step MD (to float32 rounding).
+    model.blocks[0].load_state_dict(construction.blocks[0].state_dict())
+    tokens = task.sample(16, seq_len, generator=torch.Generator().manual_seed(3)).tokens
+    md = E.predictive(tokens, pi, E.md_weights(tokens, pi, m, eta))
+    torch.testing.assert_close(mdlens.predict_next(model, tokens), md, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="eta"):
+        tm.build_model(task, settings, seq_len)
