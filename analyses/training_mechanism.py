@@ -334,17 +334,42 @@ SUMMARY_KEYS = (*CURVES[:-1], "own_eta", "kl_model", "kl_md1", CURVES[-1])
 LOG_SCALE = ("learned_transition_kl", "kl_ratio")
 
 
-def plot_curves(recipes: dict, path: Path) -> Path:
+# The figures: file -> (title, which recipes). A recipe missing from a run is left out of its figure.
+FIGURES = {
+    "training_mechanism.png": (
+        "one factor changed at a time from 'base' (T=128, 10000 steps)",
+        lambda name: name not in LONG_SIZES and not name.startswith("layer1-only"),
+    ),
+    "training_mechanism_long.png": (
+        "position weight 1 and 2: 10000 steps at T=128 against 40000 at T=192",
+        lambda name: name.removesuffix("-long") in ("pos-weight-1", "pos-weight-2"),
+    ),
+    "training_mechanism_layer1.png": (
+        "layer 1 alone on the construction's frozen layers 2-3, all positions vs the last one (base for scale)",
+        lambda name: name.startswith("layer1-only") or name == "base",
+    ),
+}
+
+
+def plot_curves(recipes: dict, path: Path, title: str) -> Path:
     """One panel per measurement over training steps, one line per recipe (gaps where undefined)."""
-    # A seed replicate ("<recipe>-seed1") gets its recipe's colour, dashed.
-    parents = list(dict.fromkeys(name.removesuffix("-seed1") for name in recipes))
+
+    # A seed replicate ("<recipe>-seed1") gets its recipe's colour, dashed; a long run ("<recipe>-long")
+    # its recipe's colour, thick.
+    def parent_of(name: str) -> str:
+        return name.removesuffix("-seed1").removesuffix("-long")
+
+    parents = list(dict.fromkeys(parent_of(name) for name in recipes))
     colours = plotting.plt.get_cmap("tab10" if len(parents) <= 10 else "tab20")
     with plotting.style():
         fig, axes = plotting.plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
         for ax, key in zip(axes.flat, CURVES, strict=True):
             for name, record in recipes.items():
-                parent = name.removesuffix("-seed1")
-                style = {"color": colours(parents.index(parent)), "linestyle": "--" if parent != name else "-"}
+                style = {
+                    "color": colours(parents.index(parent_of(name))),
+                    "linestyle": "--" if name.endswith("-seed1") else "-",
+                    "linewidth": 2.2 if name.endswith("-long") else 1.2,
+                }
                 steps = [p["step"] for p in record["curve"]]
                 # None (undefined, or an infinite KL) -> NaN: a gap in the line, not a bridge over it
                 values = [math.nan if p[key] is None else p[key] for p in record["curve"]]
@@ -358,7 +383,7 @@ def plot_curves(recipes: dict, path: Path) -> Path:
             ax.set_title(TITLES[key], fontsize=9)
             ax.set_xlabel("training step")
         axes[0][0].legend(fontsize=7)
-        fig.suptitle("3-layer disentangled models during training, one factor changed at a time from 'base'")
+        fig.suptitle(f"3-layer disentangled models during training: {title}")
         return plotting.save_figure(fig, path)
 
 
@@ -392,7 +417,11 @@ def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) ->
         "summary": summary,
         "recipes": results,
     }
-    files = [plot_curves(results, out_dir / "training_mechanism.png")]
+    files = []
+    for file, (title, member) in FIGURES.items():
+        chosen = {name: record for name, record in results.items() if member(name)}
+        if chosen:
+            files.append(plot_curves(chosen, out_dir / file, title))
     report["files"] = [str(f) for f in files] + [str(out_dir / "training_mechanism.json")]
     report["wall_clock_s"] = time.perf_counter() - start
     (out_dir / "training_mechanism.json").write_text(json.dumps(report, indent=1))
