@@ -108,6 +108,7 @@ RECIPES = {
     "layer1-only": {"upper": "construction"},
     # The same on the last position only, where the construction's one beta is tuned MD's step.
     "layer1-only-last": {"upper": "construction", "targets": "last"},
+    "layer1-only-last-long": {"upper": "construction", "targets": "last"},
     # Replicates with another seed (of the initialisation and of the training batches).
     "base-seed1": {"seed": 1},
     "lr-0.03-seed1": {"lr": 0.03, "seed": 1},
@@ -119,7 +120,7 @@ RECIPES = {
 # Recipes trained longer, and at the paper's context length, than FULL (the full study only; --quick
 # trains every recipe at QUICK): name -> the sizes that differ from FULL.
 LONG = {"seq_len": 192, "steps": 40000, "measure_every": 2000}
-LONG_SIZES: dict[str, dict] = {"pos-weight-1-long": LONG, "pos-weight-2-long": LONG}
+LONG_SIZES: dict[str, dict] = {"pos-weight-1-long": LONG, "pos-weight-2-long": LONG, "layer1-only-last-long": LONG}
 MODEL_SETTINGS = ("init_std", "key_pos", "upper")  # the recipe keys that are not TrainConfig fields
 MEASURE_SEED = 21
 EVAL_SEED = 1234

@@ -45,7 +45,7 @@ def test_every_recipe_has_every_curve_at_every_measured_step(report):
         assert data["summary"][name]["corr_neg_pi"] == record["curve"][-1]["corr_neg_pi"]
         # one factor changed from base (the 'paper' recipe changes two, a replicate adds a seed)
         changed = {key for key, value in record["settings"].items() if value != tm.BASE.get(key)}
-        expected = {"base": 0, "paper": 2, "layer1-only-last": 2}.get(name, 1) + (
+        expected = {"base": 0, "paper": 2, "layer1-only-last": 2, "layer1-only-last-long": 2}.get(name, 1) + (
             "seed" in changed and name != "base-seed1"
         )
         assert len(changed) == expected
