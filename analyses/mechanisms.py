@@ -242,6 +242,7 @@ def prepare_data(task, sizes: dict) -> dict:
 MODEL_COLOURS = {
     CONSTRUCTION: "tab:green",
     "disentangled-3l": "tab:purple",
+    "disentangled-3l-long": "tab:blue",
     "disentangled-5l": "tab:pink",
     "standard-3l": "black",
 }

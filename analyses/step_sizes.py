@@ -44,6 +44,7 @@ FIXED_BETA_MODEL = "disentangled-3l"
 STYLE = {
     "tuned": {"color": "black", "marker": "o", "linestyle": "-", "linewidth": 2.0},
     "disentangled-3l": {"color": "tab:purple", "marker": "o", "linestyle": "-"},
+    "disentangled-3l-long": {"color": "tab:blue", "marker": "D", "linestyle": "-"},
     "disentangled-5l": {"color": "tab:pink", "marker": "s", "linestyle": "-"},
     "standard-3l": {"color": "tab:gray", "marker": "^", "linestyle": "-."},
     "construction": {"color": "tab:purple", "marker": "", "linestyle": ":"},

@@ -17,7 +17,13 @@ def report(tmp_path_factory):
 
 def test_every_model_has_every_measurement(report):
     data, out = report
-    assert set(data["models"]) == {"construction", "disentangled-3l", "disentangled-5l", "standard-3l"}
+    assert set(data["models"]) == {
+        "construction",
+        "disentangled-3l",
+        "disentangled-3l-long",
+        "disentangled-5l",
+        "standard-3l",
+    }
     for r in data["models"].values():
         n_points = r["n_layers"] + 1  # the embedding, then every layer's resid_post
         for key in ("probe_r2", "probe_control_r2", "probe_random_model_r2"):

@@ -12,7 +12,7 @@ from mdlens import estimators as E
 from mdlens.evaluation import reference_kls, sample_batches
 from mdlens.models import DisentangledTransformer, disentangled_transformer
 
-SHIPPED = {"disentangled-3l", "standard-3l", "disentangled-5l"}
+SHIPPED = {"disentangled-3l", "disentangled-3l-long", "standard-3l", "disentangled-5l"}
 
 
 def test_every_shipped_model_loads_and_predicts():
