@@ -16,7 +16,8 @@ model, on the same sequences of the shared task:
   with the construction; the ``lambda`` each model predicts with, against one- and two-step MD, Bayes
   and the true ``lambda`` at every length;
 - **patching** (``hooks.patch_mean_responsibility``): B's mean responsibility written into A's run
-  (the named block on the construction, the probe's subspace elsewhere) against the counterfactual
+  (the named block on the construction, the probe's subspace elsewhere: after layer 2, where the
+  construction holds it, and where the model's probe is most selective) against the counterfactual
   one-step-MD prediction; and layer x position heatmaps (``hooks.patching_heatmap``);
 - **two-step** (``hooks.key_score_correlation``): does any layer's last-position score follow
   ``-<lambda1, gamma_k>`` over the keys, the weighing two-step MD needs (paper-notes §6)?
@@ -186,6 +187,20 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
     patch = hooks.patch_mean_responsibility(model, tokens_a, tokens_b, pi, m, beta=beta, probe=probe)
     result["patching"] = patch.to_dict()
     result["patching_agreement"] = patch.max_abs_deviation
+    if probe is not None:
+        # Also where the model holds the mean responsibility best (the most selective probe, after
+        # layer 1): for a model that forms it later than layer 2, e.g. standard-3l. A disentangled
+        # model's readout reads only its last layer's block, so its final residual is left out there:
+        # a patch of the earlier blocks it carries could not reach the output.
+        selectivity = report.selectivity["mean_responsibility"]
+        last = len(report.rows) - (1 if isinstance(model, DisentangledTransformer) else 0)
+        best = max(range(1, last), key=lambda row: selectivity[row])
+        if report.rows[best] != PATCH_HOOK:
+            best_probe = report.probes[(report.rows[best], "mean_responsibility")]
+            best_patch = hooks.patch_mean_responsibility(model, tokens_a, tokens_b, pi, m, beta=beta, probe=best_probe)
+            result["patching_most_selective"] = best_patch.to_dict()
+        else:
+            result["patching_most_selective"] = result["patching"]
     heatmap_clean, heatmap_corrupt = data["heatmap_clean"].tokens, data["heatmap_corrupt"].tokens
     result["patching_heatmap"] = hooks.patching_heatmap(model, heatmap_clean, heatmap_corrupt)
 
