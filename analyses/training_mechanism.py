@@ -31,12 +31,18 @@ change a factor in which the shipped model's first training stage differs from b
 rate (0.03) and the position weighting (``(t - m)^-0.5``); ``paper`` changes two factors at once
 (targets last, no ``key_pos``), and ``-seed1`` recipes repeat one with another seed (``seed``: the
 model's initialisation and the training batches). The number of steps is the x-axis of every curve.
+``pos-weight-1`` / ``-2`` lean on long prefixes instead; their ``-long`` versions run 40000 steps at
+T=192 (``LONG_SIZES``). The ``layer1-only`` recipes ask a narrower question: with layers 2-3 and the
+readout set to the construction's and frozen (``upper: "construction"``), does training layer 1
+alone find the responsibilities (on every position, on the last one, and on the last one for longer)?
 
 Run with ``mdlens reproduce training-mechanism --out DIR`` (``--quick``: a few dozen steps). Each
-recipe's curves are written to ``DIR/recipes/<name>.json`` as it finishes; a later run with the same
-sizes reuses them instead of training again, so recipes can be trained in separate processes
-(:func:`train_recipe`) and collected by one ``run``. Writes ``training_mechanism.json`` and
-``training_mechanism.png``. Not part of ``mdlens reproduce all``: it trains models.
+recipe's curves are written to ``DIR/recipes/<name>.json`` and its model to ``DIR/recipes/<name>/``
+as it finishes; a later run with the same sizes reuses them instead of training again, so recipes
+can be trained in separate processes (:func:`train_recipe`) and collected by one ``run``.
+:func:`train_command_fields` gives the ``mdlens train --config`` fields that train a recipe's model
+to the same weights (how ``disentangled-3l-long`` was shipped). Writes ``training_mechanism.json``
+and three figures (``FIGURES``). Not part of ``mdlens reproduce all``: it trains models.
 """
 
 from __future__ import annotations
