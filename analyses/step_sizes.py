@@ -67,12 +67,13 @@ def measure_length(models: dict, task: MTDTask, seq_len: int, n_tune: int) -> di
             continue
         predictions = model_predictions(model, tokens)
         one_step = E.tune_eta_refined(tokens, pi, m, predictions, steps=1)  # evaluation.effective_eta's fit
-        finite = torch.isfinite(E.kl_divergence(truth, predictions))
+        model_kl = E.kl_divergence(truth, predictions)
+        finite = torch.isfinite(model_kl)
         row["models"][name] = {
             "effective_eta": one_step["eta"],
             "fit_kl": one_step["tuning_kl"],
             "two_step": E.fit_md_step_sizes(tokens, pi, m, predictions, steps=2),
-            "model_kl": E.kl_divergence(truth, predictions)[finite].mean().item(),
+            "model_kl": model_kl[finite].mean().item(),
             "n_infinite_kl": int((~finite).sum()),
         }
     return row
