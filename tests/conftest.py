@@ -7,12 +7,12 @@ slower, the sampler 20x slower). One thread is never much slower for these sizes
 
 import pytest
 import torch
-from small_models import small_construction, small_standard, small_task
+from helpers import small_construction, small_standard, small_task
 
 torch.set_num_threads(1)
 
 
-# The small task and models of small_models.py, one instance per test module (a module may edit them).
+# The small task and models of helpers.py, one instance per test module (a module may edit them).
 @pytest.fixture(scope="module")
 def task():
     return small_task()

@@ -3,9 +3,9 @@ mdlens.estimators (responsibilities, md_weights, predictive), never against the 
 
 import pytest
 import torch
+from helpers import run, sample_tokens
 from transformer_lens import HookedTransformer
 
-from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens._random import dirichlet_sample
 from mdlens.construction import build_md_transformer
@@ -23,16 +23,6 @@ def random_transition(q: int, seed: int, tiny: float | None = 1e-6) -> torch.Ten
         pi[torch.arange(q), columns] = tiny
         pi = pi / pi.sum(dim=1, keepdim=True)
     return pi
-
-
-def sample_tokens(pi: torch.Tensor, order: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    task = MTDTask(order=order, transition=pi, seed=seed)
-    return task.sample(batch, seq_len, generator=torch.Generator().manual_seed(seed)).tokens
-
-
-def run(model: HookedTransformer, tokens: torch.Tensor):
-    with torch.no_grad():
-        return model.run_with_cache(tokens)
 
 
 # (q, m, T, eta): orders 2..5, vocabularies 3..10, lengths from m + 1 to 256.

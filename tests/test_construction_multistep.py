@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
+from helpers import run, sample_tokens
 from transformer_lens.patching import get_act_patch_resid_pre
 
 from mdlens import MTDTask, hooks
@@ -43,16 +43,6 @@ def random_scales(steps: int, seed: int) -> list[float]:
     for _ in range(steps - 1):
         scales += [uniform(0, 20), uniform(-10, 10), uniform(-5, 15)]
     return scales
-
-
-def sample_tokens(pi: torch.Tensor, order: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    task = MTDTask(order=order, transition=pi, seed=seed)
-    return task.sample(batch, seq_len, generator=torch.Generator().manual_seed(seed)).tokens
-
-
-def run(model: HookedTransformer, tokens: torch.Tensor):
-    with torch.no_grad():
-        return model.run_with_cache(tokens)
 
 
 def by_hand(sequence: list[int], pi: torch.Tensor, m: int, scales: list[float]) -> dict[str, list[float]]:

@@ -20,7 +20,7 @@ import json
 
 import pytest
 import torch
-from small_models import M, Q, T
+from helpers import M, Q, T
 from transformer_lens import HookedTransformer, patching
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 

@@ -8,7 +8,7 @@ computations from the weights, or against a patch written by hand with a hook.
 import circuitsvis.attention
 import pytest
 import torch
-from small_models import ETA, M, Q, T
+from helpers import ETA, M, Q, T
 from transformer_lens import HookedTransformer, patching
 
 from mdlens import estimators as E

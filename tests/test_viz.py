@@ -14,7 +14,7 @@ from pathlib import Path
 import circuitsvis
 import pytest
 import torch
-from small_models import ETA, M, Q, T
+from helpers import ETA, M, Q, T
 
 import mdlens
 from mdlens import estimators as E
