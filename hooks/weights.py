@@ -137,6 +137,54 @@ def learned_transition_kl(model: DisentangledTransformer, transition: Float[Tens
     return float(E.kl_divergence(transition, learned_transition(model)).mean())
 
 
+def softmax_transition_kl(model: DisentangledTransformer, transition: Float[Tensor, "q q"]) -> dict[str, float]:
+    """The paper's "KL between pi and a softmax of layer 1's W_A", in every form the sentence admits.
+
+    ``S = W_A[tokens, tokens]`` (:func:`token_score_block`: row = query/child token ``b``, column =
+    key/parent token ``a``). Every form is a mean over the ``q`` rows, each row weighted ``1/q``, of
+    ``KL(target row || softmax row)`` (the truth first, as for every KL in mdlens):
+
+    - ``"softmax_over_keys_vs_pi"``: ``mean_i KL(pi(i, .) || softmax_a S[i, a])``: the block read as
+      ``log pi`` itself (row = parent), softmax along its last axis;
+    - ``"softmax_over_queries_vs_pi"``: ``mean_a KL(pi(a, .) || softmax_b S[b, a])``: the block read as
+      ``(log pi)^T``, softmax along its first axis (0 on the construction, but not invariant to the
+      per-query constants attention cannot see);
+    - ``"softmax_over_keys_vs_parent_posterior"``: ``mean_b KL(pibar(b, .) || softmax_a S[b, a])`` with
+      ``pibar(b, a) = pi(a, b) / sum_a' pi(a', b)``, pi's column-normalised transpose (the parent
+      ``a`` given the child ``b`` under a uniform prior on parents): what layer 1's attention itself
+      computes, invariant to per-query shifts of ``S`` (0 on the construction);
+    - ``"uniform_vs_pi"`` / ``"uniform_vs_parent_posterior"``: the same KLs for the uniform guess
+      (``S = 0``, every softmax row ``1/q``), the score of a layer 1 that knows nothing of ``pi``.
+
+    ``ValueError`` when ``model`` is not a ``DisentangledTransformer``, its scores are not finite,
+    ``transition`` is not a row-stochastic ``[d_vocab, d_vocab]``, or a column of ``pi`` is zero (a
+    token that is never a next token has no parent posterior).
+    """
+    transition = _check_transition_for(model, transition)
+    scores = token_score_block(model)
+    if not torch.isfinite(scores).all():
+        raise ValueError("layer 1's token-token scores contain NaN or inf")
+    child_mass = transition.sum(dim=0)  # [q]: sum_a pi(a, b)
+    if not (child_mass > 0).all():
+        never = [int(b) for b in torch.nonzero(child_mass == 0).flatten()]
+        raise ValueError(f"pi's columns {never} are zero: those tokens are never next tokens, so no parent posterior")
+    parent_posterior = transition.T / child_mass[:, None]  # pibar(b, a)
+    uniform = torch.full_like(transition, 1.0 / transition.shape[0])
+    over_keys = torch.softmax(scores, dim=1)  # row b (query) -> distribution over keys a
+    over_queries = torch.softmax(scores, dim=0).T  # row a (key) -> distribution over queries b
+
+    def mean_kl(target: Tensor, estimate: Tensor) -> float:
+        return float(E.kl_divergence(target, estimate).mean())
+
+    return {
+        "softmax_over_keys_vs_pi": mean_kl(transition, over_keys),
+        "softmax_over_queries_vs_pi": mean_kl(transition, over_queries),
+        "softmax_over_keys_vs_parent_posterior": mean_kl(parent_posterior, over_keys),
+        "uniform_vs_pi": mean_kl(transition, uniform),
+        "uniform_vs_parent_posterior": mean_kl(parent_posterior, uniform),
+    }
+
+
 def score_block_correlation(model: DisentangledTransformer, transition: Float[Tensor, "q q"]) -> dict[str, float]:
     """Correlation of layer 1's token-token scores with ``(log pi)^T`` and with ``-pi^T``.
 
