@@ -11,7 +11,9 @@ model, on the same sequences of the shared task:
   layer-ordered matching where depths differ; layer 1's TV to the responsibilities and its mass
   at offset 0 (the query) and at offsets 1..m;
 - **weights** (``hooks.learned_transition``, ``hooks.weight_alignment``): the ``pi`` layer 1 stores
-  (disentangled models), KL to the true one (the paper: 0.0376), score-matrix cosines;
+  (disentangled models), KL to the true one (the paper: 0.0376), score-matrix cosines; and the paper's
+  own form, KL from pi to a softmax of layer 1's token-token scores along either axis or against pi's
+  parent posterior, beside the uniform guess's (``hooks.weights.softmax_transition_kl``);
 - **behaviour** (``hooks.sensitivity_alignment``, ``hooks.implicit_weights``): input-gradient cosine
   with the construction; the ``lambda`` each model predicts with, against one- and two-step MD, Bayes
   and the true ``lambda`` at every length;
@@ -41,6 +43,7 @@ from mdlens import hooks
 from mdlens.analyses import plotting
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta
+from mdlens.hooks.weights import softmax_transition_kl
 from mdlens.models import DisentangledTransformer
 from mdlens.pretrained import load_all_pretrained
 
@@ -86,6 +89,8 @@ PROBE_TARGETS = (
     "bayes_weights",
 )
 CONSTRUCTION = "construction"
+# "softmax of the first-layer W_A recovers pi": the paper's KL at T=192 (paper-notes §5).
+PAPER_LEARNED_TRANSITION_KL = 0.0376
 
 
 def _sample(task, batch: int, seq_len: int, seed: int):
@@ -154,6 +159,8 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
     if isinstance(model, DisentangledTransformer):
         result["score_block_correlation"] = hooks.score_block_correlation(model, pi)
         result["token_score_block"] = hooks.token_score_block(model)
+        # The paper's own form: KL(pi || softmax of layer 1's W_A), every reading of that sentence.
+        result["softmax_transition_kl"] = softmax_transition_kl(model, pi)
         try:
             learned = hooks.learned_transition(model)
             result["learned_transition"] = learned
@@ -167,6 +174,7 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
         result["learned_transition"] = None
         result["learned_transition_kl"] = None
         result["learned_transition_reason"] = "not a disentangled model: no single token-token score matrix to read"
+        result["softmax_transition_kl"] = None
     result["weight_alignment"] = hooks.weight_alignment(
         model, own_construction, tokens=data["patch_a"].tokens[:64], transition=pi, order=m
     )
@@ -489,6 +497,11 @@ def summary_lines(report: dict) -> list[str]:
             f"   learned transition KL {_fmt(r['learned_transition_kl'], 4)}"
             + (f" ({r['learned_transition_reason']})" if r["learned_transition_reason"] else "")
         )
+        if r.get("softmax_transition_kl"):
+            lines.append(
+                f"   KL(pi || softmax of layer-1 scores), the paper's {PAPER_LEARNED_TRANSITION_KL}: "
+                + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in r["softmax_transition_kl"].items())
+            )
         lines.append(
             f"   sensitivity cosine to the construction {_fmt(r['sensitivity_cosine'])}; patching: "
             f"max |patched - counterfactual MD| {_fmt(r['patching_agreement'], 4)}, KL patched "
@@ -535,6 +548,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
             "seeds": SEEDS,
             "eta_md1": data["eta_md1"],
             "eta_md2": data["eta_md2"],
+            "paper_learned_transition_kl": PAPER_LEARNED_TRANSITION_KL,
             "protocol": (
                 "probes: held-out R^2 (20% of sequences held out, ridge by 5-fold grouped CV) at positions "
                 "t > m; index 0 = hook_embed, then blocks.{l}.hook_resid_post. md_weights / log_md_weights "

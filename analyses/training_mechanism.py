@@ -12,6 +12,10 @@ training (every ``measure_every`` steps, through :func:`mdlens.training.train`'s
   models: +0.92);
 - ``learned_transition_kl``: ``hooks.learned_transition_kl`` (the paper: 0.0376 at T=192); ``None``
   where no row-stochastic ``pi`` gives the scores (``learned_transition`` raises);
+- the paper's own form, KL from pi to a softmax of layer 1's token-token scores
+  (``hooks.weights.softmax_transition_kl``): ``softmax_over_keys_vs_pi``, ``softmax_over_queries_vs_pi``
+  and ``softmax_over_keys_vs_parent_posterior`` (the curve plotted: what attention computes), beside the
+  uniform guess's ``uniform_vs_pi`` / ``uniform_vs_parent_posterior``;
 - ``responsibility_tv``: layer 1's attention against the responsibilities (``hooks.responsibility_tv``);
 - ``layer2_tv`` / ``layer3_tv``: ``hooks.attention_agreement`` (layerwise) against the construction
   built with the model's *own* step (the ``eta`` whose one-step MD is closest to the model's
@@ -60,6 +64,7 @@ from mdlens.analyses import TASK, plotting
 from mdlens.checkpoints import save
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta, evaluate, make_held_out
+from mdlens.hooks.weights import softmax_transition_kl
 from mdlens.models import DisentangledTransformer
 from mdlens.models.disentangled import DEFAULT_INIT_STD
 from mdlens.training import RUNTIME_FIELDS, TrainConfig, train
@@ -135,6 +140,7 @@ CURVES = (
     "corr_log_pi",
     "corr_neg_pi",
     "learned_transition_kl",
+    "softmax_over_keys_vs_parent_posterior",
     "responsibility_tv",
     "layer1_self_mass",
     "layer2_tv",
@@ -242,6 +248,7 @@ def measure(model: DisentangledTransformer, task: MTDTask, tokens: torch.Tensor)
         "corr_neg_pi": correlation["neg_transition_T"],
         "learned_transition_kl": learned_kl,
         "learned_transition_reason": reason,
+        **softmax_transition_kl(model, pi),
         "responsibility_tv": hooks.responsibility_tv(model, tokens, pi, m, layer=0),
         "layer1_self_mass": float(hooks.offset_mass(model, tokens, m, layer=0)[0, 0]),
         "layer1_tv": agreement.tv[0],
@@ -265,7 +272,8 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
     """Train recipe ``name`` and measure it every ``measure_every`` steps (and at step 0).
 
     Writes ``out_dir / "recipes" / f"{name}.json"`` and returns its content; if that file already
-    holds this recipe at these sizes, returns it without training. The trained model is saved in
+    holds this recipe at these sizes with every measurement of ``SUMMARY_KEYS``, returns it without
+    training. The trained model is saved in
     ``out_dir / "recipes" / name`` (:func:`mdlens.checkpoints.save`), loadable with ``checkpoints.load``.
     """
     sizes = recipe_sizes(name, quick)
@@ -273,7 +281,8 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
     path = Path(out_dir) / "recipes" / f"{name}.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["settings"] == settings and saved["sizes"] == sizes:
+        # A record from before a measurement was added lacks it: trained again, not reused.
+        if saved["settings"] == settings and saved["sizes"] == sizes and set(SUMMARY_KEYS) <= set(saved["final"]):
             return saved
     task = make_task()
     config = train_config(settings, sizes)
@@ -330,6 +339,7 @@ TITLES = {
     "corr_log_pi": "layer-1 scores: corr with (log pi)^T",
     "corr_neg_pi": "layer-1 scores: corr with -pi^T",
     "learned_transition_kl": "learned-transition KL (where a pi fits)",
+    "softmax_over_keys_vs_parent_posterior": "KL(pi's parent posterior || softmax over keys)",
     "responsibility_tv": "layer-1 TV to the responsibilities",
     "layer1_self_mass": "layer-1 mass on the query itself",
     "layer2_tv": "layer-2 TV to uniform over m+1..t",
@@ -337,8 +347,11 @@ TITLES = {
     "kl_ratio": "KL / tuned one-step MD's KL",
 }
 # Every curve's final value, and the numbers behind the KL ratio.
-SUMMARY_KEYS = (*CURVES[:-1], "own_eta", "kl_model", "kl_md1", CURVES[-1])
-LOG_SCALE = ("learned_transition_kl", "kl_ratio")
+PAPER_FORMS = ("softmax_over_keys_vs_pi", "softmax_over_queries_vs_pi", "uniform_vs_pi", "uniform_vs_parent_posterior")
+SUMMARY_KEYS = (*CURVES[:-1], *PAPER_FORMS, "own_eta", "kl_model", "kl_md1", CURVES[-1])
+LOG_SCALE = ("learned_transition_kl", "softmax_over_keys_vs_parent_posterior", "kl_ratio")
+# The paper's "KL between pi and a softmax of W_A" at T=192, drawn on the paper-form panel.
+PAPER_LEARNED_TRANSITION_KL = 0.0376
 
 
 # The figures: file -> (title, which recipes). A recipe missing from a run is left out of its figure.
@@ -369,7 +382,7 @@ def plot_curves(recipes: dict, path: Path, title: str) -> Path:
     parents = list(dict.fromkeys(parent_of(name) for name in recipes))
     colours = plotting.plt.get_cmap("tab10" if len(parents) <= 10 else "tab20")
     with plotting.style():
-        fig, axes = plotting.plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
+        fig, axes = plotting.plt.subplots(3, 3, figsize=(13, 10), squeeze=False)
         for ax, key in zip(axes.flat, CURVES, strict=True):
             for name, record in recipes.items():
                 style = {
@@ -383,6 +396,13 @@ def plot_curves(recipes: dict, path: Path, title: str) -> Path:
                 ax.plot(steps, values, marker="o", markersize=2, label=name, **style)
             if key in LOG_SCALE:
                 ax.set_yscale("log")
+            if key == "softmax_over_keys_vs_parent_posterior":
+                uniform = next(iter(recipes.values()))["curve"][0]["uniform_vs_parent_posterior"]
+                references = [
+                    ax.axhline(uniform, color="0.5", linewidth=0.8, linestyle="--", label="uniform guess"),
+                    ax.axhline(PAPER_LEARNED_TRANSITION_KL, color="black", linewidth=0.8, linestyle=":", label="paper"),
+                ]
+                ax.legend(handles=references, fontsize=7)
             if key == "kl_ratio":
                 ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
             if key.startswith("corr"):

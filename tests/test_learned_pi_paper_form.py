@@ -2,11 +2,15 @@
 against row-by-row numpy loops and the construction's known answers (its score block is exactly
 ``(log pi)^T``)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import mdlens
+from mdlens.analyses import report
+from mdlens.analyses import training_mechanism as tm
 from mdlens.construction import build_md_transformer
 from mdlens.hooks.weights import softmax_transition_kl
 from mdlens.models import DisentangledTransformer, standard_transformer
@@ -131,3 +135,109 @@ def test_bad_inputs_raise_value_errors():
         model.blocks[0].attn.W_Q[0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         softmax_transition_kl(model, pi)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report's table and verdict, and the training study's curves
+# ----------------------------------------------------------------------------------------------
+
+PAPER = 0.0376
+FORMS = ("softmax_over_keys_vs_pi", "softmax_over_queries_vs_pi", "softmax_over_keys_vs_parent_posterior")
+UNIFORM_OF = {
+    "softmax_over_keys_vs_pi": "uniform_vs_pi",
+    "softmax_over_queries_vs_pi": "uniform_vs_pi",
+    "softmax_over_keys_vs_parent_posterior": "uniform_vs_parent_posterior",
+}
+
+
+def mechanisms_of(kls_by_model: dict) -> dict:
+    """A mechanisms JSON's "models" with only what the report's paper-form rows read."""
+    return {name: {"softmax_transition_kl": kls} for name, kls in kls_by_model.items()} | {
+        "standard-3l": {"softmax_transition_kl": None}
+    }
+
+
+@pytest.fixture(scope="module")
+def shipped_kls():
+    """Brute-force paper-form KLs of the construction and of every shipped disentangled model."""
+    kls = {}
+    for name in ("disentangled-3l", "disentangled-3l-long", "disentangled-5l"):
+        model, task = mdlens.load_pretrained(name)
+        q = task.vocab_size
+        kls[name] = brute_force(model.blocks[0].attn.W_Q[0, :q, :q].detach().double().numpy(), task.transition.numpy())
+    pi = task.transition.numpy()
+    return {"construction": brute_force(np.log(pi).T, pi), **kls}
+
+
+def test_the_reports_table_has_every_form_of_every_disentangled_model(shipped_kls):
+    table = report.softmax_table(mechanisms_of(shipped_kls), PAPER)
+    header, rows = table[0], table[2:-1]
+    assert [cell.strip() for cell in header.strip("|").split("|")][3:] == list(shipped_kls)  # no standard-3l
+    assert len(rows) == len(FORMS)
+    for row, form in zip(rows, FORMS, strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == str(PAPER)
+        assert float(cells[2]) == pytest.approx(shipped_kls["construction"][UNIFORM_OF[form]], abs=5e-5)
+        for name, cell in zip(shipped_kls, cells[3:], strict=True):
+            assert float(cell) == pytest.approx(shipped_kls[name][form], abs=5e-5)
+
+
+def test_the_verdict_follows_the_best_trained_form(shipped_kls):
+    mechanisms = mechanisms_of(shipped_kls)
+    # The best trained (model, form), found here by a plain loop; the construction does not count.
+    best = min((kls[form], name, form) for name, kls in shipped_kls.items() if name != "construction" for form in FORMS)
+    value, name, form = best
+    uniform = shipped_kls[name][UNIFORM_OF[form]]
+    verdict = report.softmax_verdict(mechanisms, PAPER)
+    if value <= PAPER:
+        assert verdict.startswith("agrees")
+    elif value < uniform:
+        assert verdict.startswith(f"partly: {name}'s best") and f"{value / PAPER:.2f}x the paper's" in verdict
+        assert f"{value / uniform:.2f}x the uniform guess's" in verdict
+    else:
+        assert verdict.startswith("differs")
+    # The other branches, on made-up numbers.
+    perfect = dict(shipped_kls["disentangled-3l"], softmax_over_queries_vs_pi=0.01)
+    assert report.softmax_verdict(mechanisms_of({"construction": perfect, "a": perfect}), PAPER).startswith("agrees")
+    useless = dict.fromkeys(FORMS, 9.0) | {"uniform_vs_pi": 0.5, "uniform_vs_parent_posterior": 0.3}
+    verdict = report.softmax_verdict(mechanisms_of({"a": useless}), PAPER)
+    assert verdict.startswith("differs") and "a: no form below the uniform guess" in verdict
+    assert report.softmax_verdict(mechanisms_of({"construction": perfect}), PAPER) == "n/a"
+
+
+def test_the_report_links_only_the_executed_notebooks_that_exist(tmp_path):
+    assert report.notebook_section(tmp_path) == []
+    (tmp_path / "notebooks").mkdir()
+    for file in ("02_b.html", "01_a.html", "notes.txt"):
+        (tmp_path / "notebooks" / file).write_text("<html></html>")
+    links = [line for line in report.notebook_section(tmp_path) if line.startswith("- [")]
+    assert links == ["- [notebooks/01_a.html](notebooks/01_a.html)", "- [notebooks/02_b.html](notebooks/02_b.html)"]
+
+
+def test_the_training_study_records_every_form_at_every_step(tmp_path, monkeypatch):
+    record = tm.train_recipe("base", tmp_path, quick=True)
+    task = tm.make_task()
+    q = task.vocab_size
+    untrained = tm.build_model(task, tm.recipe_settings("base"), tm.QUICK["seq_len"])
+    expected = brute_force(untrained.blocks[0].attn.W_Q[0, :q, :q].detach().double().numpy(), task.transition.numpy())
+    for key, value in expected.items():
+        assert record["curve"][0][key] == pytest.approx(value, rel=1e-6), key  # float32 weights, float64 maths
+        assert all(point[key] is not None and point[key] >= 0 for point in record["curve"])
+    assert record["curve"][-1]["softmax_over_keys_vs_pi"] != record["curve"][0]["softmax_over_keys_vs_pi"]  # trained
+    # A record written before these measurements existed is trained again, not reused.
+    path = tmp_path / "recipes" / "base.json"
+    old = json.loads(path.read_text())
+    for point in (*old["curve"], old["final"]):
+        for key in expected:
+            point.pop(key)
+    path.write_text(json.dumps(old))
+
+    class Retrained(Exception):
+        pass
+
+    def train(*args, **kwargs):
+        raise Retrained
+
+    monkeypatch.setattr(tm, "train", train)
+    with pytest.raises(Retrained):
+        tm.train_recipe("base", tmp_path, quick=True)
