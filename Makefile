@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 # `make demo DEMO_FLAGS=--quick` is the 30-second smoke version (small, noisy sizes).
 # One intra-op thread: the analyses are many small tensor ops, which two threads slow down
 # (they spin-wait on each other; 10-100x on a busy 2-core machine).
+# The full demo first executes the four notebooks into $(DEMO_OUT)/notebooks/*.html (every output and
+# figure, for readers of the repository, whose notebooks carry none); REPORT.md links them.
 DEMO_FLAGS ?=
+NOTEBOOK_HTML := $(DEMO_OUT)/notebooks
 demo: $(STAMP)
+	$(if $(findstring --quick,$(DEMO_FLAGS)),,OMP_NUM_THREADS=1 $(VENV)/bin/jupyter nbconvert --to html --execute --output-dir $(NOTEBOOK_HTML) notebooks/*.ipynb)
 	OMP_NUM_THREADS=1 $(VENV)/bin/mdlens reproduce all $(DEMO_FLAGS) --out $(DEMO_OUT)
 	@echo "[mdlens] report: $(DEMO_OUT)/REPORT.md"
 
