@@ -6,6 +6,9 @@ Each check returns the validated (and, where stated, converted) tensor or raises
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -14,11 +17,28 @@ from torch import Tensor
 SIMPLEX_ATOL = 1e-6
 
 
+def as_integer(value, name: str) -> int:
+    """Any integral number as a Python ``int``: an ``int``, a numpy integer (any ``numbers.Integral``)
+    or a 0-d integer tensor. ``bool`` (``True`` is no count), floats (even ``4.0``) and other tensors
+    are a ``ValueError`` naming ``name``."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            return int(value.item())
+    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise ValueError(f"{name} must be an int, got {value!r}")
+
+
 def check_int(value: int, name: str, minimum: int) -> int:
-    """An ``int`` (not a ``bool``) at least ``minimum``; ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """An integral number (:func:`as_integer`) at least ``minimum``, as a Python ``int``;
+    ``ValueError`` naming ``name`` otherwise."""
+    try:
+        integer = as_integer(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
+    if integer < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return integer
 
 
 def check_order(order: int) -> int:

@@ -21,7 +21,9 @@ The readout ``W_U = pi`` on ``L3.tokens`` gives ``sum_g lambda_g pi(y_{t+1-g}, .
 ``softmax(beta * mean_k gamma_k) = softmax(eta_t * m * sum_k gamma_k)`` with
 ``eta_t = beta / (m (t - m))``, position ``t > m`` outputs one-step MD on ``y_1..y_t`` with step
 ``eta_t``; ``beta = eta * m * (T - m)`` makes the last position ``T = seq_len`` use ``eta``.
-Positions ``t <= m`` have no full lag window: their outputs mean nothing.
+Positions ``t <= m`` have no full lag window: their outputs mean nothing. A construction read on
+``T < seq_len`` tokens therefore runs MD with the larger step ``eta_T = beta / (m (T - m))`` at its last
+position: exact, and said once per model by a warning (build it with ``seq_len = T`` for ``eta`` at ``T``).
 
 **S steps, 2S + 1 layers** (:func:`build_mdk_transformer`): layers 1-3 as above with ``beta = a``
 (``L3.lambda1``), then two layers per further step ``s = 2..S``, the causal multi-step MD of
@@ -96,7 +98,7 @@ def build_md_transformer(
     positive, a ``beta`` above 1e7, or a dtype other than float32/float64.
     """
     m = check_order(order)
-    _check_seq_len(seq_len, m)
+    seq_len = _check_seq_len(seq_len, m)
     eta = check_positive(eta, "eta")
     beta = eta * m * (seq_len - m)
     if beta > MAX_BETA:
@@ -138,7 +140,7 @@ def build_mdk_transformer(
     """
     pi = check_transition(transition)
     m = check_order(order)
-    _check_seq_len(seq_len, m)
+    seq_len = _check_seq_len(seq_len, m)
     steps = check_int(steps, "steps", 1)
     if steps > MAX_STEPS:
         raise ValueError(f"steps must be at most {MAX_STEPS} (2 steps + 1 <= {MAX_LAYERS} layers), got {steps}")
@@ -218,9 +220,13 @@ def build_mdk_transformer(
     return model
 
 
-def _check_seq_len(seq_len: int, order: int) -> None:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= order:
-        raise ValueError(f"seq_len must be an int > order={order} (positions m+1..T are scored), got {seq_len!r}")
+def _check_seq_len(seq_len: int, order: int) -> int:
+    try:
+        return check_int(seq_len, "seq_len", order + 1)
+    except ValueError:
+        raise ValueError(
+            f"seq_len must be an int > order={order} (positions m+1..T are scored), got {seq_len!r}"
+        ) from None
 
 
 def _check_scores_stay_above_mask(scale: dict[str, float], steps: int) -> None:

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens._random import dirichlet_sample
-from mdlens._validation import check_int, check_order, check_positive, check_transition
+from mdlens._validation import as_integer, check_int, check_order, check_positive, check_transition
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class MTDTask:
         self.order = check_order(order)
         self.alpha = check_positive(alpha, "alpha")
         self.transition_concentration = check_positive(transition_concentration, "transition_concentration")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = seed = as_integer(seed, "seed")
         self.generator = torch.Generator().manual_seed(seed)
 
         if transition is not None:
@@ -81,7 +79,10 @@ class MTDTask:
         return f"MTDTask(vocab_size={self.vocab_size}, order={self.order}, alpha={self.alpha}, seed={self.seed})"
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None) -> MTDSample:
-        """Draw ``batch_size`` sequences of length ``seq_len`` (> order), each with fresh ``lambda``."""
+        """Draw ``batch_size`` sequences of length ``seq_len`` (> order), each with fresh ``lambda``.
+
+        Both sizes are integral numbers: ``int``, numpy integers or 0-d integer tensors (not ``bool``
+        or floats)."""
         batch_size = check_int(batch_size, "batch_size", 1)
         seq_len = check_int(seq_len, "seq_len", 1)
         if seq_len <= self.order:

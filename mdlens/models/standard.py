@@ -71,17 +71,17 @@ def standard_transformer(
     ``model.mdlens_args`` holds these arguments (JSON-friendly, dtype by name):
     ``standard_transformer(**model.mdlens_args)`` builds the same model.
     """
-    check_int(vocab_size, "vocab_size", 2)
-    check_int(n_ctx, "n_ctx", 2)
-    check_int(n_layers, "n_layers", 1)
-    check_int(d_model, "d_model", 1)
-    check_int(n_heads, "n_heads", 1)
-    check_int(seed, "seed", 0)
+    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    n_ctx = check_int(n_ctx, "n_ctx", 2)
+    n_layers = check_int(n_layers, "n_layers", 1)
+    d_model = check_int(d_model, "d_model", 1)
+    n_heads = check_int(n_heads, "n_heads", 1)
+    seed = check_int(seed, "seed", 0)
     if d_model % n_heads:
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
     if d_mlp is None:
         d_mlp = 4 * d_model
-    check_int(d_mlp, "d_mlp", 1)
+    d_mlp = check_int(d_mlp, "d_mlp", 1)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if positions not in POSITIONS:
