@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer
 
 from mdlens import MTDTask
 from mdlens.construction import build_md_transformer
@@ -94,14 +95,16 @@ def test_content_terms_are_transformer_lens_scores(kind):
     disentangled = randomised(disentangled_transformer(3, 1, 8, dtype=torch.float64, seed=4), seed=5)
     content = {"Q": "ov->qk", "K": "ov->qk", "V": "ov->ov"}[kind]
     with torch.no_grad():
-        reference = disentangled.all_composition_scores(kind)
+        reference = HookedTransformer.all_composition_scores(disentangled, kind)  # TL's own
     torch.testing.assert_close(composition_scores(disentangled, kind).terms[content], reference, rtol=0, atol=1e-12)
     # A standard multi-head model has no position terms: total is TransformerLens's score.
     standard = standard_transformer(5, 8, n_layers=3, d_model=16, n_heads=2, dtype=torch.float64, seed=6)
     scores = composition_scores(standard, kind)
     assert set(scores.terms) == {content}
     with torch.no_grad():
-        torch.testing.assert_close(scores.total, standard.all_composition_scores(kind), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            scores.total, HookedTransformer.all_composition_scores(standard, kind), rtol=0, atol=1e-12
+        )
 
 
 def test_construction_layer_3_reads_layer_2_through_rel_query(construction):
@@ -124,7 +127,7 @@ def test_construction_layer_3_reads_layer_2_through_rel_query(construction):
 
 def test_construction_layer_2_has_no_content_score_and_no_nan(construction):
     with torch.no_grad():
-        assert torch.isnan(construction.all_composition_scores("Q")[0, 0, 1, 0])  # TL: 0 / 0
+        assert torch.isnan(HookedTransformer.all_composition_scores(construction, "Q")[0, 0, 1, 0])  # TL: 0 / 0
     for kind in ("Q", "K"):
         with pytest.warns(UserWarning, match=f"{kind}-composition: these matrices are zero.*qk of blocks.1 head 0"):
             scores = composition_scores(construction, kind)

@@ -4,7 +4,8 @@ Checked against independent computations on the construction (float64), the ship
 ``disentangled-3l`` ("probs" output) and ``standard-3l`` ("logits"):
 
 - the TL loss (``return_type="loss"``, ``loss_per_token``, ``attention_mask``) is the cross-entropy
-  of ``predict_next``'s distribution, written out by hand;
+  of ``predict_next``'s distribution, written out by hand, on the positions it scores (``t > m`` for
+  a "probs" model of order ``m``; every position for a "logits" one);
 - ``generate`` draws tokens with the frequencies of that distribution (chi-square), also for a
   prompt ending in the pad id 0 of a model with a tokenizer;
 - gradients reach ``hook_embed`` (equal to finite differences) while ``W_E`` is never trained;
@@ -57,13 +58,26 @@ def sample_tokens(task, batch, length, seed):
     return task.sample(batch, length, generator=torch.Generator().manual_seed(seed)).tokens
 
 
+def first_scored(model) -> int:
+    """The first 0-based position the TL loss scores: ``m`` for a "probs" model of order ``m``."""
+    return model.order if model.output_type == "probs" else 0
+
+
 def cross_entropy_by_hand(model, tokens) -> torch.Tensor:
-    """``[B, T-1]``: ``-log p_t(y_{t+1})`` with ``p_t = predict_next(model, tokens[:, :t+1])``."""
+    """``[B, T-1]``: ``-log p_t(y_{t+1})`` with ``p_t = predict_next(model, tokens[:, :t+1])`` at the
+    scored positions ``t >= first_scored(model)``, 0 before."""
     columns = []
     for t in range(tokens.shape[1] - 1):
+        if t < first_scored(model):
+            columns.append(torch.zeros(tokens.shape[0], dtype=torch.float64))
+            continue
         p = predict_next(model, tokens[:, : t + 1])
         columns.append(-p[torch.arange(tokens.shape[0]), tokens[:, t + 1]].log())
     return torch.stack(columns, dim=1)
+
+
+def scored_mean(model, per_token: torch.Tensor) -> float:
+    return per_token[:, first_scored(model) :].mean().item()
 
 
 def tolerance(model) -> float:
@@ -79,25 +93,30 @@ def test_tl_loss_is_the_cross_entropy_of_predict_next(name, models):
     model, task, length = models[name]
     tokens = sample_tokens(task, 3, length, seed=1)
     by_hand = cross_entropy_by_hand(model, tokens)  # [B, T-1], float64
+    mean_by_hand = scored_mean(model, by_hand)
     with torch.no_grad():
         loss = model(tokens, return_type="loss")
         per_token = model(tokens, return_type="loss", loss_per_token=True)
         output, both_loss = model(tokens, return_type="both")
     assert loss.dtype == model.cfg.dtype and per_token.shape == (3, length - 1)
-    assert abs(loss.item() - by_hand.mean().item()) < tolerance(model) * max(1.0, by_hand.mean().item())
+    assert abs(loss.item() - mean_by_hand) < tolerance(model) * max(1.0, mean_by_hand)
     assert (per_token.double() - by_hand).abs().max().item() < tolerance(model) * 10
     assert both_loss.item() == loss.item()
     assert torch.equal(output, model(tokens))  # "both" returns the raw output unchanged
     if model.output_type == "probs":
-        # What TransformerLens computes by itself (log_softmax of the probabilities) is another number.
-        assert abs(lm_cross_entropy_loss(output, tokens).item() - loss.item()) > 0.05
+        # What TransformerLens computes by itself (log_softmax of the probabilities, on the same
+        # positions) is another number.
+        scored = torch.ones_like(tokens)
+        scored[:, : first_scored(model)] = 0
+        naive = lm_cross_entropy_loss(output, tokens, scored, per_token=True)
+        assert (naive - per_token).abs().max().item() > 0.05
 
 
 def test_run_with_cache_on_the_loss_returns_it_and_every_gradient(construction, task):
     tokens = sample_tokens(task, 2, T, seed=2)
     loss, cache = construction.run_with_cache(tokens, return_type="loss", incl_bwd=True)
     construction.zero_grad(set_to_none=True)
-    assert abs(loss.item() - cross_entropy_by_hand(construction, tokens).mean().item()) < 1e-12
+    assert abs(loss.item() - scored_mean(construction, cross_entropy_by_hand(construction, tokens))) < 1e-12
     for name in (
         "hook_embed_grad",
         "hook_pos_embed_grad",
@@ -116,9 +135,13 @@ def test_loss_mask_and_per_token_follow_transformer_lens(construction, task):
     mask[0, 7:] = 0  # right padding
     mask[1, :2] = 0  # left padding
     log_probs = output_to_probs(output, "probs").log()  # exact logits of the same distribution
+    # TL counts a position when it and the next are unmasked; mdlens also needs the position to be
+    # past the first m real tokens (counted from each row's first unmasked one).
+    real_position = mask.cumsum(dim=1) - 1
+    tl_mask = mask * (real_position >= M)
     for per_token in (False, True):
         ours = construction.loss_fn(output, tokens, mask, per_token=per_token)
-        theirs = lm_cross_entropy_loss(log_probs, tokens, mask, per_token=per_token)
+        theirs = lm_cross_entropy_loss(log_probs, tokens, tl_mask, per_token=per_token)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     # A row that does not count is never renormalised: it may have no positive entry.
     broken = output.clone()

@@ -105,21 +105,41 @@ def probs_cross_entropy(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     per_token: bool = False,
+    order: int | None = None,
 ) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
-    """``transformer_lens.utils.lm_cross_entropy_loss`` for a ``"probs"`` output.
+    """``transformer_lens.utils.lm_cross_entropy_loss`` for a ``"probs"`` output, on the positions that
+    predict an MTD token.
 
-    Position ``t`` predicts token ``t + 1`` with ``p_t = output_to_probs(output[:, t])`` (the
-    distribution ``mdlens.predict_next`` gives for the prefix ``tokens[:, :t+1]``), and the loss is
-    ``-log p_t(tokens[:, t+1])``: ``[batch, pos-1]`` with ``per_token``, else the mean over the
-    positions that count. With an ``attention_mask`` a position counts when it and the next one are
-    unmasked, as in TransformerLens (masked ones are 0 in the per-token loss). In the model's dtype.
+    Position ``t`` (0-based) predicts token ``t + 1`` with ``p_t = output_to_probs(output[:, t])`` (the
+    distribution ``mdlens.predict_next`` gives for the prefix ``tokens[:, :t+1]``), at a loss of
+    ``-log p_t(tokens[:, t+1])``. Which positions count:
 
-    Only the chosen token's ``log p`` is taken, never ``log`` of the whole row, so the gradient is
-    finite wherever the loss is (a clipped zero elsewhere in the row costs nothing).
+    - with ``order = m`` (the MTD order the model is for), positions ``t >= m``, i.e. the 1-based
+      positions ``t > m``: those mdlens trains (``mdlens.training`` supervises ``output[:, m:]``) and
+      where ``mdlens.hooks.targets`` is defined. The positions before are not scored: at ``0..m-2`` the
+      next token is one of the first ``m`` tokens, i.i.d. uniform and independent of the prefix, so
+      there is nothing to predict (every predictor's best is uniform, at a loss of ``log q``); at
+      ``m-1`` the prefix holds no responsibility yet. A "probs" model is never trained there, its
+      outputs there are meaningless and often clipped to zero at the observed token (an infinite loss
+      and NaN gradients, if they were scored). Its raw outputs there are left as they are.
+    - without an order, every position, as in TransformerLens;
+    - with an ``attention_mask``, a position counts only when it and the next one are unmasked, as in
+      TransformerLens, and ``t`` is then counted from the sequence's first unmasked token.
+
+    Returns the mean over the positions that count, or with ``per_token`` the ``[batch, pos-1]`` losses
+    (0 where a position does not count, as TransformerLens does for masked ones), in the model's dtype.
+    Rows that do not count are never read: neither renormalised (they may have no positive entry) nor
+    in the gradient. Only the chosen token's ``log p`` is taken, never ``log`` of the whole row, so the
+    gradient is finite wherever the loss is. Where the clipped output gives an observed token
+    probability 0 the loss is honestly ``inf``: one warning per call says how many tokens and where.
+    ``ValueError`` when no position counts (``T <= m + 1``, or everything masked) for the mean.
     """
-    predicting = output[:, :-1]  # the last position has no next token
+    batch, n_pos = tokens.shape
+    n_predicting = n_pos - 1  # the last position has no next token
+    predicting = output[:, :-1]
     next_tokens = tokens[:, 1:].to(output.device)
-    counted = None
+    position = torch.arange(n_predicting, device=output.device).expand(batch, n_predicting)
+    counted = torch.ones(batch, n_predicting, dtype=torch.bool, device=output.device)
     if attention_mask is not None:
         if attention_mask.shape != tokens.shape:
             raise ValueError(
@@ -127,18 +147,31 @@ def probs_cross_entropy(
             )
         mask = attention_mask.to(output.device).bool()
         counted = mask[:, :-1] & mask[:, 1:]
-        # Rows that do not count are never read: a constant row keeps their (unchecked) output out
-        # of the renormalisation check and out of the gradient.
-        predicting = torch.where(counted[..., None], predicting, torch.ones_like(predicting))
+        position = mask.long().cumsum(dim=1)[:, :-1] - 1  # counted from the first unmasked token
+    if order:
+        counted = counted & (position >= order)
+    # Rows that do not count are never read: a constant row keeps their (unchecked) output out of
+    # the renormalisation check and out of the gradient.
+    predicting = torch.where(counted[..., None], predicting, torch.ones_like(predicting))
     probs = output_to_probs(predicting, "probs")  # [batch, pos-1, q], float64
-    log_probs = probs.gather(dim=-1, index=next_tokens[..., None])[..., 0].log()
-    if counted is not None:
-        log_probs = log_probs.masked_fill(~counted, 0.0)
-        n_counted = counted.sum()
-    else:
-        n_counted = log_probs.numel()
-    loss = -log_probs if per_token else -log_probs.sum() / n_counted
-    return loss.to(output.dtype)
+    chosen = probs.gather(dim=-1, index=next_tokens[..., None])[..., 0]
+    impossible = counted & (chosen == 0)
+    if impossible.any():
+        first_batch, first_position = (int(i) for i in impossible.nonzero()[0])
+        warnings.warn(
+            f"{int(impossible.sum())} observed token(s) have probability 0 under the model's clipped 'probs' "
+            f"output (the first at batch {first_batch}, position {first_position}): the loss is inf and its "
+            f"gradient is not finite",
+            stacklevel=3,
+        )
+    log_probs = chosen.log().masked_fill(~counted, 0.0)
+    if per_token:
+        return (-log_probs).to(output.dtype)
+    n_counted = int(counted.sum())
+    if n_counted == 0:
+        first = f"positions t >= order={order} (0-based) that are unmasked" if order else "unmasked positions"
+        raise ValueError(f"no position predicts a scored token: the loss counts {first}, and tokens have T={n_pos}")
+    return (-log_probs.sum() / n_counted).to(output.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,9 +209,16 @@ class MDLensTransformer(HookedTransformer):
 
     - **Loss**: ``model(tokens, return_type="loss" | "both")`` (and so ``run_with_cache(...,
       incl_bwd=True)`` on the loss) is the cross-entropy of the model's real distribution: TL's
-      ``lm_cross_entropy_loss`` for ``"logits"``, :func:`probs_cross_entropy` (the clipped,
-      renormalised probabilities, differentiable) for ``"probs"``. Same positions, ``loss_per_token``
-      and ``attention_mask`` as TransformerLens.
+      ``lm_cross_entropy_loss`` for ``"logits"`` (every position), :func:`probs_cross_entropy` (the
+      clipped, renormalised probabilities, differentiable) for ``"probs"``. A "probs" model that knows
+      its MTD order ``m`` (``model.order``, as every disentangled model built for a task does) scores
+      only the positions ``t > m`` (1-based) it is trained on: the next token after positions
+      ``1..m-1`` is one of the first ``m`` i.i.d. uniform tokens (nothing to predict), and there its
+      never-trained outputs are often clipped to zero at the observed token (an infinite loss). The
+      raw outputs there stay as they are; ``loss_per_token`` is 0 at the unscored positions, as
+      TransformerLens does for masked ones. ``loss_per_token`` and ``attention_mask`` as in
+      TransformerLens. An observed token that the clipped output makes impossible gives an infinite
+      loss and one warning per call.
     - **Generation**: ``generate`` / ``generate_stream`` sample from the real distribution ``p``: for
       ``"probs"`` the sampler is handed ``log p`` as the logits, so ``temperature`` ``tau`` samples
       from ``p^(1/tau)`` renormalised (1: ``p`` itself; towards 0: the most likely token; large: uniform
@@ -230,8 +270,21 @@ class MDLensTransformer(HookedTransformer):
         """Next-token cross-entropy of the model's distribution (``logits`` is the raw output)."""
         check_model_input_tokens(tokens, self.cfg.d_vocab, self.cfg.n_ctx)
         if self.output_type == "probs":
-            return probs_cross_entropy(logits, tokens, attention_mask, per_token)
+            return probs_cross_entropy(logits, tokens, attention_mask, per_token, order=getattr(self, "order", None))
         return super().loss_fn(logits, tokens, attention_mask, per_token)
+
+    def all_composition_scores(self, mode: str) -> Float[Tensor, "layer1 head1 layer2 head2"]:
+        """mdlens's composition scores in place of TransformerLens's: ``composition_scores(self, mode).total``
+        (:func:`mdlens.models.composition.composition_scores`), float64, indexed as TransformerLens's.
+
+        The same Frobenius score of every head pair (0 where ``l2 <= l1``), plus the disentangled
+        position terms (a disentangled layer writes and reads through them, not only through ``W_OV`` /
+        ``W_QK``), and 0 with one warning naming the zero matrices where TransformerLens divides 0 by 0
+        and returns NaN without a word (the construction's ``W_Q`` is zero in layers 2-3).
+        """
+        from mdlens.models.composition import composition_scores  # composition reads the model classes
+
+        return composition_scores(self, mode).total
 
     def generate(self, input="", max_new_tokens: int = 10, *args, **kwargs):
         """TransformerLens' ``generate``, sampling from the model's real distribution (class docstring)."""
@@ -293,7 +346,7 @@ class MDLensTransformer(HookedTransformer):
 
     def _check_generation_input(self, input, max_new_tokens: int):
         """Checked prompt (``[T]`` tokens become ``[1, T]``); the prompt plus new tokens must fit ``n_ctx``."""
-        check_int(max_new_tokens, "max_new_tokens", 1)
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
         if not isinstance(input, Tensor):
             return input  # strings: TransformerLens tokenises (and truncates to n_ctx)
         if input.is_floating_point() and input.ndim == 3:  # embeddings [batch, pos, d_model]

@@ -67,6 +67,8 @@ samples are the same) and split q/k/v inputs.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -106,8 +108,10 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     e.g. ``act_name("pattern", 2) == "blocks.2.attn.hook_pattern"``.
     """
     if name in RPE_HOOK_NAMES:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"act_name({name!r}, layer) needs a layer index >= 0, got {layer!r}")
+        try:
+            layer = check_int(layer, "layer", 0)
+        except ValueError:
+            raise ValueError(f"act_name({name!r}, layer) needs a layer index >= 0, got {layer!r}") from None
         return f"blocks.{layer}.attn.hook_{name}"
     return get_act_name(name, layer, layer_type)
 
@@ -262,15 +266,12 @@ class DisentangledAttention(Attention):
         # [batch, pos, pos] tensor that is mostly zeros.
         rel_query_scores = self.hook_rel_query_scores(query_by_offset.unsqueeze(1))
 
-        # The causal mask (-inf above the diagonal) and the unhooked terms form one small [query, key]
-        # table, added in one pass; a hooked term is a [batch, 1, query, key] tensor, added as it is.
-        table = torch.zeros_like(rel_table).masked_fill_(~causal, float("-inf"))
-        for term in (rel_scores, key_pos_scores):
-            if term.ndim == 2:
-                table = table + term
-            else:
-                attn_scores.add_(term)
-        attn_scores.add_(table)
+        # The two position terms and the causal mask (-inf above the diagonal) form one table, added to
+        # the content score in one pass: a small [query, key] table without hooks, a [batch, 1, query,
+        # key] tensor when a hook holds either term. The sums are the same in both cases (content +
+        # (rel + key_pos)), so a hooked run (run_with_cache) gives the unhooked output bit for bit.
+        positional = (rel_scores + key_pos_scores).masked_fill_(~causal, float("-inf"))
+        attn_scores.add_(positional)
         for o in range(min(self.window, n_pos)):
             # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
             attn_scores.diagonal(offset=-o, dim1=-2, dim2=-1).add_(rel_query_scores[..., o:, o])
@@ -356,14 +357,12 @@ class DisentangledTransformer(MDLensTransformer):
         order: int | None = None,
         output: str = "probs",
     ):
-        for value, name, minimum in (
-            (vocab_size, "vocab_size", 2),
-            (n_ctx, "n_ctx", 2),
-            (n_layers, "n_layers", 1),
-            (window, "window", 1),
-            (seed, "seed", 0),
-        ):
-            check_int(value, name, minimum)
+        vocab_size = check_int(vocab_size, "vocab_size", 2)
+        n_ctx = check_int(n_ctx, "n_ctx", 2)
+        n_layers = check_int(n_layers, "n_layers", 1)
+        window = check_int(window, "window", 1)
+        seed = check_int(seed, "seed", 0)
+        order = None if order is None else check_order(order)
         if n_layers > MAX_LAYERS:
             raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
         dtype = resolve_dtype(dtype)
@@ -418,6 +417,41 @@ class DisentangledTransformer(MDLensTransformer):
         self._init_disentangled_weights(seed, float(init_std))
         self.to(device, print_details=False)
         self.setup()  # give the new HookPoints their names
+
+    def input_to_embed(self, input, *args, **kwargs):
+        """TransformerLens' ``input_to_embed`` (token input checked); a construction read on fewer
+        tokens than it was built for warns once (:meth:`_warn_once_if_step_rescaled`)."""
+        embedded = super().input_to_embed(input, *args, **kwargs)
+        if isinstance(input, Tensor):
+            self._warn_once_if_step_rescaled(input.shape[-1])
+        return embedded
+
+    def _warn_once_if_step_rescaled(self, n_pos: int) -> None:
+        """One warning per model when a construction (``md_params`` with ``seq_len``, ``order`` and
+        ``scales``) reads ``m < T < seq_len`` tokens: its scales act on prefix *means*, so its last
+        position then runs MD with the first step ``eta_T = a / (m (T - m))`` (``a = beta`` for one step),
+        a larger step than the ``a / (m (seq_len - m))`` it was built with. Exact, and documented in
+        :mod:`mdlens.construction`, but easy to miss."""
+        md_params = getattr(self, "md_params", None)
+        if getattr(self, "_warned_step_rescaled", False) or not isinstance(md_params, dict):
+            return
+        seq_len, m, scales = md_params.get("seq_len"), md_params.get("order"), md_params.get("scales")
+        if seq_len is None or m is None or not scales or not m < n_pos < seq_len:
+            return
+        self._warned_step_rescaled = True
+        first_scale, steps = float(scales[0]), md_params.get("steps", 1)
+        what = (
+            "one-step MD with eta_T = beta / (m (T - m))"
+            if steps == 1
+            else f"{steps}-step MD with a first step eta_T = a / (m (T - m))"
+        )
+        warnings.warn(
+            f"this construction was built for seq_len={seq_len}; on T={n_pos} tokens its last position computes "
+            f"{what} = {first_scale / (m * (n_pos - m)):.4g}, not the eta = {first_scale / (m * (seq_len - m)):.4g} "
+            f"it has at T={seq_len}. Build it with seq_len={n_pos} for that step at T={n_pos} (this warning is "
+            f"shown once per model)",
+            stacklevel=2,
+        )
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
         """TransformerLens' ``run_with_cache``; the cache object is a :class:`DisentangledActivationCache`."""
