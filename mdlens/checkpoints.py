@@ -11,6 +11,12 @@ A checkpoint is a directory with two files:
   model's tokenizer (:func:`mdlens.models.tokenizer.tokenizer_to_dict`; ``null`` for the default
   vocabulary tokenizer) and the SHA-256 of the weights file.
 
+A plain ``HookedTransformer`` that mdlens did not build (a user's own, from a
+``HookedTransformerConfig``) is saved the same way with kind ``"hooked_transformer"``: its builder
+argument is the config itself (every field, dtype by name), and loading builds
+``HookedTransformer(cfg)`` on the CPU (with the saved tokenizer when it had one, so nothing is
+downloaded; without a tokenizer when it had none) and loads the weights as above.
+
 Format versions: 2 adds ``tokenizer``; version 1 files (written before, the shipped checkpoints
 among them) still load and get the default tokenizer :func:`~mdlens.models.tokenizer.vocabulary_tokenizer`.
 
@@ -28,13 +34,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from mdlens._validation import check_int
 from mdlens.models import DisentangledTransformer, standard_transformer
-from mdlens.models._tl import preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models._tl import dtype_name, preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.layout import ResidualLayout
 from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from mdlens.task import MTDTask
@@ -44,8 +52,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no tokenizer field (the default vocabulary tokenizer)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
-MODEL_KINDS = ("disentangled", "standard")
+MODEL_KINDS = ("disentangled", "standard", "hooked_transformer")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The dtypes a plain HookedTransformer's config may name (safetensors stores all four bit for bit).
+PLAIN_DTYPES = {**DTYPES, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,8 +65,10 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def save(model: HookedTransformer, directory: str | Path, task: MTDTask | None = None) -> Path:
     """Write ``model`` (and the ``task`` it is meant for, if given) to ``directory``; returns it.
 
-    The model must have been built by mdlens (it carries ``mdlens_kind`` and ``mdlens_args``).
-    Other files in ``directory`` (training state, reports) are left alone.
+    The model is one mdlens built (it carries ``mdlens_kind`` and ``mdlens_args``) or a plain
+    ``HookedTransformer`` (exactly that class: a subclass may compute something its config does not
+    say), saved as its config plus its state dict. Other files in ``directory`` (training state,
+    reports) are left alone.
     """
     kind, args = _model_spec(model)
     if task is not None and not isinstance(task, MTDTask):
@@ -93,12 +105,51 @@ def _model_spec(model: HookedTransformer) -> tuple[str, dict]:
     if not isinstance(model, HookedTransformer):
         raise ValueError(f"mdlens.save takes a HookedTransformer, got {type(model).__name__}")
     kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
-    if kind not in MODEL_KINDS or not isinstance(args, dict):
-        raise ValueError(
-            "this HookedTransformer was not built by mdlens (no mdlens_kind / mdlens_args), so mdlens.load "
-            "could not rebuild it; build it with mdlens.models or mdlens.construction"
-        )
-    return kind, dict(args)
+    if kind in MODEL_KINDS and isinstance(args, dict):
+        return kind, dict(args)
+    if type(model) is HookedTransformer:
+        return "hooked_transformer", {"cfg": _cfg_to_json(model.cfg)}
+    raise ValueError(
+        f"{type(model).__name__} is a HookedTransformer subclass that mdlens did not build (no mdlens_kind / "
+        "mdlens_args): mdlens.load can rebuild an mdlens model or a plain HookedTransformer from its config, "
+        "not a subclass whose forward the config does not describe"
+    )
+
+
+def _cfg_to_json(cfg: HookedTransformerConfig) -> dict:
+    """Every field of a ``HookedTransformerConfig``, JSON-ready (``dtype`` by name, numpy scalars as
+    Python numbers); ``ValueError`` for a field JSON cannot hold exactly."""
+
+    def plain(name: str, value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            return [plain(name, item) for item in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"model.cfg.{name} = {value!r} cannot be saved: mdlens writes the config as JSON")
+
+    record = {}
+    for name, value in cfg.to_dict().items():
+        if name == "dtype":
+            if value not in PLAIN_DTYPES.values():
+                raise ValueError(f"model.cfg.dtype = {value} cannot be saved: mdlens saves {tuple(PLAIN_DTYPES)}")
+            record[name] = dtype_name(value)
+        else:
+            record[name] = plain(name, value)
+    return record
+
+
+def _cfg_from_json(record: dict) -> HookedTransformerConfig:
+    """The config :func:`_cfg_to_json` wrote, on the CPU (``load`` moves the model afterwards)."""
+    if not isinstance(record, dict) or record.get("dtype") not in PLAIN_DTYPES:
+        raise ValueError(f"a hooked_transformer checkpoint needs a config with a dtype among {tuple(PLAIN_DTYPES)}")
+    fields = {**record, "dtype": PLAIN_DTYPES[record["dtype"]], "device": "cpu"}
+    try:
+        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+            return HookedTransformerConfig.from_dict(fields)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ValueError(f"the saved HookedTransformerConfig does not fit this TransformerLens: {error}") from error
 
 
 def _task_to_json(task: MTDTask) -> dict:
@@ -197,6 +248,7 @@ def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
         raise ValueError(f"{weights_path} cannot be read as safetensors: {error}") from error
 
     model = _build(config)
+    plain = config["kind"] == "hooked_transformer"
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -217,7 +269,7 @@ def load(directory: str | Path, device: str = "cpu") -> HookedTransformer:
     if config.get("md_params") is not None:
         model.md_params = _from_json(config["md_params"])
     model.output_type = config["output_type"]
-    if config.get("tokenizer") is not None:  # else the default one _build attached
+    if config.get("tokenizer") is not None and not plain:  # else the default one _build attached
         try:
             attach_tokenizer(model, tokenizer_from_dict(config["tokenizer"]))
         except ValueError as error:
@@ -255,8 +307,7 @@ def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
     any other ``HookedTransformer`` from a copy of its config with ``seed`` (TransformerLens initialises
     it). Global random streams are left as they were.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    seed = check_int(seed, "seed", 0)
     kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
     if kind in MODEL_KINDS and isinstance(args, dict):
         fresh = _build({"kind": kind, "args": {**args, "seed": seed}})
@@ -274,7 +325,14 @@ def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
 
 
 def _build(config: dict) -> HookedTransformer:
-    """The model ``config`` describes, freshly initialised, with the default vocabulary tokenizer."""
+    """The model ``config`` describes, freshly initialised, with the default vocabulary tokenizer (a
+    plain ``HookedTransformer``: with its saved tokenizer, or none)."""
+    if config["kind"] == "hooked_transformer":
+        cfg = _cfg_from_json(config["args"].get("cfg"))
+        record = config.get("tokenizer")
+        tokenizer = tokenizer_from_dict(record) if record is not None else None
+        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+            return HookedTransformer(cfg, tokenizer=tokenizer)
     args = dict(config["args"])
     if args.get("dtype") not in DTYPES:
         raise ValueError(f"checkpoint dtype {args.get('dtype')!r} is not one of {tuple(DTYPES)}")

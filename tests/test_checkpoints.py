@@ -177,10 +177,14 @@ def test_truncated_config_raises(saved):
         mdlens.load(saved)
 
 
-def test_saving_a_model_mdlens_did_not_build_raises(tmp_path):
+def test_saving_a_model_mdlens_cannot_rebuild_raises(tmp_path):
+    class Shifted(HookedTransformer):  # a forward its config does not describe
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs) + 1.0
+
     cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=8, d_vocab=5, attn_only=True, act_fn=None)
-    with pytest.raises(ValueError, match="not built by mdlens"):
-        mdlens.save(HookedTransformer(cfg), tmp_path)
+    with pytest.raises(ValueError, match="subclass that mdlens did not build"):
+        mdlens.save(Shifted(cfg), tmp_path)
     with pytest.raises(ValueError, match="takes a HookedTransformer"):
         mdlens.save(torch.nn.Linear(2, 2), tmp_path)
     with pytest.raises(ValueError, match="task must be an MTDTask"):
