@@ -12,13 +12,14 @@ named block ``L2.mean_responsibility`` of ``blocks.1.hook_resid_post``; any othe
 patched in the subspace a linear probe for ``mean_responsibility`` reads. A random subspace of
 the same rank is the control.
 
-**Heatmaps** (:func:`patching_heatmap`) wrap ``transformer_lens.patching``: one patched run per
+**Heatmaps** (:func:`patching_heatmap`) follow ``transformer_lens.patching``: one patched run per
 (layer, position), scored by default by ``KL(clean || patched)`` on the next-token distribution.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,11 +29,12 @@ from jaxtyping import Float, Int
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens import patching as tl_patching
 
 from mdlens import estimators as E
-from mdlens._validation import check_order, check_positive, check_transition
+from mdlens._validation import as_integer, check_order, check_positive, check_transition
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.predict import output_to_probs, output_type_of
 
@@ -250,8 +252,7 @@ def patch_mean_responsibility(
         hook_name = CONSTRUCTION_HOOK
     if hook_name not in model.hook_dict:
         raise ValueError(f"model has no hook named {hook_name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = as_integer(seed, "seed")
 
     with torch.inference_mode():
         output_a = model(tokens_a.to(model_device(model)))[:, -1].cpu()
@@ -326,14 +327,15 @@ def patching_heatmap(
     metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]] | None = None,
     hook: str = "resid_pre",
     direction: str = "noising",
+    progress: bool = False,
 ) -> Float[Tensor, "layer pos"]:
     """Patch one (layer, position) of ``blocks.{l}.hook_{hook}`` at a time; ``[n_layers, T]``.
 
-    Built on ``transformer_lens.patching.generic_activation_patch`` with its
-    ``layer_pos_patch_setter`` (what ``get_act_patch_resid_pre`` and its siblings are): each entry
-    is ``metric(output of the patched run)``, where the output is the model's raw ``[B, T, q]``
-    output. TransformerLens stores the entries in float32 (``torch.zeros`` of the default dtype);
-    they come back as float64.
+    The loop of ``transformer_lens.patching.generic_activation_patch`` with its
+    ``layer_pos_patch_setter`` (what ``get_act_patch_resid_pre`` and its siblings are), written out
+    so that its progress bar is optional and the metric's value is checked: each entry is
+    ``metric(output of the patched run)``, where the output is the model's raw ``[B, T, q]``
+    output, kept as float64 (TransformerLens's helpers round the entries to float32).
 
     Args:
         model: any HookedTransformer.
@@ -347,6 +349,9 @@ def patching_heatmap(
             activation; patching everything the output reads gives ``KL(clean || corrupt)``.
             ``"denoising"``: run the corrupt tokens, patch in the clean activation (TL's
             convention); the default metric then falls to 0 where the patch restores the output.
+        progress: show a progress bar over the ``n_layers x T`` patched runs (tqdm; off by default).
+
+    ``ValueError`` for a metric whose value is not one number (e.g. a per-sequence vector: reduce it).
     """
     tokens_clean = check_model_tokens(model, tokens_clean)
     tokens_corrupt = check_model_tokens(model, tokens_corrupt)
@@ -381,17 +386,32 @@ def patching_heatmap(
                 patched_probs = output_to_probs(output[:, -1].cpu(), output_type)
                 return E.kl_divergence(clean_probs, patched_probs).mean()
 
-        # TL's naming: the run's input is "corrupted_tokens", the patched-in source is "clean_cache".
-        heatmap = tl_patching.generic_activation_patch(
-            model,
-            run_tokens.to(device),
-            source_cache,
-            metric,
-            patch_setter=tl_patching.layer_pos_patch_setter,
-            activation_name=hook,
-            index_axis_names=("layer", "pos"),
-        )
-    return heatmap.to(torch.float64).cpu()
+        n_layers, n_positions = model.cfg.n_layers, run_tokens.shape[1]
+        heatmap = torch.zeros(n_layers, n_positions, dtype=torch.float64)
+        cells = [(layer, position) for layer in range(n_layers) for position in range(n_positions)]
+        for layer, position in tqdm(cells, desc=f"patching hook_{hook}", disable=not progress):
+            name = f"blocks.{layer}.hook_{hook}"
+
+            def patch(activation: Tensor, hook, index=(layer, position), source=source_cache[name]) -> Tensor:
+                return tl_patching.layer_pos_patch_setter(activation, list(index), source)
+
+            output = model.run_with_hooks(run_tokens.to(device), fwd_hooks=[(name, patch)])
+            heatmap[layer, position] = _metric_value(metric(output))
+    return heatmap
+
+
+def _metric_value(value) -> float:
+    """A heatmap metric's value as a float: one number (a one-element tensor or a real number)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"metric must return one number per patched run (a scalar tensor), got a tensor of shape "
+                f"{tuple(value.shape)}: reduce it, e.g. with .mean() over the batch"
+            )
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"metric must return a scalar tensor or a number, got {type(value).__name__}")
 
 
 def plot_patching_heatmap(

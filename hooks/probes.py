@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mdlens._validation import check_int
 from mdlens.checkpoints import build_like
 from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
 from mdlens.hooks.targets import control_target
@@ -48,7 +49,8 @@ class Probe:
     weight: ``[d, k]`` float64; bias: ``[k]``; ridge: the strength chosen by cross-validation;
     r2: held-out R^2 pooled over the test rows, averaged over the ``k`` coordinates;
     r2_per_target: ``[k]``, the same per coordinate. ``hook_name`` / ``block`` / ``target_name``
-    say where the probe reads and what it predicts (when fit by :func:`probe_model`).
+    say where the probe reads and what it predicts (when fit by :func:`probe_model`); ``head`` is the
+    head it reads at a hook with a head axis (``hook_z``: ``acts = z[:, :, head]``), else ``None``.
     """
 
     weight: Float[Tensor, "d k"]
@@ -61,6 +63,7 @@ class Probe:
     hook_name: str | None = None
     block: str | None = None
     target_name: str | None = None
+    head: int | None = None
 
     def predict(self, acts: Float[Tensor, "n d"]) -> Float[Tensor, "n k"]:
         acts = check_activations(acts)
@@ -213,9 +216,20 @@ def _partition_of_groups(unique_groups: int, n_folds: int, test_fraction: float,
     return partition
 
 
+def _check_varies(target: Float[Tensor, "n k"], name: str) -> None:
+    """``ValueError`` when a target column takes one value on every row: R^2 (the fraction of the
+    target's variance a probe explains) is undefined without variance, not 1."""
+    constant = (target == target[:1]).all(dim=0)
+    if constant.any():
+        columns = constant.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} column(s) {columns} of {target.shape[1]} take the same value on all {target.shape[0]} rows: "
+            f"R^2 is undefined for a constant target (there is no variance to explain)"
+        )
+
+
 def _check_probe_settings(n_folds: int, test_fraction: float, relative_ridges) -> tuple[float, ...]:
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
-        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    check_int(n_folds, "n_folds", 2)
     if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     ridges = tuple(float(r) for r in (RELATIVE_RIDGES if relative_ridges is None else relative_ridges))
@@ -240,7 +254,8 @@ def fit_probe(
     ``test_fraction`` of the groups (chosen with ``seed``) is held out, the rest is split into
     ``n_folds`` folds of whole groups to choose the ridge strength (``relative_ridges`` times the
     mean activation variance), then the probe is refit on all training groups. ``Probe.r2`` is the
-    held-out R^2. Rows must be finite (drop positions ``t <= m``, where targets are NaN, first).
+    held-out R^2. Rows must be finite (drop positions ``t <= m``, where targets are NaN, first); a target
+    column that is constant on every row is a ``ValueError`` (R^2 is undefined without variance).
     """
     relative_ridges = _check_probe_settings(n_folds, test_fraction, relative_ridges)
     acts = check_activations(acts)
@@ -252,6 +267,7 @@ def fit_probe(
         raise ValueError(f"target must have shape [N={acts.shape[0]}, k] (or [N]), got {tuple(target.shape)}")
     if not torch.isfinite(target).all():
         raise ValueError("target contains NaN or inf (targets are NaN at t <= m: drop those rows)")
+    _check_varies(target, "target")
     if groups is None:
         groups = torch.arange(acts.shape[0])
     if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.shape != (acts.shape[0],):
@@ -277,7 +293,8 @@ def default_hook_names(model: HookedTransformer) -> list[str]:
 class ProbeReport:
     """Held-out R^2 of every (reading point, target), with its controls.
 
-    rows: the reading points, in order (hook names, or ``"hook:block"`` for a named residual block);
+    rows: the reading points, in order (hook names, ``"hook:head{h}"`` for one head of an activation with
+    a head axis, or ``"hook:block"`` for a named residual block);
     r2[target][i]: the probe's R^2 at ``rows[i]``; random_model_r2: the same probe on a randomly
     initialised model of the same architecture; control_target_r2: a probe for the control target
     (same width) at the same point of the real model; selectivity = r2 - control_target_r2;
@@ -348,10 +365,15 @@ class ProbeReport:
 
 
 def _short_label(row: str) -> str:
-    """``blocks.1.hook_resid_post`` -> ``L2``, ``hook_embed`` -> ``embed``; blocks keep their name."""
-    hook, _, block = row.partition(":")
-    if block:
-        return block
+    """``blocks.1.hook_resid_post`` -> ``L2``, ``hook_embed`` -> ``embed``,
+    ``blocks.0.attn.hook_z:head1`` -> ``L1 z h1``; blocks keep their name."""
+    hook, _, part = row.partition(":")
+    if part.startswith("head") and part[4:].isdigit():
+        parts = hook.split(".")
+        short = f"L{int(parts[1]) + 1} {parts[-1].removeprefix('hook_')}" if parts[0] == "blocks" else hook
+        return f"{short} h{part[4:]}"
+    if part:
+        return part
     if hook == "hook_embed":
         return "embed"
     parts = hook.split(".")
@@ -377,6 +399,72 @@ def _read_full_width(probe: Probe, coordinates: slice, d_model: int) -> Probe:
     weight[coordinates] = probe.weight
     probe.weight = weight
     return probe
+
+
+# Hooks whose activation is [batch, head, query_pos, key_pos] (or [batch, head, query_pos, offset]):
+# TransformerLens's attention scores and pattern, and the disentangled attention's score terms.
+PAIRWISE_HOOKS = ("hook_pattern", "hook_attn_scores", "hook_rel_scores", "hook_key_pos_scores", "hook_rel_query_scores")
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """One row of a probe report: a hook, and which part of its activation (coordinates of a named
+    residual block, or one head of an activation with a head axis)."""
+
+    hook: str
+    coordinates: slice = field(default_factory=lambda: slice(None))
+    head: int | None = None
+    block: str | None = None
+
+    @property
+    def row(self) -> str:
+        if self.block is not None:
+            return f"{self.hook}:{self.block}"
+        return self.hook if self.head is None else f"{self.hook}:head{self.head}"
+
+
+def _valid_hook_names(model: HookedTransformer) -> str:
+    """The model's hook names, the per-layer ones written once with ``{l}``."""
+    n_layers = model.cfg.n_layers
+    top = [name for name in model.hook_dict if not name.startswith("blocks.")]
+    per_layer = [name.removeprefix("blocks.0.") for name in model.hook_dict if name.startswith("blocks.0.")]
+    layers = "0" if n_layers == 1 else f"0..{n_layers - 1}"
+    return f"{', '.join(top)}, and for each layer l in {layers}: " + ", ".join(f"blocks.{{l}}.{n}" for n in per_layer)
+
+
+def _heads_at(model: HookedTransformer, hook_names: list[str], tokens: Tensor) -> dict[str, list[int | None]]:
+    """For each hook: ``[None]`` when its activation is ``[batch, pos, d]``, its head indices when it is
+    ``[batch, pos, head, d]`` (one run of one sequence shows which). ``ValueError`` for a name the model
+    does not have (naming the valid ones), for an attention pattern or score, and for a hook the model
+    never calls."""
+    for hook in hook_names:
+        if not isinstance(hook, str) or hook not in model.hook_dict:
+            raise ValueError(f"the model has no hook named {hook!r}; its hooks are {_valid_hook_names(model)}")
+        if hook.rsplit(".", 1)[-1] in PAIRWISE_HOOKS:
+            raise ValueError(
+                f"{hook!r} holds attention scores or a pattern, [batch, head, query_pos, key_pos]: a value per pair "
+                f"of positions, not an activation per position that a probe can read. Probe hook_z or hook_result "
+                f"(per head) or the residual instead; mdlens.hooks.attention compares patterns"
+            )
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens.to(model_device(model)), names_filter=list(hook_names))
+    heads = {}
+    for hook in hook_names:
+        if hook not in cache.cache_dict:
+            raise ValueError(
+                f"the model never calls {hook!r}, so it holds nothing to probe (hook_result needs "
+                f"model.cfg.use_attn_result = True; an attention-only model has no MLP hooks)"
+            )
+        shape = tuple(cache[hook].shape)
+        if len(shape) == 3:
+            heads[hook] = [None]
+        elif len(shape) == 4:
+            heads[hook] = list(range(shape[2]))
+        else:
+            raise ValueError(
+                f"{hook!r} has an activation of shape {shape}: a probe reads [batch, pos, d] or [batch, pos, head, d]"
+            )
+    return heads
 
 
 def _infer_order(targets: dict[str, Tensor], tokens: Tensor) -> int:
@@ -420,7 +508,14 @@ def probe_model(
         targets: name -> ``[B, T, k]``, NaN exactly at ``t <= m`` (as :func:`mdlens.hooks.targets`
             returns them); only positions ``t > m`` are probed.
         hook_names: where to read (default :func:`default_hook_names`: ``hook_embed`` then every
-            ``blocks.{l}.hook_resid_post``; index 0 is the embedding).
+            ``blocks.{l}.hook_resid_post``; index 0 is the embedding). Any hook whose activation is
+            ``[batch, pos, d]`` (residual, ``attn_out``, MLP hooks) is one row; one with a head axis,
+            ``[batch, pos, head, d]`` (``hook_z``, ``hook_result``, ``hook_q`` / ``k`` / ``v``,
+            ``hook_rel_values``), is probed per head, one row ``"{hook}:head{h}"`` each. Attention
+            patterns and scores (``hook_pattern``, ``hook_attn_scores`` and the disentangled score
+            terms) are ``[batch, head, query_pos, key_pos]``, a value per pair of positions rather than
+            an activation per position: a ``ValueError`` says so, as it names the valid hooks for a
+            name the model does not have.
         blocks: names of ``model.layout`` blocks (e.g. ``"L2.mean_responsibility"``), read from the
             final residual (a disentangled layer's block never changes once written), as extra rows.
         random_model: also probe :func:`mdlens.checkpoints.build_like` ``(model, seed=control_seed + 1)``.
@@ -439,12 +534,13 @@ def probe_model(
     blocks = list(blocks or [])
     if blocks and layout is None:
         raise ValueError("blocks= needs a model with a named residual layout (model.layout)")
-    readings = [(hook, slice(None)) for hook in hook_names]
     for name in blocks:
         if name not in layout:
             raise ValueError(f"no residual block named {name!r} in model.layout; known: {', '.join(layout.names())}")
-        readings.append((_hook_holding(name), layout[name]))
-    rows = hook_names + [f"{hook}:{name}" for (hook, _), name in zip(readings[len(hook_names) :], blocks, strict=True)]
+    heads = _heads_at(model, hook_names, tokens[:1])
+    readings = [_Reading(hook, head=head) for hook in hook_names for head in heads[hook]]
+    readings += [_Reading(_hook_holding(name), layout[name], block=name) for name in blocks]
+    rows = [reading.row for reading in readings]
 
     names = list(targets)
     widths = [targets[name].shape[-1] for name in names]
@@ -459,13 +555,15 @@ def probe_model(
     all_targets = torch.cat(
         [targets[n].to(torch.float64).cpu() for n in names] + [controls[w] for w in control_widths], dim=-1
     )
+    for name in names:
+        _check_varies(einops.rearrange(all_targets[:, order:, columns[name]], "b t k -> (b t) k"), f"target {name!r}")
 
     partition = _partition_of_groups(tokens.shape[0], n_folds, test_fraction, seed)
     models = {"model": model}
     if random_model:
         models["random"] = build_like(model, seed=control_seed + 1)
     moments = {(which, i): None for which in models for i in range(len(readings))}
-    needed = sorted({hook for hook, _ in readings})
+    needed = sorted({reading.hook for reading in readings})
     chunks = range(0, tokens.shape[0], batch_size)
     for start in tqdm(chunks, desc="probing", disable=not progress):
         chunk = tokens[start : start + batch_size]
@@ -474,9 +572,10 @@ def probe_model(
         for which, runner in models.items():
             with torch.inference_mode():
                 _, cache = runner.run_with_cache(chunk.to(model_device(runner)), names_filter=needed)
-            for i, (hook, coordinates) in enumerate(readings):
-                acts = cache[hook][:, order:, coordinates].to(torch.float64).cpu()
-                acts = einops.rearrange(acts, "b t d -> (b t) d")
+            for i, reading in enumerate(readings):
+                acts = cache[reading.hook][:, order:]
+                acts = acts[..., reading.coordinates] if reading.head is None else acts[:, :, reading.head]
+                acts = einops.rearrange(acts.to(torch.float64).cpu(), "b t d -> (b t) d")
                 if moments[(which, i)] is None:
                     moments[(which, i)] = _Moments(n_folds + 1, acts.shape[1], all_targets.shape[-1])
                 moments[(which, i)].add(acts, chunk_targets, chunk_partition)
@@ -492,9 +591,12 @@ def probe_model(
     for i, row in enumerate(rows):
         control_probes = {w: fit("model", i, f"control:{w}") for w in control_widths}
         for name, width in zip(names, widths, strict=True):
-            probe = _read_full_width(fit("model", i, name), readings[i][1], model.cfg.d_model)
-            probe.hook_name, probe.target_name = readings[i][0], name
-            probe.block = row.partition(":")[2] or None
+            reading = readings[i]
+            probe = fit("model", i, name)
+            if reading.block is not None:
+                probe = _read_full_width(probe, reading.coordinates, model.cfg.d_model)
+            probe.hook_name, probe.target_name = reading.hook, name
+            probe.block, probe.head = reading.block, reading.head
             probes[(row, name)] = probe
             r2[name].append(probe.r2)
             control_r2[name].append(control_probes[width].r2)
