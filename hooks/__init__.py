@@ -18,10 +18,21 @@ the construction, the shipped disentangled models and plain ``HookedTransformer`
   :func:`implicit_weights_distances`;
 - patching: :func:`patch_mean_responsibility`, :func:`patching_heatmap`,
   :func:`plot_patching_heatmap`;
+- causal abstraction: :func:`align_variable` (distributed alignment search for one MD variable at
+  one hook: held-out interchange fidelity with its controls), :func:`alignment_scan` (every layer),
+  :class:`MDCausalModel` and :func:`high_level_model` (the MD it is compared with);
 - views: :func:`attention_view`, :func:`compare_attention_view`, :func:`probe_view` (CircuitsVis and
   HTML that render offline; ``.save(path)``).
 """
 
+from mdlens.hooks.alignment import (
+    Alignment,
+    AlignmentScan,
+    MDCausalModel,
+    align_variable,
+    alignment_scan,
+    high_level_model,
+)
 from mdlens.hooks.attention import AttentionAgreement, attention_agreement, offset_mass, responsibility_tv
 from mdlens.hooks.behaviour import (
     ImplicitWeights,
@@ -60,14 +71,19 @@ from mdlens.hooks.weights import (
 )
 
 __all__ = [
+    "Alignment",
+    "AlignmentScan",
     "AttentionAgreement",
     "HeadView",
     "ImplicitWeights",
+    "MDCausalModel",
     "PatchResult",
     "Probe",
     "ProbeReport",
     "ProbeView",
     "View",
+    "align_variable",
+    "alignment_scan",
     "attention_agreement",
     "attention_view",
     "closest_mtd_weights",
@@ -75,6 +91,7 @@ __all__ = [
     "control_target",
     "counterfactual_prediction",
     "fit_probe",
+    "high_level_model",
     "implicit_weights",
     "implicit_weights_distances",
     "input_jacobian",

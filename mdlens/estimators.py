@@ -244,19 +244,36 @@ def check_causal_scales(scales) -> tuple[Tensor, int]:
 
 
 def causal_md_steps(
-    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, scales
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    scales,
+    interventions: dict[str, Tensor] | None = None,
 ) -> dict[str, Float[Tensor, "batch m"]]:
     """Every intermediate quantity of :func:`causal_md_weights` at the last position, name -> ``[B, m]``.
 
     Keys: ``responsibility`` (``gamma_T``), ``mean_responsibility`` (``g0``), ``lambda1``, then for
     each later step ``s``: ``<ordinal>_step_mean`` (``h_{s-1}``, e.g. ``second_step_mean``) and
     ``lambda{s}``. Differentiable in ``scales``.
+
+    ``interventions`` sets variables of this causal model by name (the high-level side of an
+    interchange intervention, :mod:`mdlens.hooks.alignment`): every quantity computed after an
+    intervened one is computed from the set value. ``responsibilities`` (``[B, T-m, m]``) replaces
+    ``gamma_k`` at every position ``k`` at once; any key above (``[B, m]``) replaces that quantity at
+    the last position (``responsibility``, ``gamma_T`` alone, feeds nothing later).
     """
     scales, steps = check_causal_scales(scales)
-    gamma = responsibilities(tokens, transition, order)  # [B, N, m], row k = m+1..T
-    mean = gamma.mean(dim=1)  # g0
-    quantities = {"responsibility": gamma[:, -1], "mean_responsibility": mean}
-    weights = torch.softmax(scales[0] * mean, dim=-1)  # lambda1
+    interventions = _check_interventions(interventions, steps)
+    gamma = interventions.get("responsibilities")
+    if gamma is None:
+        gamma = responsibilities(tokens, transition, order)  # [B, N, m], row k = m+1..T
+
+    def value(name: str, computed: Tensor) -> Tensor:
+        return interventions.get(name, computed)
+
+    mean = value("mean_responsibility", gamma.mean(dim=1))  # g0
+    quantities = {"responsibility": value("responsibility", gamma[:, -1]), "mean_responsibility": mean}
+    weights = value("lambda1", torch.softmax(scales[0] * mean, dim=-1))  # lambda1
     quantities["lambda1"] = weights
     step_terms = torch.zeros_like(mean)  # sum_{r<=s} c_r h_{r-1}, the lag scores the later steps add
     for step in range(2, steps + 1):
@@ -264,12 +281,35 @@ def causal_md_steps(
         # Position k is weighed by softmax_k(-d <lambda_{s-1}, gamma_k>): the first-order form of
         # 1 / sum_h lambda_h gamma_k(h), so the weighted mean of gamma_k follows the gradient.
         key_weights = torch.softmax(-key_scale * einops.einsum(weights, gamma, "b g, b k g -> b k"), dim=-1)
-        step_mean = einops.einsum(key_weights, gamma, "b k, b k g -> b g")  # h_{s-1}
+        step_mean = value(STEP_MEAN_NAMES[step], einops.einsum(key_weights, gamma, "b k, b k g -> b g"))  # h_{s-1}
         step_terms = step_terms + step_scale * step_mean
-        weights = torch.softmax(lag_scale * mean + step_terms, dim=-1)
+        weights = value(f"lambda{step}", torch.softmax(lag_scale * mean + step_terms, dim=-1))
         quantities[STEP_MEAN_NAMES[step]] = step_mean
         quantities[f"lambda{step}"] = weights
     return quantities
+
+
+def causal_md_variables(steps: int) -> list[str]:
+    """The variables of causal ``steps``-step MD, in computation order: ``responsibilities`` (every
+    position), ``responsibility`` (the last), ``mean_responsibility``, ``lambda1``, then
+    ``<ordinal>_step_mean`` and ``lambda{s}`` for ``s = 2..steps``."""
+    steps = check_int(steps, "steps", 1)
+    later = [name for step in range(2, steps + 1) for name in (STEP_MEAN_NAMES[step], f"lambda{step}")]
+    return ["responsibilities", "responsibility", "mean_responsibility", "lambda1", *later]
+
+
+def _check_interventions(interventions: dict[str, Tensor] | None, steps: int) -> dict[str, Tensor]:
+    if interventions is None:
+        return {}
+    if not isinstance(interventions, dict):
+        raise ValueError(f"interventions must be a dict name -> tensor, got {type(interventions).__name__}")
+    known = causal_md_variables(steps)
+    for name, values in interventions.items():
+        if name not in known:
+            raise ValueError(f"unknown variable {name!r} of {steps}-step causal MD; known: {', '.join(known)}")
+        if not isinstance(values, Tensor) or not values.is_floating_point() or not torch.isfinite(values).all():
+            raise ValueError(f"the intervened value of {name!r} must be a finite float tensor")
+    return {name: values.to(torch.float64) for name, values in interventions.items()}
 
 
 def causal_md_weights(
