@@ -13,6 +13,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +385,40 @@ def test_a_construction_read_on_fewer_tokens_warns_once_with_its_step(task):
     assert f"built for seq_len={T}; on T={short} tokens" in messages[0]
     assert f"eta_T = beta / (m (T - m)) = {beta / (M * (short - M)):.4g}" in messages[0]
     assert f"not the eta = {ETA:.4g}" in messages[0]
+
+
+def test_notebook_02_draws_the_score_blocks_with_zero_white_and_a_colourbar(shipped):
+    """The notebook's score-block cell, run as it stands (Agg backend): every diverging panel has
+    colour limits symmetric about 0 (white in RdBu_r) and every panel a colourbar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    notebook = json.loads((Path(__file__).parents[1] / "notebooks" / "02_circuit_analysis.ipynb").read_text())
+    (source,) = [
+        "".join(cell["source"])
+        for cell in notebook["cells"]
+        if cell["cell_type"] == "code" and "token_score_block" in "".join(cell["source"])
+    ]
+    _, shipped_task = shipped["disentangled-3l"]
+    pi = shipped_task.transition
+    namespace = {
+        "plt": plt,
+        "hooks": mdlens.hooks,
+        "pi": pi,
+        "models": {name: model for name, (model, _) in shipped.items()},
+        "construction": build_md_transformer(pi, shipped_task.order, 192, 0.03),
+    }
+    exec(source, namespace)
+    fig = namespace["fig"]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4 and len(fig.axes) == 8  # four panels, four colourbars
+    for ax in panels:
+        (image,) = ax.get_images()
+        low, high = image.get_clim()
+        if "scores" in ax.get_title():
+            assert image.get_cmap().name == "RdBu_r" and high > 0 and low == -high
+        else:
+            assert low == 0
+    plt.close(fig)
