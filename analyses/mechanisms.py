@@ -43,7 +43,7 @@ from mdlens import hooks
 from mdlens.analyses import plotting
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta
-from mdlens.hooks.weights import softmax_transition_kl
+from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
 from mdlens.models import DisentangledTransformer
 from mdlens.pretrained import load_all_pretrained
 
@@ -89,8 +89,6 @@ PROBE_TARGETS = (
     "bayes_weights",
 )
 CONSTRUCTION = "construction"
-# "softmax of the first-layer W_A recovers pi": the paper's KL at T=192 (paper-notes §5).
-PAPER_LEARNED_TRANSITION_KL = 0.0376
 
 
 def _sample(task, batch: int, seq_len: int, seed: int):

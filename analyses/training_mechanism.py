@@ -64,7 +64,7 @@ from mdlens.analyses import TASK, plotting
 from mdlens.checkpoints import save
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta, evaluate, make_held_out
-from mdlens.hooks.weights import softmax_transition_kl
+from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
 from mdlens.models import DisentangledTransformer
 from mdlens.models.disentangled import DEFAULT_INIT_STD
 from mdlens.training import RUNTIME_FIELDS, TrainConfig, train
@@ -350,8 +350,6 @@ TITLES = {
 PAPER_FORMS = ("softmax_over_keys_vs_pi", "softmax_over_queries_vs_pi", "uniform_vs_pi", "uniform_vs_parent_posterior")
 SUMMARY_KEYS = (*CURVES[:-1], *PAPER_FORMS, "own_eta", "kl_model", "kl_md1", CURVES[-1])
 LOG_SCALE = ("learned_transition_kl", "softmax_over_keys_vs_parent_posterior", "kl_ratio")
-# The paper's "KL between pi and a softmax of W_A" at T=192, drawn on the paper-form panel.
-PAPER_LEARNED_TRANSITION_KL = 0.0376
 
 
 # The figures: file -> (title, which recipes). A recipe missing from a run is left out of its figure.

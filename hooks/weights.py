@@ -29,6 +29,10 @@ from mdlens.predict import predict_next
 # refused: the row-stochasticity equations then no longer pin down the per-query constants.
 SINGULAR_TOLERANCE = 1e-12
 
+# The paper's "softmax of the first-layer W_A recovers pi": its KL for the trained model at T=192
+# (paper-notes §5), which softmax_transition_kl reads in every form the sentence admits.
+PAPER_LEARNED_TRANSITION_KL = 0.0376
+
 # The interpolation grid of weight_alignment: s = 0 is the model, s = 1 the reference.
 INTERPOLATION_POINTS = 11
 

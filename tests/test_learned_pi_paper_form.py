@@ -12,7 +12,7 @@ import mdlens
 from mdlens.analyses import report
 from mdlens.analyses import training_mechanism as tm
 from mdlens.construction import build_md_transformer
-from mdlens.hooks.weights import softmax_transition_kl
+from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
 from mdlens.models import DisentangledTransformer, standard_transformer
 
 
@@ -141,7 +141,7 @@ def test_bad_inputs_raise_value_errors():
 # The report's table and verdict, and the training study's curves
 # ----------------------------------------------------------------------------------------------
 
-PAPER = 0.0376
+PAPER = 0.0376  # D'Angelo & Flammarion: KL at T=192 for their trained model
 FORMS = ("softmax_over_keys_vs_pi", "softmax_over_queries_vs_pi", "softmax_over_keys_vs_parent_posterior")
 UNIFORM_OF = {
     "softmax_over_keys_vs_pi": "uniform_vs_pi",
@@ -170,6 +170,7 @@ def shipped_kls():
 
 
 def test_the_reports_table_has_every_form_of_every_disentangled_model(shipped_kls):
+    assert PAPER_LEARNED_TRANSITION_KL == PAPER  # the number the analyses write beside ours
     table = report.softmax_table(mechanisms_of(shipped_kls), PAPER)
     header, rows = table[0], table[2:-1]
     assert [cell.strip() for cell in header.strip("|").split("|")][3:] == list(shipped_kls)  # no standard-3l
