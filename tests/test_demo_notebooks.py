@@ -2,6 +2,7 @@
 toolchain it uses (``jupyter nbconvert --execute``) runs a notebook and keeps its outputs and figures."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,10 @@ def dry_run(*arguments: str) -> str:
     """The commands ``make demo`` would run (``make -n``), nothing executed."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    return subprocess.run(
-        ["make", "-n", "demo", *arguments], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    # Run from `make test`, the outer make's flags must not reach this one.
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    command = ["make", "-n", "demo", *arguments]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
 
 
 def test_the_full_demo_executes_every_notebook_into_the_reports_folder(tmp_path):
