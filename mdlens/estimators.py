@@ -23,6 +23,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mdlens._random import log_gamma_sample
 from mdlens._validation import (
@@ -36,16 +37,26 @@ from mdlens._validation import (
     check_weights,
 )
 
-# Exact Bayes keeps a dense table over the first m-1 lag counts, (N+1)^(m-1) cells per sequence.
-# Above this many cells per sequence it refuses and points to method="gibbs". 2^22 cells allow
-# m=2 up to N ~ 4 million, m=3 up to N = 2047, m=4 up to N = 160, m=5 up to N = 44.
+# Exact Bayes keeps a dense table of (N+1)^(m-1) cells over the first m-1 lag counts (N = T-m
+# scored positions) and, at scored position k, updates the (k+1)^(m-1) cells reachable so far: one
+# sequence costs sum_{k=1..N} (k+1)^(m-1) ~ (N+1)^m / m cell updates (count vectors x positions),
+# 7-20 ns each on one CPU core while the table fits in the cache, 70-100 ns once it does not.
+# It refuses a sequence above MAX_EXACT_WORK updates (time) or MAX_EXACT_CELLS cells (memory and
+# cache: two float64 tables of 32 MiB): m=2 up to T = 32768, m=3 up to T = 1173 (time), m=4 up to
+# T = 164, m=5 up to T = 49, m=6 up to T = 26 (memory). The longest sequence each allows took 5-11 s
+# of one core's time for m=2 and m=3 (the README has the numbers).
+MAX_EXACT_WORK = 2**29
 MAX_EXACT_CELLS = 2**22
+# A job of more cell updates than this (all sequences together: a second or more) shows a progress
+# bar unless the caller passes progress=False.
+PROGRESS_MIN_WORK = 2**27
 
 # Cells (batch x table) processed at once by exact Bayes: bounds memory (4 float64 buffers of
 # this size) and keeps the working set near cache size.
 _EXACT_CHUNK_CELLS = 2**20
 
 TokensLike = Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+BAYES_REMEDY = 'use bayes_weights(..., method="gibbs")'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,20 +638,24 @@ def bayes_weights(
     num_samples: int = 2000,
     burn_in: int = 200,
     generator: torch.Generator | None = None,
+    progress: bool | None = None,
 ) -> Float[Tensor, "batch m"]:
     """``E[lambda | y_1..y_T]`` under the prior ``Dirichlet(alpha 1_m)``, ``[B, m]``.
 
-    ``method="exact"``: dynamic programming over lag-count vectors (exact up to rounding; refuses
-    when a sequence needs more than ``MAX_EXACT_CELLS`` table cells). ``method="gibbs"``: data
+    ``method="exact"``: dynamic programming over lag-count vectors (exact up to rounding). Its cost
+    is :func:`exact_bayes_work` per sequence, cubic in ``T`` for ``m = 3``; above ``MAX_EXACT_WORK``
+    it refuses. ``progress``: a progress bar for the exact method (``None``: only for a job of more
+    than ``PROGRESS_MIN_WORK`` cell updates, a few seconds or more). ``method="gibbs"``: data
     augmentation with ``num_samples`` Rao-Blackwellised sweeps after ``burn_in``, drawing from
     ``generator`` (``None``: a generator seeded with 0, so results are reproducible).
     """
     alpha = check_positive(alpha, "alpha")
     if method not in ("exact", "gibbs"):
         raise ValueError(f'method must be "exact" or "gibbs", got {method!r}')
+    progress = _check_progress(progress)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
     if method == "exact":
-        return _exact_posterior_mean(lag_probs, alpha)
+        return _exact_posterior_mean(lag_probs, alpha, remedy='use method="gibbs"', progress=progress)
     num_samples = check_int(num_samples, "num_samples", 1)
     check_int(burn_in, "burn_in", 0)
     if generator is None:
@@ -651,20 +666,85 @@ def bayes_weights(
 
 
 def prefix_bayes_weights(
-    tokens: TokensLike, transition: Float[Tensor, "q q"], order: int, alpha: float = 1.0
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    alpha: float = 1.0,
+    progress: bool | None = None,
 ) -> Float[Tensor, "batch n_scored m"]:
     """Exact ``E[lambda | y_1..y_t]`` for every prefix ``t = m+1..T``: ``[B, T-m, m]``, row ``t - m - 1``.
 
     The dynamic programme of ``bayes_weights(method="exact")`` passes every prefix on its way, so
     all ``T - m`` posterior means come out of one pass (row ``t - m - 1`` equals
-    ``bayes_weights(tokens[:, :t], ...)``).
+    ``bayes_weights(tokens[:, :t], ...)``), at the same cost and under the same cap; ``progress`` as
+    there.
     """
     alpha = check_positive(alpha, "alpha")
+    progress = _check_progress(progress)
     lag_probs = _checked_lag_likelihoods(tokens, transition, order)
-    return _exact_posterior_mean(lag_probs, alpha, every_prefix=True)
+    remedy = 'for the prefixes you need, use bayes_weights(tokens[:, :t], ..., method="gibbs")'
+    return _exact_posterior_mean(lag_probs, alpha, every_prefix=True, remedy=remedy, progress=progress)
 
 
-def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = False) -> Tensor:
+def exact_bayes_work(seq_len: int, order: int) -> int:
+    """Table-cell updates exact Bayes makes for one sequence of ``seq_len`` tokens and order ``m``:
+    ``sum_{k=1..N} (k+1)^(m-1)`` with ``N = T - m`` (count vectors reachable after each position,
+    summed over the positions), about ``(N+1)^m / m``."""
+    seq_len, order = check_int(seq_len, "seq_len", 1), check_order(order)
+    if order == 1:
+        return 0  # one lag: the posterior mean is 1, no table
+    return sum((k + 1) ** (order - 1) for k in range(1, max(seq_len - order, 0) + 1))
+
+
+def _exact_bayes_fits(seq_len: int, order: int) -> bool:
+    cells = (max(seq_len - order, 0) + 1) ** (order - 1)
+    return cells <= MAX_EXACT_CELLS and exact_bayes_work(seq_len, order) <= MAX_EXACT_WORK
+
+
+def longest_exact_bayes(order: int) -> int:
+    """The longest ``T`` exact Bayes accepts for order ``m >= 2`` (``MAX_EXACT_WORK`` and
+    ``MAX_EXACT_CELLS`` per sequence)."""
+    order = check_order(order)
+    if order == 1:
+        raise ValueError("with one lag (m=1) exact Bayes needs no table and has no length limit")
+    low, high = order + 1, order + 2
+    while _exact_bayes_fits(high, order):
+        low, high = high, 2 * high
+    while high - low > 1:  # the cost grows with T: bisect for the last T within both caps
+        middle = (low + high) // 2
+        low, high = (middle, high) if _exact_bayes_fits(middle, order) else (low, middle)
+    return low
+
+
+def check_exact_bayes_size(seq_len: int, order: int, remedy: str = BAYES_REMEDY) -> None:
+    """``ValueError`` when exact Bayes on sequences of ``seq_len`` tokens would pass ``MAX_EXACT_WORK``
+    cell updates or ``MAX_EXACT_CELLS`` table cells per sequence; the message ends with ``remedy``,
+    which says what the caller can pass instead (each caller names an argument it has)."""
+    order = check_order(order)
+    if order == 1 or _exact_bayes_fits(seq_len, order):
+        return
+    cells = (seq_len - order + 1) ** (order - 1)
+    raise ValueError(
+        f"exact Bayes at T={seq_len}, m={order} needs {exact_bayes_work(seq_len, order):.3g} table-cell updates "
+        f"per sequence (about (T-m+1)^m / m; MAX_EXACT_WORK = {MAX_EXACT_WORK:.3g}) in a table of {cells:.3g} "
+        f"cells (MAX_EXACT_CELLS = {MAX_EXACT_CELLS:.3g}): too long, the longest T it takes for m={order} is "
+        f"{longest_exact_bayes(order)}; {remedy}"
+    )
+
+
+def _check_progress(progress) -> bool | None:
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress must be True, False or None (a bar only for long jobs), got {progress!r}")
+    return progress
+
+
+def _exact_posterior_mean(
+    lag_probs: Tensor,
+    alpha: float,
+    every_prefix: bool = False,
+    remedy: str = BAYES_REMEDY,
+    progress: bool | None = None,
+) -> Tensor:
     """Exact posterior mean by dynamic programming over lag-count vectors.
 
     Expanding ``prod_k sum_g lambda_g P[k,g]`` gives ``sum_n W(n) prod_g lambda_g^{n_g}`` with
@@ -690,18 +770,19 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = 
     ``every_prefix``: since the table after step ``k`` is the posterior of the first ``k`` scored
     positions, one pass gives the mean of every prefix: ``[B, N, m]`` (row ``k - 1`` = the first
     ``k`` scored positions) instead of ``[B, m]``.
+
+    ``remedy`` ends the error above ``MAX_EXACT_WORK``; ``progress`` as in :func:`bayes_weights`.
     """
     batch_size, n_scored, m = lag_probs.shape
     if m == 1:
         shape = (batch_size, n_scored, 1) if every_prefix else (batch_size, 1)
         return torch.ones(shape, dtype=torch.float64)
+    check_exact_bayes_size(n_scored + m, m, remedy)
     side = n_scored + 1
     cells = side ** (m - 1)
-    if cells > MAX_EXACT_CELLS:
-        raise ValueError(
-            f"exact Bayes needs a table of (T-m+1)^(m-1) = {side}^{m - 1} = {cells} cells per sequence, "
-            f'above MAX_EXACT_CELLS = {MAX_EXACT_CELLS}; use method="gibbs"'
-        )
+    total_work = batch_size * exact_bayes_work(n_scored + m, m)
+    show = total_work > PROGRESS_MIN_WORK if progress is None else progress
+    bar = tqdm(total=total_work, disable=not show, desc="exact Bayes", unit="cell", unit_scale=True)
     # count_grids[g][n_1, .., n_{m-1}] = n_{g+1} for g < m-1; free_total = n_1 + .. + n_{m-1}.
     axis = torch.arange(side, dtype=torch.float64)
     count_grids = torch.meshgrid(*([axis] * (m - 1)), indexing="ij")
@@ -718,11 +799,12 @@ def _exact_posterior_mean(lag_probs: Tensor, alpha: float, every_prefix: bool = 
             def record(k: int, table: Tensor, prefix_means: Tensor = prefix_means) -> None:
                 prefix_means[:, k - 1] = _mixture_mean(table, k, alpha)
 
-            _count_table(part, count_grids, free_total, alpha, on_step=record)
+            _count_table(part, count_grids, free_total, alpha, on_step=record, bar=bar)
             means.append(prefix_means)
         else:
-            table = _count_table(part, count_grids, free_total, alpha)
+            table = _count_table(part, count_grids, free_total, alpha, bar=bar)
             means.append(_mixture_mean(table, n_scored, alpha))
+    bar.close()
     return torch.cat(means)
 
 
@@ -745,7 +827,7 @@ def _mixture_mean(table: Tensor, n_scored: int, alpha: float) -> Tensor:
 
 
 def _count_table(
-    scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor, alpha: float, on_step=None
+    scaled: Tensor, count_grids: tuple[Tensor, ...], free_total: Tensor, alpha: float, on_step=None, bar=None
 ) -> Tensor:
     """``U_N(n)`` (module docstring of :func:`_exact_posterior_mean`) for a chunk of sequences, up to
     a per-sequence constant, ``[b, side, .., side]``.
@@ -754,7 +836,8 @@ def _count_table(
     U_{k-1}(n - e_g)`` (the common factor ``1 / (m alpha + k - 1)`` is dropped, with ``1 / k`` put in
     its place to keep the scale). The factor of a free lag is an outer product of a per-sequence
     scalar and the counts along axis ``g``, so each free lag costs one fused multiply-add.
-    ``on_step(k, U_k[region])``, when given, sees the reachable part of the table after every step.
+    ``on_step(k, U_k[region])``, when given, sees the reachable part of the table after every step;
+    ``bar`` (a tqdm bar), when given, advances by the cells each step updates.
     """
     batch_size, n_scored, m = scaled.shape
     shape = (batch_size, *free_total.shape)
@@ -790,6 +873,8 @@ def _count_table(
             table[region] /= peak[per_sequence]
         if on_step is not None:
             on_step(k, table[region])
+        if bar is not None:
+            bar.update(batch_size * (k + 1) ** (m - 1))
     return table
 
 

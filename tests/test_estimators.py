@@ -536,3 +536,77 @@ def test_impossible_token_raises():
     ):
         with pytest.raises(ValueError, match="probability 0"):
             call()
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact Bayes: the cost, the cap, the hints and the progress bar
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("seq_len", "order"), [(5, 2), (9, 3), (8, 4), (3, 3), (7, 1)])
+def test_exact_bayes_work_counts_the_count_vectors_visited_at_each_position(seq_len, order):
+    # Brute force: after scored position k the table holds every (n_1..n_{m-1}) with entries in 0..k.
+    n_scored = max(seq_len - order, 0)
+    visited = sum(len(list(itertools.product(range(k + 1), repeat=order - 1))) for k in range(1, n_scored + 1))
+    assert E.exact_bayes_work(seq_len, order) == (visited if order > 1 else 0)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4, 5, 6])
+def test_the_longest_accepted_length_is_the_edge_of_the_cap(order):
+    longest = E.longest_exact_bayes(order)
+    E.check_exact_bayes_size(longest, order)
+    with pytest.raises(ValueError, match=f"the longest T it takes for m={order} is {longest}"):
+        E.check_exact_bayes_size(longest + 1, order)
+    # The cost that binds at the edge: the updates (time) or the table (memory), whichever is smaller.
+    work, cells = E.exact_bayes_work(longest + 1, order), (longest - order + 2) ** (order - 1)
+    assert work > E.MAX_EXACT_WORK or cells > E.MAX_EXACT_CELLS
+    # The cap follows the cost: for m=3 the old 2^22-cell cap let T = 2000 through (minutes per sequence).
+    if order == 3:
+        assert 1000 <= longest < 2000
+
+
+def tokens_over_the_cap(order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pi = torch.full((2, 2), 0.5, dtype=torch.float64)
+    return torch.zeros(1, E.longest_exact_bayes(order) + 1, dtype=torch.long), pi
+
+
+def test_every_exact_bayes_refusal_names_an_argument_of_its_caller():
+    import inspect
+
+    from mdlens import hooks
+
+    tokens, pi = tokens_over_the_cap(3)
+    with pytest.raises(ValueError, match='use method="gibbs"'):
+        E.bayes_weights(tokens, pi, 3)
+    assert "method" in inspect.signature(E.bayes_weights).parameters
+    gibbs = E.bayes_weights(tokens, pi, 3, method="gibbs", num_samples=2, burn_in=0)  # what the hint says works
+    assert torch.allclose(gibbs.sum(-1), torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r'bayes_weights\(tokens\[:, :t\], \.\.\., method="gibbs"\)'):
+        E.prefix_bayes_weights(tokens, pi, 3)
+    with pytest.raises(ValueError, match="pass include_bayes=False") as refused:
+        hooks.targets(tokens, pi, 3)
+    assert "method=" not in str(refused.value)
+    assert "include_bayes" in inspect.signature(hooks.targets).parameters
+    assert "bayes_weights" not in hooks.targets(tokens, pi, 3, include_bayes=False)  # the hint works
+
+
+def test_exact_bayes_progress_bar_shows_for_long_jobs_or_on_request(capsys, monkeypatch):
+    from tqdm import tqdm
+
+    pi, sample = random_instance(vocab_size=5, order=3, batch=3, seq_len=40, seed=3)
+    quiet = E.bayes_weights(sample.tokens, pi, 3)  # a short job: no bar by default
+    assert "exact Bayes" not in capsys.readouterr().err
+    shown = E.bayes_weights(sample.tokens, pi, 3, progress=True)
+    bar = capsys.readouterr().err
+    total = 3 * E.exact_bayes_work(40, 3)  # the bar counts every cell update of the job
+    done = tqdm.format_sizeof(total)
+    assert "exact Bayes: 100%" in bar and f"{done}/{done}" in bar
+    assert torch.equal(quiet, shown)
+    # A job above PROGRESS_MIN_WORK shows it without being asked; progress=False silences it.
+    monkeypatch.setattr(E, "PROGRESS_MIN_WORK", total - 1)
+    E.prefix_bayes_weights(sample.tokens, pi, 3)
+    assert "exact Bayes: 100%" in capsys.readouterr().err
+    E.prefix_bayes_weights(sample.tokens, pi, 3, progress=False)
+    assert "exact Bayes" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="progress must be True, False or None"):
+        E.bayes_weights(sample.tokens, pi, 3, progress="yes")
