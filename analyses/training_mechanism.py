@@ -273,8 +273,8 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
 
     Writes ``out_dir / "recipes" / f"{name}.json"`` and returns its content; if that file already
     holds this recipe at these sizes with every measurement of ``SUMMARY_KEYS``, returns it without
-    training. The trained model is saved in
-    ``out_dir / "recipes" / name`` (:func:`mdlens.checkpoints.save`), loadable with ``checkpoints.load``.
+    training. The trained model is saved in ``out_dir / "recipes" / name``
+    (:func:`mdlens.checkpoints.save`), loadable with ``checkpoints.load``.
     """
     sizes = recipe_sizes(name, quick)
     settings = recipe_settings(name)
