@@ -1,22 +1,56 @@
 """mdlens: in-context mirror descent on Mixtures of Transition Distributions, for TransformerLens.
 
 See README.md for the quick start and ``shared/paper-notes.md`` for the maths.
+
+The names below are imported on first use (module ``__getattr__``), so that ``import mdlens`` and
+``mdlens --help`` do not pay for torch and TransformerLens until something needs them.
 """
 
-from mdlens import estimators
-from mdlens.checkpoints import load, load_task, save
-from mdlens.predict import predict_next
-from mdlens.pretrained import list_pretrained, load_pretrained
-from mdlens.task import MTDSample, MTDTask
+from __future__ import annotations
 
-__all__ = [
-    "MTDSample",
-    "MTDTask",
+import importlib
+
+# public name -> the module that defines it
+_PUBLIC_NAMES = {
+    "MTDSample": "mdlens.task",
+    "MTDTask": "mdlens.task",
+    "list_pretrained": "mdlens.pretrained",
+    "load": "mdlens.checkpoints",
+    "load_pretrained": "mdlens.pretrained",
+    "load_task": "mdlens.checkpoints",
+    "predict_next": "mdlens.predict",
+    "save": "mdlens.checkpoints",
+}
+# Subpackages and modules reachable as attributes (``mdlens.estimators``, ``mdlens.hooks``...).
+_SUBMODULES = (
+    "analyses",
+    "checkpoints",
+    "cli",
+    "construction",
     "estimators",
-    "list_pretrained",
-    "load",
-    "load_pretrained",
-    "load_task",
-    "predict_next",
-    "save",
-]
+    "evaluation",
+    "hooks",
+    "models",
+    "predict",
+    "pretrained",
+    "task",
+    "train_cli",
+    "training",
+)
+
+__all__ = ["estimators", *sorted(_PUBLIC_NAMES)]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC_NAMES:
+        value = getattr(importlib.import_module(_PUBLIC_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"mdlens.{name}")
+    else:
+        raise AttributeError(f"module 'mdlens' has no attribute {name!r}")
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC_NAMES, *_SUBMODULES})

@@ -1,7 +1,10 @@
-"""The ``mdlens`` command line: ``reproduce``, ``bench`` and ``train`` (from mdlens.train_cli).
+"""The mdlens command line: reproduce, bench and train (mdlens.train_cli).
 
-The analyses live in ``mdlens.analyses`` (the repository folder ``analyses/``), downstream of the library; the CLI is
-the one place that reaches them, and it imports them lazily so that ``import mdlens`` never does.
+The analyses live in ``mdlens.analyses`` (the repository folder ``analyses/``), downstream of the
+library; the CLI is the one place that reaches them. Everything heavy (torch, TransformerLens, the
+analyses) is imported only by the command that runs, so that ``mdlens --help`` and each command's
+``--help`` answer at once. A mistake in what the user gave ends in argparse's ``error:`` form (usage
+line, ``mdlens <command>: error: ...``, exit status 2); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -11,79 +14,151 @@ import importlib
 import pkgutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from mdlens.train_cli import add_train_arguments
+from mdlens.train_config import add_train_arguments, check_run_directories, resolve_configs
 
-# name -> module in ``analyses`` with a ``run(out_dir: Path, quick: bool) -> dict`` function.
-REPRODUCTIONS: dict[str, str] = {
-    "estimators": "mdlens.analyses.estimators",
-    "trained": "mdlens.analyses.trained",
-    "two-step": "mdlens.analyses.causal_two_step",
-    "mechanisms": "mdlens.analyses.mechanisms",
-    "step-sizes": "mdlens.analyses.step_sizes",
-    "training-mechanism": "mdlens.analyses.training_mechanism",
-    # Last: REPORT.md from the JSON files the others wrote (into DIR/<name>/ under `all`).
-    "report": "mdlens.analyses.report",
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``mdlens reproduce`` stage: a module with ``run(out_dir: Path, quick: bool) -> dict``."""
+
+    module: str
+    summary: str
+    in_all: bool = True  # False: too long for ``reproduce all``; run it by name
+
+
+# The stages of ``mdlens reproduce``, in the order ``all`` runs them. A new analysis is one more row
+# (before "report", which reads the JSON files the others wrote into DIR/<name>/ under ``all``).
+REPRODUCTIONS: dict[str, Stage] = {
+    "estimators": Stage("mdlens.analyses.estimators", "MD vs Bayes across sequence lengths"),
+    "trained": Stage("mdlens.analyses.trained", "the shipped trained models against the references"),
+    "two-step": Stage("mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction"),
+    "mechanisms": Stage("mdlens.analyses.mechanisms", "probes, patching and attention of each model"),
+    "step-sizes": Stage("mdlens.analyses.step_sizes", "the step size each model implements"),
+    "training-mechanism": Stage(
+        "mdlens.analyses.training_mechanism", "the training study (trains models: tens of minutes)", in_all=False
+    ),
+    "report": Stage("mdlens.analyses.report", "REPORT.md from the JSON files the others wrote"),
 }
-# Left out of ``reproduce all``: they train models (tens of minutes on a CPU); run them by name.
-NOT_IN_ALL = ("training-mechanism",)
 
 
-def _benchmark_modules() -> list[str]:
-    """Every ``analyses/bench_*.py`` module, each with a ``main(quick: bool)`` that prints ratios."""
-    import mdlens.analyses as analyses
+class UsageError(Exception):
+    """A mistake in the command line, printed in argparse's ``error:`` form (see :func:`_handler`)."""
+
+
+def _handler(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], None]):
+    """``command`` with its :class:`UsageError` shown as ``parser``'s usage line and
+    ``mdlens <command>: error: ...``, exit status 2 (``argparse.ArgumentParser.error``)."""
+
+    def handle(args: argparse.Namespace) -> None:
+        try:
+            command(args)
+        except UsageError as error:
+            parser.error(str(error))
+
+    return handle
+
+
+def _benchmark_names() -> list[str]:
+    """Every ``analyses/bench_<name>.py``, by name; each module has a ``main(quick: bool)`` that prints ratios."""
+    import mdlens.analyses as analyses  # the package's __init__ is light: no torch
 
     return sorted(
-        f"mdlens.analyses.{info.name}"
+        info.name.removeprefix("bench_")
         for info in pkgutil.iter_modules(analyses.__path__)
         if info.name.startswith("bench_")
     )
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    names = [name for name in REPRODUCTIONS if name not in NOT_IN_ALL] if args.what == "all" else [args.what]
+    names = [name for name, stage in REPRODUCTIONS.items() if stage.in_all] if args.what == "all" else [args.what]
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
     for name in names:
         target = out / name if args.what == "all" and name != "report" else out
         start = time.perf_counter()
-        module = importlib.import_module(REPRODUCTIONS[name])
-        written = module.run(target, quick=args.quick)
+        module = importlib.import_module(REPRODUCTIONS[name].module)
+        try:
+            written = module.run(target, quick=args.quick)
+        except ValueError as error:
+            if name != "report":  # an analysis computes from nothing the user gave: a bug
+                raise
+            raise UsageError(str(error)) from error  # the report reads what earlier stages wrote
         print(f"[mdlens] reproduce {name}: {time.perf_counter() - start:.1f} s, wrote:")
         for path in written.get("files", []):
             print(f"  {path}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    modules = _benchmark_modules()
-    if args.only:
-        modules = [m for m in modules if m.endswith(f"bench_{args.only}")]
-        if not modules:
-            known = ", ".join(m.removeprefix("mdlens.analyses.bench_") for m in _benchmark_modules())
-            raise SystemExit(f"unknown benchmark {args.only!r}; known: {known}")
-    for name in modules:
-        print(f"\n=== {name} ===", flush=True)
-        importlib.import_module(name).main(quick=args.quick)
+    names = [args.only] if args.only else _benchmark_names()
+    for name in names:
+        module = f"mdlens.analyses.bench_{name}"
+        print(f"\n=== {module} ===", flush=True)
+        importlib.import_module(module).main(quick=args.quick)
+
+
+def _train(args: argparse.Namespace) -> None:
+    try:  # the configs first, without torch: a mistake in them is reported at once
+        run, config = resolve_configs(args)
+        check_run_directories(run, config)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    from mdlens.train_cli import CommandLineError, train_run  # torch and TransformerLens
+
+    try:
+        train_run(run, config)
+    except CommandLineError as error:
+        raise UsageError(str(error)) from error
+
+
+def _stage_list() -> str:
+    width = max(map(len, REPRODUCTIONS))
+    lines = [f"  {name:<{width}}  {stage.summary}" for name, stage in REPRODUCTIONS.items()]
+    left_out = [name for name, stage in REPRODUCTIONS.items() if not stage.in_all]
+    lines.append(f"  {'all':<{width}}  every stage above but {', '.join(left_out)}, into DIR/<stage>/")
+    return "stages:\n" + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdlens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    reproduce = commands.add_parser("reproduce", help="run an analysis; writes JSON and PNG")
-    reproduce.add_argument("what", choices=[*REPRODUCTIONS, "all"])
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run an analysis; writes JSON and PNG",
+        description="Run an analysis of the paper's claims; it writes JSON and PNG files into --out.",
+        epilog=_stage_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reproduce.add_argument("what", choices=[*REPRODUCTIONS, "all"], help="the stage to run (listed below)")
     reproduce.add_argument("--out", required=True, help="output directory")
     reproduce.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
-    reproduce.set_defaults(handler=_reproduce)
+    reproduce.set_defaults(handler=_handler(reproduce, _reproduce))
 
-    bench = commands.add_parser("bench", help="run the benchmarks in analyses/ and print ratios")
-    bench.add_argument("--only", help="run one benchmark, e.g. 'estimators'")
+    benchmarks = _benchmark_names()
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks in analyses/ and print ratios",
+        description="Run the benchmarks (analyses/bench_*.py) and print their speed ratios.",
+    )
+    bench.add_argument("--only", choices=benchmarks, help=f"run one benchmark: {', '.join(benchmarks)}")
     bench.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
-    bench.set_defaults(handler=_bench)
+    bench.set_defaults(handler=_handler(bench, _bench))
 
-    train = commands.add_parser("train", help="train a model on the MTD task; writes a loadable checkpoint")
+    train = commands.add_parser(
+        "train",
+        help="train a model on the MTD task; writes a loadable checkpoint",
+        description=(
+            "Train a model on the MTD task and save it to --out (mdlens.load(out) reads it). Every flag is a "
+            "field of the run's configs; --config FILE.json sets any of them by name."
+        ),
+    )
     add_train_arguments(train)
-
+    train.set_defaults(handler=_handler(train, _train))
     return parser
 
 

@@ -30,139 +30,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_int, check_positive, check_tokens, check_transition, check_weights
+from mdlens import estimators as E
+from mdlens._validation import check_tokens, check_transition, check_weights
 from mdlens.evaluation import evaluate, make_held_out
 from mdlens.predict import output_type_of
-
-LOSSES = ("mse", "ce")
-TARGETS = ("last", "all")
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
-# TrainConfig fields that do not change the trained weights: a resumed run may set them differently.
-RUNTIME_FIELDS = ("resume", "progress", "device", "checkpoint_dir", "checkpoint_every", "eval_every", "log_every")
-
-
-def config_field(default, text: str):
-    """A :class:`TrainConfig` field with its one-line help (``mdlens train --help`` shows it)."""
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run (and nothing else: same config and seed, same weights).
-
-    Each field's ``metadata["help"]`` says what it does; ``mdlens train`` makes one flag of each
-    (:mod:`mdlens.train_cli`). Two of them need more than a line:
-
-    - ``position_weight_exponent``: with ``targets="all"``, the loss at position ``t`` is weighted by
-      ``(t - m) ** position_weight_exponent`` (normalised to mean 1 over the positions). 0 is the plain
-      mean; > 0 leans on long prefixes (the excess KL of an estimator falls roughly like ``1 / (t - m)``,
-      so 1 makes each position's *relative* error count about equally); < 0 leans on short ones (-0.5
-      from scratch kept the 3-layer model's outputs positive on short prefixes, where the MSE optimum
-      lets small ones dip below zero: an infinite KL; it did not for 5 layers, ``shortfall_weight`` did).
-    - ``shortfall_weight``: with ``loss="mse"``, add ``shortfall_weight * sum_v relu(p*_v / 2 - p_v)^2 / p*_v``
-      (over ``p*_v > 0``) to each position's loss, where ``p*`` is the true predictive and ``p`` the
-      model's. It is zero unless the model puts less than half the true probability on some token: the
-      error that makes the KL large (infinite once ``p_v <= 0``) while costing MSE almost nothing when
-      ``p*_v`` is small, hence the chi-square-like division by ``p*_v``. 0 is the paper's plain MSE.
-    """
-
-    steps: int = config_field(2000, "optimizer steps in total (a resumed run continues up to this number)")
-    batch_size: int = config_field(64, "sequences per step, each with its own fresh lambda")
-    seq_len: int = config_field(192, "training context length T (mdlens train: also the model's n_ctx)")
-    lr: float = config_field(3e-3, "peak learning rate")
-    optimizer: str = config_field("adam", "adam | adamw")
-    weight_decay: float = config_field(0.0, "the optimizer's weight decay")
-    lr_schedule: str = config_field(
-        "cosine", "constant | cosine (decay to min_lr_ratio * lr at the last step), after the warm-up"
-    )
-    warmup_steps: int = config_field(0, "steps of linear learning-rate warm-up")
-    min_lr_ratio: float = config_field(0.05, "the cosine schedule's final learning rate, as a fraction of lr")
-    grad_clip: float | None = config_field(1.0, "clip the global gradient norm to this value (none: no clipping)")
-    loss: str = config_field(
-        "mse",
-        "mse (on the predicted distribution, the paper's) | ce (cross-entropy against the true predictive; "
-        "needs a model that outputs logits)",
-    )
-    targets: str = config_field("all", "last (the paper's) | all (every position t > m)")
-    position_weight_exponent: float = config_field(
-        0.0, "with targets all: weight the loss at position t by (t - m)^this (mean 1); > 0 leans on long prefixes"
-    )
-    shortfall_weight: float = config_field(
-        0.0,
-        "with loss mse: add this times (p*/2 - p)^2 / p* for each output p below half its true probability p* "
-        "(keeps small ones positive)",
-    )
-    freeze_layers: int = config_field(
-        0, "keep the parameters of the first N layers as they are (e.g. those grown from)"
-    )
-    curriculum_start_len: int | None = config_field(
-        None, "grow T linearly from this length to seq_len over curriculum_steps (none: no curriculum)"
-    )
-    curriculum_steps: int = config_field(0, "steps of the length curriculum")
-    eval_every: int = config_field(250, "evaluate on the held-out batch every N steps (0: only at the end)")
-    eval_batch_size: int = config_field(
-        512, "sequences in the held-out batch (and in the batch its references are tuned on)"
-    )
-    eval_seed: int = config_field(1234, "seed of the held-out batch (the same batch whatever the training seed)")
-    eval_bayes: bool = config_field(True, "also score the exact Bayes reference on the held-out batch (once)")
-    checkpoint_dir: str | None = config_field(
-        None, "where to write the training state (none: nowhere; mdlens train: the --out directory)"
-    )
-    checkpoint_every: int = config_field(500, "write the training state every N steps, and at the end")
-    resume: bool = config_field(False, "continue from the training state in checkpoint_dir, if there is one")
-    seed: int = config_field(0, "seed of the training batches (mdlens train: also of the model's initialisation)")
-    device: str = config_field("auto", "auto (CUDA when present) | cpu | cuda")
-    progress: bool = config_field(True, "show a progress bar with the live loss and KL")
-    log_every: int = config_field(10, "record the training loss every N steps")
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "log_every"):
-            check_int(getattr(self, name), name, 1)
-        for name in (
-            "warmup_steps",
-            "freeze_layers",
-            "curriculum_steps",
-            "eval_every",
-            "checkpoint_every",
-            "seed",
-            "eval_seed",
-        ):
-            check_int(getattr(self, name), name, 0)
-        check_positive(self.lr, "lr")
-        if self.grad_clip is not None:
-            check_positive(self.grad_clip, "grad_clip")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for name, allowed in (
-            ("loss", LOSSES),
-            ("targets", TARGETS),
-            ("optimizer", OPTIMIZERS),
-            ("lr_schedule", LR_SCHEDULES),
-            ("device", DEVICES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.curriculum_start_len is not None and not 1 <= self.curriculum_start_len <= self.seq_len:
-            raise ValueError(
-                f"curriculum_start_len must lie in [1, seq_len={self.seq_len}], got {self.curriculum_start_len}"
-            )
-        if not math.isfinite(self.position_weight_exponent):
-            raise ValueError(f"position_weight_exponent must be finite, got {self.position_weight_exponent}")
-        if self.position_weight_exponent != 0 and self.targets != "all":
-            raise ValueError(
-                "position_weight_exponent weights the positions of targets='all'; with "
-                f"targets={self.targets!r} there is one position"
-            )
-        if not (math.isfinite(self.shortfall_weight) and self.shortfall_weight >= 0):
-            raise ValueError(f"shortfall_weight must be finite and >= 0, got {self.shortfall_weight}")
-        if self.shortfall_weight != 0 and self.loss != "mse":
-            raise ValueError(f"shortfall_weight adds to loss='mse'; loss={self.loss!r} is already infinite at p_v = 0")
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir to resume from")
+from mdlens.train_config import RUNTIME_FIELDS, TrainConfig  # torch-free: mdlens train --help lists it
 
 
 @dataclass
@@ -338,20 +210,10 @@ def save_train_state(
     return path
 
 
-def load_train_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    result: TrainResult,
-    config: TrainConfig,
-) -> int:
-    """Load the state in ``directory`` into ``model``, ``optimizer``, ``generator`` and ``result``.
-
-    Returns the number of steps already done: 0 when ``directory`` holds no training state (a fresh
-    start). Raises ``ValueError`` for a state it cannot continue: unreadable, written by an older mdlens,
-    for another model, or under another recipe.
-    """
+def read_train_state(directory: Path, model: torch.nn.Module, config: TrainConfig) -> dict | None:
+    """The training state in ``directory`` if ``model`` under ``config`` can continue it; ``None`` when
+    there is none (a fresh start). ``ValueError`` for a state it cannot continue: unreadable, written by an
+    older mdlens, for another model, or under another recipe."""
     path = directory / STATE_FILE
     if not path.exists():
         old = [name for name in OLD_STATE_FILES if (directory / name).exists()]
@@ -360,7 +222,7 @@ def load_train_state(
                 f"cannot resume from {directory}: {old} is a training state in the format before "
                 f"{STATE_FILE}, which mdlens no longer reads; start the run again without resume"
             )
-        return 0
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or foreign: torch raises several types here
@@ -381,11 +243,32 @@ def load_train_state(
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     if shapes != {name: tuple(value.shape) for name, value in state["model"].items()}:
         raise ValueError(f"cannot resume from {path}: it does not fit this model (other parameters or shapes)")
+    return state
+
+
+def load_train_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    result: TrainResult,
+    config: TrainConfig,
+) -> int:
+    """Load the state in ``directory`` into ``model``, ``optimizer``, ``generator`` and ``result``.
+
+    Returns the number of steps already done: 0 when ``directory`` holds no training state (a fresh
+    start). Raises ``ValueError`` for a state it cannot continue (:func:`read_train_state`).
+    """
+    state = read_train_state(directory, model, config)
+    if state is None:
+        return 0
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"cannot resume from {path}: it does not fit this model ({error})") from error
+        raise ValueError(
+            f"cannot resume from {directory / STATE_FILE}: it does not fit this model ({error})"
+        ) from error
     generator.set_state(state["generator"])
     result.losses = [tuple(pair) for pair in state["losses"]]
     result.evals = state["evals"]
@@ -413,6 +296,30 @@ def freeze_first_layers(model: HookedTransformer, n_layers: int) -> list[torch.n
     return frozen
 
 
+def check_train_inputs(model: HookedTransformer, task, config: TrainConfig) -> None:
+    """Every check :func:`train` makes before its first step, as a ``ValueError`` that names the
+    argument to change: the model fits the task and the config, the device exists, the held-out exact
+    Bayes reference is within reach, and a ``resume`` state can be continued."""
+    output_type = output_type_of(model)
+    if config.loss == "ce" and output_type != "logits":
+        raise ValueError(f"loss='ce' needs a model with output_type 'logits', this one outputs {output_type!r}")
+    if model.cfg.d_vocab != task.vocab_size:
+        raise ValueError(f"model vocabulary {model.cfg.d_vocab} != task vocabulary {task.vocab_size}")
+    if model.cfg.n_ctx < config.seq_len:
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
+    if config.seq_len <= task.order:
+        raise ValueError(f"seq_len={config.seq_len} must exceed the task's order m={task.order}")
+    if config.freeze_layers > model.cfg.n_layers:
+        raise ValueError(f"freeze_layers={config.freeze_layers} exceeds the model's {model.cfg.n_layers} layers")
+    resolve_device(config.device)
+    if config.eval_bayes:
+        E.check_exact_bayes_size(
+            config.seq_len, task.order, "pass eval_bayes=False (mdlens train --no-eval-bayes) to leave it out"
+        )
+    if config.resume:
+        read_train_state(Path(config.checkpoint_dir), model, config)
+
+
 # Called after each held-out evaluation as ``callback(step, model, evaluation)`` (see :func:`train`).
 EvalCallback = Callable[[int, HookedTransformer, dict], None]
 
@@ -431,13 +338,8 @@ def train(model: HookedTransformer, task, config: TrainConfig, callback: EvalCal
     format of earlier mdlens versions, ``train_state.safetensors`` + ``.json``, is refused with a
     ``ValueError`` that says so).
     """
+    check_train_inputs(model, task, config)
     output_type = output_type_of(model)
-    if config.loss == "ce" and output_type != "logits":
-        raise ValueError(f"loss='ce' needs a model with output_type 'logits', this one outputs {output_type!r}")
-    if model.cfg.d_vocab != task.vocab_size:
-        raise ValueError(f"model vocabulary {model.cfg.d_vocab} != task vocabulary {task.vocab_size}")
-    if model.cfg.n_ctx < config.seq_len:
-        raise ValueError(f"seq_len={config.seq_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
     device = resolve_device(config.device)
     if next(model.parameters()).device != device:
         model.to(device)
@@ -499,9 +401,10 @@ def _train_loop(
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             result.losses.append((done, loss.item()))
-            bar.set_postfix(
-                loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.final_eval.get('kl_model', float('nan')):.3g}"
-            )
+            shown = {"loss": f"{result.losses[-1][1]:.3g}"}
+            if result.evals:  # no KL to show before the first evaluation
+                shown["kl"] = f"{result.evals[-1]['kl_model']:.3g}"
+            bar.set_postfix(shown)
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             result.evals.append({"step": done, "kl_model": evaluate(model, held_out), **held_out.references})
             bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.evals[-1]['kl_model']:.3g}")
