@@ -387,6 +387,7 @@ def patching_heatmap(
                 return E.kl_divergence(clean_probs, patched_probs).mean()
 
         n_layers, n_positions = model.cfg.n_layers, run_tokens.shape[1]
+        run_tokens = run_tokens.to(device)
         heatmap = torch.zeros(n_layers, n_positions, dtype=torch.float64)
         cells = [(layer, position) for layer in range(n_layers) for position in range(n_positions)]
         for layer, position in tqdm(cells, desc=f"patching hook_{hook}", disable=not progress):
@@ -395,7 +396,7 @@ def patching_heatmap(
             def patch(activation: Tensor, hook, index=(layer, position), source=source_cache[name]) -> Tensor:
                 return tl_patching.layer_pos_patch_setter(activation, list(index), source)
 
-            output = model.run_with_hooks(run_tokens.to(device), fwd_hooks=[(name, patch)])
+            output = model.run_with_hooks(run_tokens, fwd_hooks=[(name, patch)])
             heatmap[layer, position] = _metric_value(metric(output))
     return heatmap
 

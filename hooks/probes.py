@@ -446,6 +446,8 @@ def _heads_at(model: HookedTransformer, hook_names: list[str], tokens: Tensor) -
                 f"of positions, not an activation per position that a probe can read. Probe hook_z or hook_result "
                 f"(per head) or the residual instead; mdlens.hooks.attention compares patterns"
             )
+    if not hook_names:
+        return {}
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens.to(model_device(model)), names_filter=list(hook_names))
     heads = {}

@@ -10,7 +10,8 @@ A model says what its output is through ``model.output_type``:
 
 :func:`output_to_probs` is defined next to the models (``mdlens.models._tl``) because their own
 TransformerLens paths use it too: ``model(tokens, return_type="loss")`` is the cross-entropy of this
-distribution and ``model.generate`` samples from it.
+distribution (for a "probs" model of order ``m``, on the positions ``t > m`` it predicts; see
+:func:`mdlens.models._tl.probs_cross_entropy`) and ``model.generate`` samples from it.
 """
 
 from __future__ import annotations

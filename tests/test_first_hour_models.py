@@ -29,6 +29,7 @@ from mdlens.construction import build_md_transformer
 from mdlens.hooks.patching import patching_heatmap
 from mdlens.hooks.probes import fit_probe, probe_model
 from mdlens.models import composition_scores, standard_transformer
+from mdlens.models.disentangled import RescaledStepWarning
 from mdlens.models.tokenizer import attach_tokenizer
 from mdlens.predict import output_to_probs, predict_next
 
@@ -381,7 +382,7 @@ def test_a_construction_read_on_fewer_tokens_warns_once_with_its_step(task):
         predict_next(model, sample_tokens(task, 2, short, seed=19))
         predict_next(model, sample_tokens(task, 2, short - 1, seed=20))  # once per model
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1
+    assert len(messages) == 1 and caught[0].category is RescaledStepWarning
     assert f"built for seq_len={T}; on T={short} tokens" in messages[0]
     assert f"eta_T = beta / (m (T - m)) = {beta / (M * (short - M)):.4g}" in messages[0]
     assert f"not the eta = {ETA:.4g}" in messages[0]

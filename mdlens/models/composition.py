@@ -44,6 +44,10 @@ and, for a copy map, is exactly the fraction of the reader's mass on the block t
 Zero matrices (the construction's ``W_QK`` in layers 2-3, its unused ``rel_query`` and
 ``rel_value``) make the ratio 0/0, where TransformerLens returns NaN without a word. Here the score
 is 0 (the composed map is zero: nothing composes) and one warning names the zero matrices.
+
+Every mdlens model's own ``model.all_composition_scores(mode)`` returns ``composition_scores(model,
+mode).total`` (:class:`~mdlens.models._tl.MDLensTransformer`), so a TransformerLens notebook gets these
+scores; ``HookedTransformer.all_composition_scores(model, mode)`` is still TransformerLens's.
 """
 
 from __future__ import annotations

@@ -95,6 +95,12 @@ DEFAULT_INIT_STD = 0.02
 RPE_HOOK_NAMES = ("rel_scores", "key_pos_scores", "rel_query_scores", "rel_values")
 
 
+class RescaledStepWarning(UserWarning):
+    """A construction read on fewer tokens than its ``seq_len`` runs MD with a larger step there. Code
+    that does so on purpose (step-size schedules, views of a few tokens) silences exactly this with
+    ``warnings.simplefilter("ignore", RescaledStepWarning)``."""
+
+
 def _frozen(tensor: Tensor) -> nn.Parameter:
     """A parameter that state_dict, ``model.OV`` and TL's tools see, but the optimiser does not."""
     return nn.Parameter(tensor, requires_grad=False)
@@ -431,7 +437,7 @@ class DisentangledTransformer(MDLensTransformer):
         ``scales``) reads ``m < T < seq_len`` tokens: its scales act on prefix *means*, so its last
         position then runs MD with the first step ``eta_T = a / (m (T - m))`` (``a = beta`` for one step),
         a larger step than the ``a / (m (seq_len - m))`` it was built with. Exact, and documented in
-        :mod:`mdlens.construction`, but easy to miss."""
+        :mod:`mdlens.construction`, but easy to miss: a :class:`RescaledStepWarning`."""
         md_params = getattr(self, "md_params", None)
         if getattr(self, "_warned_step_rescaled", False) or not isinstance(md_params, dict):
             return
@@ -450,6 +456,7 @@ class DisentangledTransformer(MDLensTransformer):
             f"{what} = {first_scale / (m * (n_pos - m)):.4g}, not the eta = {first_scale / (m * (seq_len - m)):.4g} "
             f"it has at T={seq_len}. Build it with seq_len={n_pos} for that step at T={n_pos} (this warning is "
             f"shown once per model)",
+            RescaledStepWarning,
             stacklevel=2,
         )
 
