@@ -3,6 +3,7 @@
 runs the real command in a subprocess and fails before any training step."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def run_mdlens(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 

@@ -154,3 +154,19 @@ def test_killed_after_the_state_before_the_model_resumes_to_the_same_model(tmp_p
         assert torch.equal(value, resumed.state_dict()[name]), name
     report = json.loads(Path(tmp_path / "killed" / "train.json").read_text())
     assert report["fields"]["resume"] is True and report["samples"] == 6 * 8
+
+
+def test_a_run_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
+    common = ["train", "--layers", "1", "--seq-len", "8", "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
+    common += ["--eval-batch-size", "4", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    cli_main([*common, "--seed", "0"])
+    first = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        cli_main([*common, "--seed", "1"])
+    assert refused.value.code == 2
+    assert "already holds files (model.json, model.safetensors, train.json, train_state.pt)" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == first  # nothing was touched
+    cli_main([*common, "--seed", "1", "--overwrite"])
+    replaced = json.loads((tmp_path / "train.json").read_text())
+    assert replaced["train_config"]["seed"] == 1 and replaced["fields"]["overwrite"] is True
+    assert (tmp_path / "model.safetensors").read_bytes() != first["model.safetensors"]
