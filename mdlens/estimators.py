@@ -40,11 +40,12 @@ from mdlens._validation import (
 # Exact Bayes keeps a dense table of (N+1)^(m-1) cells over the first m-1 lag counts (N = T-m
 # scored positions) and, at scored position k, updates the (k+1)^(m-1) cells reachable so far: one
 # sequence costs sum_{k=1..N} (k+1)^(m-1) ~ (N+1)^m / m cell updates (count vectors x positions),
-# 7-20 ns each on one CPU core while the table fits in the cache, 70-100 ns once it does not.
-# It refuses a sequence above MAX_EXACT_WORK updates (time) or MAX_EXACT_CELLS cells (memory and
-# cache: two float64 tables of 32 MiB): m=2 up to T = 32768, m=3 up to T = 1173 (time), m=4 up to
-# T = 164, m=5 up to T = 49, m=6 up to T = 26 (memory). The longest sequence each allows took 5-11 s
-# of one core's time for m=2 and m=3 (the README has the numbers).
+# 7-40 ns each on one CPU core (more for larger m and tables), 70-100 ns once the table is far
+# beyond the cache. It refuses a sequence above MAX_EXACT_WORK updates (time) or MAX_EXACT_CELLS
+# cells (memory and cache: two float64 tables of 32 MiB): m=2 up to T = 32768, m=3 up to T = 1173
+# (time), m=4 up to T = 164, m=5 up to T = 49, m=6 up to T = 26 (memory). On one core of a 2-core
+# machine the longest sequence took 7 s (m=3; 11 s with every prefix), 5 s (m=2), 4 s (m=4) and
+# about 1 s (m=5, 6) of CPU time.
 MAX_EXACT_WORK = 2**29
 MAX_EXACT_CELLS = 2**22
 # A job of more cell updates than this (all sequences together: a second or more) shows a progress
