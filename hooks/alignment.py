@@ -81,9 +81,9 @@ HEAD_HOOKS = ("hook_z", "hook_result", "hook_q", "hook_k", "hook_v")
 # instead, then renormalised, in training and scoring alike: a clipped entry costs a large, finite
 # KL and keeps a gradient, and a random-init model's all-negative rows can still be scored.
 PROBS_FLOOR = 1e-6
-# The read space keeps the top singular directions of the output Jacobian holding this share of
-# its squared norm.
-READ_ENERGY = 0.99
+# The read space keeps the right-singular directions of the output Jacobian whose singular value
+# exceeds this fraction of the largest (its numerical row space).
+READ_RTOL = 1e-6
 # Fidelity within this of the best rank counts as saturated.
 SATURATION_TOLERANCE = 0.01
 # DAS's random starts (see _train_basis).
@@ -238,20 +238,25 @@ class _Site:
     width: int  # of the flattened feature axis
     positions: str  # "last" or "scored"
     head_axis: bool  # activation [batch, pos, head, d_head], flattened to [batch, pos, head * d_head]
-    start_at_layer: int | None  # run the model from this block on the residual (resid hooks only)
+    # The residual hook whose value is (residual + this activation's change) and the block that
+    # TransformerLens's ``start_at_layer`` resumes from with it; None: run the whole model with a hook.
+    resume: tuple[str, int] | None
 
 
-def _resid_start_layer(hook_name: str, n_layers: int) -> int | None:
-    """``blocks.{l}.hook_resid_pre`` -> ``l``, ``blocks.{l}.hook_resid_post`` -> ``l + 1``: the block
-    TransformerLens's ``start_at_layer`` resumes from with that residual; None for other hooks."""
+def _resume_point(model: HookedTransformer, hook_name: str) -> tuple[str, int] | None:
+    """Where an intervention at ``hook_name`` can resume the model from the residual:
+    ``blocks.{l}.hook_resid_pre`` (block ``l``), ``blocks.{l}.hook_resid_post`` (block ``l + 1``), and
+    the outputs that are only added to ``blocks.{l}.hook_resid_post`` (``hook_mlp_out``, and
+    ``hook_attn_out`` of an attention-only block). The last residual resumes at ``n_layers``
+    (no block, only the unembedding)."""
     parts = hook_name.split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
-        layer = int(parts[1])
-        if parts[2] == "hook_resid_pre":
-            return layer
-        if parts[2] == "hook_resid_post":
-            return layer + 1 if layer + 1 <= n_layers else None
-    return None
+    if not (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit()):
+        return None
+    layer, name = int(parts[1]), parts[2]
+    if name == "hook_resid_pre":
+        return hook_name, layer
+    added_to_post = name in ("hook_resid_post", "hook_mlp_out") or (name == "hook_attn_out" and model.cfg.attn_only)
+    return (f"blocks.{layer}.hook_resid_post", layer + 1) if added_to_post else None
 
 
 def _residual_hook_of_block(block: str) -> str:
@@ -293,10 +298,10 @@ def _site(model: HookedTransformer, hook_name: str, variable: str, tokens: Tenso
         raise ValueError(f"the activation at {hook_name!r} must be [batch, pos, d], got shape {tuple(shape)}")
     width = shape[2] * shape[3] if head_axis else shape[2]
     coordinates = slice(0, width) if block is None else layout[block]
-    start = None if head_axis else _resid_start_layer(hook_name, model.cfg.n_layers)
+    resume = None if head_axis else _resume_point(model, hook_name)
     if block is not None and coordinates.stop > width:
         raise ValueError(f"block {block} {coordinates} does not fit the activation of width {width}")
-    return _Site(hook_name, coordinates, width, VARIABLE_POSITIONS.get(variable, "last"), head_axis, start)
+    return _Site(hook_name, coordinates, width, VARIABLE_POSITIONS.get(variable, "last"), head_axis, resume)
 
 
 def _position_index(site: _Site, seq_len: int, order: int) -> slice:
@@ -311,9 +316,10 @@ def _position_index(site: _Site, seq_len: int, order: int) -> slice:
 class _Intervener:
     """Runs ``model`` on base tokens with a subspace of one activation taken from source runs.
 
-    Activations are cached once per pair set (they do not depend on the subspace): the source's at
-    the intervened positions, and, for residual hooks, the base's whole residual there, so that each
-    training step runs only the blocks after the hook (TransformerLens's ``start_at_layer``).
+    Activations are cached once per pair set (they do not depend on the subspace): the base's and
+    the source's at the intervened positions and, where the site has a resume point, the base's
+    whole residual there, so that each training step runs only the blocks after it
+    (TransformerLens's ``start_at_layer``) instead of the whole model.
     """
 
     def __init__(self, model: HookedTransformer, site: _Site, order: int):
@@ -321,57 +327,53 @@ class _Intervener:
         self.output_type = output_type_of(model)
         self.device = model_device(model)
 
-    def cache(self, tokens: Tensor) -> Tensor:
-        """The flattened activation at the hook, ``[B, T, width]`` (no grad)."""
-        name = self.site.hook_name
+    def cache(self, tokens: Tensor, name: str | None = None) -> Tensor:
+        """The (flattened) activation at the site's hook, or at ``name``, ``[B, T, width]`` (no grad)."""
+        name = name or self.site.hook_name
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(
                 tokens.to(self.device), names_filter=lambda n: n == name, return_type=None
             )
         activation = cache[name]
-        return activation.flatten(2) if self.site.head_axis else activation
+        return (activation.flatten(2) if self.site.head_axis else activation).clone()
 
     def output(
         self,
-        tokens_base: Tensor,
-        base_acts: Tensor | None,
-        source_acts: Tensor,
+        pairs: _Pairs,
         basis: Tensor | None,
         floor: float | None = PROBS_FLOOR,
         projector: Tensor | None = None,
     ) -> Float[Tensor, "batch q"]:
         """Next-token distribution ``[B, q]`` of the intervened runs (differentiable in ``basis``).
 
-        ``source_acts``: ``[B, n_positions, width]`` at the intervened positions; ``base_acts``: the
-        base's full residual ``[B, T, width]`` when the site resumes with ``start_at_layer``.
-        ``projector``: a ``[c, c]`` matrix over the site's coordinates used instead of
-        ``basis basis^T`` (the first-order initialisation differentiates with respect to it).
-        ``floor``: where a "probs" output is clipped (``PROBS_FLOOR``; ``None``: the exact
-        :func:`mdlens.predict.output_to_probs`)."""
-        site, positions = self.site, _position_index(self.site, tokens_base.shape[1], self.order)
+        ``basis``: ``[width, rank]`` orthonormal columns; or ``projector``, a ``[c, c]`` matrix over the
+        site's coordinates used instead of ``basis basis^T``. ``floor``: where a "probs" output is
+        clipped (``PROBS_FLOOR``; ``None``: the exact :func:`mdlens.predict.output_to_probs`)."""
+        site = self.site
+        positions = _position_index(site, pairs.tokens_base.shape[1], self.order)
         coordinates = site.coordinates
         if projector is None:
             projector = basis[coordinates] @ basis[coordinates].T
-        projector = projector.to(source_acts.dtype)
+        projector = projector.to(pairs.source_site.dtype)
+        # h <- h + (h_source - h) R R^T on the intervened positions, inside the site's coordinates.
+        delta = (pairs.source_site[..., coordinates] - pairs.base_site[..., coordinates]) @ projector
 
-        def swap(activation: Tensor) -> Tensor:
-            # h <- h + (h_source - h) R R^T on the intervened positions, inside the site's coordinates.
-            part = activation[:, positions, coordinates]
-            delta = (source_acts[..., coordinates] - part) @ projector
-            inside = torch.zeros_like(activation)
-            inside[:, positions, coordinates] = delta
-            return activation + inside
+        def add_delta(activation: Tensor) -> Tensor:
+            change = torch.zeros_like(activation)
+            change[:, positions, coordinates] = delta
+            return activation + change
 
-        if site.start_at_layer is not None and base_acts is not None:
-            raw = self.model(swap(base_acts), start_at_layer=site.start_at_layer)[:, -1]
+        if site.resume is not None:
+            raw = self.model(add_delta(pairs.base_resid), start_at_layer=site.resume[1])[:, -1]
         else:
 
             def hook(activation: Tensor, hook) -> Tensor:
                 if not site.head_axis:
-                    return swap(activation)
-                return swap(activation.flatten(2)).unflatten(2, activation.shape[2:])
+                    return add_delta(activation)
+                return add_delta(activation.flatten(2)).unflatten(2, activation.shape[2:])
 
-            raw = self.model.run_with_hooks(tokens_base.to(self.device), fwd_hooks=[(site.hook_name, hook)])[:, -1]
+            raw = self.model.run_with_hooks(pairs.tokens_base.to(self.device), fwd_hooks=[(site.hook_name, hook)])
+            raw = raw[:, -1]
         return _to_probs(raw.to(torch.float64).cpu(), self.output_type, floor)
 
     def base_output(self, tokens: Tensor) -> Float[Tensor, "batch q"]:
@@ -399,39 +401,40 @@ class _Pairs:
 
     tokens_base: Tensor
     tokens_source: Tensor
-    base_acts: Tensor | None  # the base's whole activation, for sites run with start_at_layer
-    source_acts: Tensor  # the source's activation at the intervened positions
+    base_site: Tensor  # the base's activation at the intervened positions, [B, n_positions, width]
+    source_site: Tensor  # the source's, the same shape
+    base_resid: Tensor | None  # the base's whole residual at the site's resume point, [B, T, d_model]
     counterfactual: Tensor
 
     def __len__(self) -> int:
         return self.tokens_base.shape[0]
 
     def rows(self, index: slice | Tensor) -> _Pairs:
-        base = None if self.base_acts is None else self.base_acts[index]
         return _Pairs(
             self.tokens_base[index],
             self.tokens_source[index],
-            base,
-            self.source_acts[index],
+            self.base_site[index],
+            self.source_site[index],
+            None if self.base_resid is None else self.base_resid[index],
             self.counterfactual[index],
         )
 
     def with_counterfactual(self, counterfactual: Tensor) -> _Pairs:
-        return _Pairs(self.tokens_base, self.tokens_source, self.base_acts, self.source_acts, counterfactual)
+        return _Pairs(
+            self.tokens_base, self.tokens_source, self.base_site, self.source_site, self.base_resid, counterfactual
+        )
 
 
 def _prepare(intervener: _Intervener, tokens_a: Tensor, tokens_b: Tensor, counterfactual: Tensor) -> _Pairs:
     positions = _position_index(intervener.site, tokens_a.shape[1], intervener.order)
-    source_acts = intervener.cache(tokens_b)[:, positions].clone()
-    base_acts = intervener.cache(tokens_a).clone() if intervener.site.start_at_layer is not None else None
-    return _Pairs(tokens_a, tokens_b, base_acts, source_acts, counterfactual)
-
-
-def _base_at_positions(intervener: _Intervener, pairs: _Pairs) -> Tensor:
-    """The base's activation at the intervened positions, ``[B, n_positions, width]``."""
-    positions = _position_index(intervener.site, pairs.tokens_base.shape[1], intervener.order)
-    acts = pairs.base_acts if pairs.base_acts is not None else intervener.cache(pairs.tokens_base)
-    return acts[:, positions]
+    resume = intervener.site.resume
+    base_resid = None if resume is None else intervener.cache(tokens_a, resume[0])
+    if resume is not None and resume[0] == intervener.site.hook_name:
+        base_site = base_resid[:, positions]
+    else:
+        base_site = intervener.cache(tokens_a)[:, positions]
+    source_site = intervener.cache(tokens_b)[:, positions]
+    return _Pairs(tokens_a, tokens_b, base_site, source_site, base_resid, counterfactual)
 
 
 def _mean_kl(intervener: _Intervener, pairs: _Pairs, basis: Tensor, batch_size: int) -> float:
@@ -440,7 +443,7 @@ def _mean_kl(intervener: _Intervener, pairs: _Pairs, basis: Tensor, batch_size: 
     with torch.inference_mode():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs.rows(slice(start, start + batch_size))
-            output = intervener.output(chunk.tokens_base, chunk.base_acts, chunk.source_acts, basis)
+            output = intervener.output(chunk, basis)
             kls.append(_kl_per_pair(chunk.counterfactual, output))
     return float(torch.cat(kls).mean())
 
@@ -501,7 +504,7 @@ def _adam_steps(intervener, pairs, holder, optimiser, schedule, steps, batch_siz
 
 def _loss(intervener: _Intervener, pairs: _Pairs, basis: Tensor) -> Tensor:
     """Batch-mean ``KL(cf || intervened)`` for a basis over the site's coordinates ``[c, rank]``."""
-    output = intervener.output(pairs.tokens_base, pairs.base_acts, pairs.source_acts, None, projector=basis @ basis.T)
+    output = intervener.output(pairs, None, projector=basis @ basis.T)
     return _kl_per_pair(pairs.counterfactual, output).mean()
 
 
@@ -695,27 +698,27 @@ def _rows(acts: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _read_space(intervener: _Intervener, pairs: _Pairs, max_pairs: int = 64) -> Tensor:
     """Orthonormal basis ``[width, k]`` of the directions downstream computation reads at the site:
-    the top right-singular vectors (holding ``READ_ENERGY`` of the squared norm) of the Jacobian of
+    the right-singular vectors (singular value above ``READ_RTOL`` of the largest) of the Jacobian of
     the output distribution with respect to the activation at the intervened positions, pooled over
     base runs and positions."""
     chunk = pairs.rows(slice(0, max_pairs))
-    base_at_positions = _base_at_positions(intervener, chunk)
-    # Intervening with the base's own activation and the identity basis is the plain run; the gradient
-    # with respect to that "source" is the Jacobian with respect to the activation.
-    source = base_at_positions.detach().clone().to(torch.float64).requires_grad_(True)
-    width = source.shape[-1]
-    identity = torch.eye(width, dtype=torch.float64)
+    # Intervening with the base's own activation as the "source" and the identity basis is the plain
+    # run; the gradient with respect to that source is the Jacobian with respect to the activation.
+    source = chunk.base_site.detach().clone().to(torch.float64).requires_grad_(True)
+    identity = torch.eye(source.shape[-1], dtype=torch.float64)
+    as_source = _Pairs(
+        chunk.tokens_base, chunk.tokens_source, chunk.base_site, source, chunk.base_resid, chunk.counterfactual
+    )
     rows = []
     with _frozen(intervener.model):
-        output = intervener.output(chunk.tokens_base, chunk.base_acts, source.to(base_at_positions.dtype), identity)
+        output = intervener.output(as_source, identity)
         for token in range(output.shape[-1]):
             (gradient,) = torch.autograd.grad(output[:, token].sum(), source, retain_graph=True)
             rows.append(gradient.flatten(0, 1))
     jacobian = torch.cat(rows)[:, intervener.site.coordinates]
     _, singular, right = torch.linalg.svd(jacobian, full_matrices=False)
-    energy = (singular**2).cumsum(0) / (singular**2).sum()
-    keep = int((energy < READ_ENERGY).sum()) + 1
-    return _embed(right[:keep].T, intervener.site.coordinates, intervener.site.width)
+    keep = singular > READ_RTOL * singular.max()
+    return _embed(right[keep].T, intervener.site.coordinates, intervener.site.width)
 
 
 def align_variable(
@@ -730,11 +733,12 @@ def align_variable(
     *,
     high_level: MDCausalModel | None = None,
     held_out: float = 0.25,
-    steps: int = 300,
-    batch_size: int = 32,
+    steps: int = 150,
+    batch_size: int = 64,
     lr: float = 0.03,
     controls: bool = True,
     rank_sweep: bool = True,
+    sweep_steps: int | None = None,
     wrong_model: str = "permuted_lags",
     seed: int = 0,
     progress: bool = False,
@@ -757,7 +761,8 @@ def align_variable(
             scales, or the model's own effective step).
         steps, batch_size, lr: DAS's Adam: ``steps`` batches of ``batch_size`` training pairs drawn
             at random, learning rate ``lr`` decayed to 0 on a cosine.
-        controls: also run controls (a)-(c); rank_sweep: also DAS at ranks ``m-1..2m``.
+        controls: also run controls (a)-(c); rank_sweep: also DAS at ranks ``m-1..2m`` (with
+            ``sweep_steps`` steps each, default ``steps``).
         wrong_model: control (b)'s counterfactual, ``"permuted_lags"`` or ``"random_weights"``.
         seed: the initial basis, the pair order, the random subspace and the random-init model.
 
@@ -770,6 +775,7 @@ def align_variable(
     if not isinstance(held_out, float) or not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be a float in (0, 1), the share of pairs held out; got {held_out!r}")
     steps = check_int(steps, "steps", 1)
+    sweep_steps = steps if sweep_steps is None else check_int(sweep_steps, "sweep_steps", 1)
     batch_size = check_int(batch_size, "batch_size", 1)
     seed = check_int(seed, "seed", 0)
     if wrong_model not in WRONG_MODELS:
@@ -795,8 +801,8 @@ def align_variable(
     kl_base = float(_kl_per_pair(test_pairs.counterfactual, intervener.base_output(tokens_a[test])).mean())
     options = {"steps": steps, "batch_size": batch_size, "lr": float(lr), "progress": progress}
 
-    def das(at_rank: int, on: _Intervener = intervener, train_on: _Pairs = train_pairs) -> Tensor:
-        inside = _train_basis(on, train_on, block_width, at_rank, seed=seed, **options)
+    def das(at_rank: int, on: _Intervener = intervener, train_on: _Pairs = train_pairs, **changes) -> Tensor:
+        inside = _train_basis(on, train_on, block_width, at_rank, seed=seed, **{**options, **changes})
         return _embed(inside, site.coordinates, site.width)
 
     def fidelity(basis: Tensor, on: _Intervener = intervener, test_on: _Pairs = test_pairs, base=kl_base) -> float:
@@ -807,7 +813,7 @@ def align_variable(
 
     # Probe and random subspaces of the same rank.
     acts, values, groups = _rows(
-        _base_at_positions(intervener, train_pairs)[..., site.coordinates], high_level.values(tokens_a[train], variable)
+        train_pairs.base_site[..., site.coordinates], high_level.values(tokens_a[train], variable)
     )
     probe_basis = _embed(_probe_basis(acts, values, groups)[:, :rank], site.coordinates, site.width)
     generator = torch.Generator().manual_seed(seed)
@@ -837,7 +843,7 @@ def align_variable(
     _named_block_swap(result, model, intervener, test_pairs, kl_base, batch_size)
     if rank_sweep:
         result.rank_sweep = {
-            r: (result.interchange_fidelity if r == rank else fidelity(das(r)))
+            r: (result.interchange_fidelity if r == rank else fidelity(das(r, steps=sweep_steps)))
             for r in range(max(1, order - 1), min(2 * order, block_width) + 1)
         }
         best = max(result.rank_sweep.values())
@@ -863,7 +869,7 @@ def _named_block_swap(
 ) -> None:
     """The construction's named block, swapped whole (no learning): exact where the block is ``V``."""
     layout = getattr(model, "layout", None)
-    if layout is None or intervener.site.start_at_layer is None:
+    if layout is None:
         return
     block = _block_of(result.variable)
     if block not in layout or _residual_hook_of_block(block) != intervener.site.hook_name:
@@ -872,9 +878,7 @@ def _named_block_swap(
     basis = torch.zeros(intervener.site.width, coordinates.stop - coordinates.start, dtype=torch.float64)
     basis[coordinates] = torch.eye(coordinates.stop - coordinates.start, dtype=torch.float64)
     with torch.inference_mode():
-        output = intervener.output(
-            test_pairs.tokens_base, test_pairs.base_acts, test_pairs.source_acts, basis, floor=None
-        )
+        output = intervener.output(test_pairs, basis, floor=None)
     result.named_block = block
     result.named_block_fidelity = _fidelity(float(_kl_per_pair(test_pairs.counterfactual, output).mean()), kl_base)
     result.named_block_max_deviation = float((output - test_pairs.counterfactual).abs().max())
@@ -902,15 +906,17 @@ def _run_controls(result, model, site, intervener, pairs, train, test, das, fide
     result.wrong_model_fidelity = fidelity(wrong_basis, test_on=wrong_pairs.rows(test), base=wrong_kl_base)
     # (c) The illusion check: the learned subspace must hold V, and be read downstream.
     test_pairs = pairs.rows(test)
-    base_acts = _base_at_positions(intervener, test_pairs)
-    projected = base_acts.to(torch.float64) @ result.basis
+    projected = test_pairs.base_site.to(torch.float64) @ result.basis
     acts, values, groups = _rows(projected, result.high_level.values(tokens_a[test], result.variable))
     result.subspace_r2 = fit_probe(acts, values, groups).r2
     read = _read_space(intervener, test_pairs)
     in_read = read.T @ result.basis  # [k, rank]
     result.read_fraction = float((in_read**2).sum() / result.rank)
-    read_part = _orthonormal(read @ in_read) if (in_read.abs() > 0).any() else None
-    result.read_only_fidelity = None if read_part is None else fidelity(read_part)
+    # The learned subspace's principal directions towards the read space, with their cosines: drop
+    # the mostly unread ones (cosine below 1/2) and patch the rest alone.
+    _, cosines, directions = torch.linalg.svd(in_read, full_matrices=False)
+    mostly_read = result.basis @ directions.T[:, cosines > 0.5]
+    result.read_only_fidelity = fidelity(mostly_read) if mostly_read.shape[1] else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -979,6 +985,7 @@ class AlignmentScan:
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.grid(False)
         for i, row in enumerate(self.fidelity):
             for j, value in enumerate(row):
                 if math.isfinite(value):
