@@ -186,7 +186,7 @@ class RunConfig:
     )
     out: str | None = config_field(None, "output directory (as a flag or as 'out' in the --config file)", required=True)
     overwrite: bool = config_field(
-        False, "replace the run already in --out (without it mdlens train refuses to write over one)"
+        False, "write over what --out already holds (without it, or --resume, mdlens train refuses a non-empty --out)"
     )
 
     def __post_init__(self) -> None:
