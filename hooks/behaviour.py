@@ -12,6 +12,7 @@ Two readings from the in-context-learning literature, as functions of any ``Hook
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -36,7 +37,9 @@ from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 # Default stopping rule of the implicit-weight solver: the certified gap to the minimum KL.
 IMPLICIT_TOL = 1e-13
-IMPLICIT_MAX_ITER = 200_000
+# EM sweeps before the sequences EM has not certified are finished by active-set Newton steps.
+IMPLICIT_MAX_ITER = 1_000
+NEWTON_MAX_STEPS = 100
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +155,11 @@ def closest_mtd_weights(
     minimised by EM, the multiplicative update ``lambda_g <- lambda_g G_g`` with
     ``G_g = sum_v p_v A[g, v] / (A^T lambda)_v`` (so ``sum_g lambda_g G_g = 1``), from the centre
     ``1/m``. Concavity of the log gives the certificate ``KL(lambda) - min KL <= max_g G_g - 1``;
-    a sequence stops when that gap is below ``tol`` (warning if ``max_iter`` comes first).
+    a sequence stops when that gap is below ``tol``. Where the minimiser lies on or near a face of
+    the simplex EM only creeps towards it (a weight that should be 0 shrinks by a factor ``G_g``
+    close to 1 per sweep), so sequences not certified after ``max_iter`` sweeps are finished by
+    active-set Newton steps on the face they are on (:func:`_newton_finish`), which reach the same
+    certificate in a few steps; a warning names any sequence that still does not.
 
     Lags whose parent tokens coincide (``y_{T+1-g} = y_{T+1-h}``) give identical rows of ``A``: only
     their sum is determined, and EM from the centre splits it evenly between them.
@@ -196,14 +203,94 @@ def closest_mtd_weights(
         active = active[~converged]
         if active.numel() == 0:
             break
-    else:
+    unfinished = []
+    for b in active.tolist():
+        weights[b], certified = _newton_finish(weights[b], components[b], target_probs[b], tol)
+        if not certified:
+            unfinished.append(b)
+    if unfinished:
         warnings.warn(
-            f"closest_mtd_weights: {active.numel()} sequence(s) did not reach a KL gap below tol={tol} in "
-            f"{max_iter} iterations",
+            f"closest_mtd_weights: {len(unfinished)} sequence(s) ({unfinished[:5]}) did not reach a KL gap below "
+            f"tol={tol} in {max_iter} EM sweeps and {NEWTON_MAX_STEPS} Newton steps",
             stacklevel=2,
         )
     residual_kl = E.kl_divergence(target_probs, einops.einsum(weights, components, "b g, b g v -> b v"))
     return ImplicitWeights(weights, residual_kl)
+
+
+def _newton_finish(
+    weights: Float[Tensor, " m"], rows: Float[Tensor, "m q"], probs: Float[Tensor, " q"], tol: float
+) -> tuple[Float[Tensor, " m"], bool]:
+    """Minimise ``f(lambda) = -sum_v p_v log (A^T lambda)_v`` on the simplex from a feasible ``weights``
+    by active-set Newton steps; returns the weights and whether ``max_g G_g - 1 < tol`` was certified.
+
+    The face is the support of ``lambda``. On it, the Newton step solves
+    ``[H 1; 1^T 0] [d; nu] = [G; 0]`` with ``H = sum_v p_v A[g, v] A[h, v] / (A^T lambda)_v^2`` (least
+    squares: ``H`` is singular where lags share a parent, and then splits ``d`` evenly between them), and a
+    backtracking line search keeps ``f`` falling and ``lambda >= 0``; a weight the step drives to 0 leaves
+    the face. Once the face is optimal (``max_{g in face} G_g - 1 < tol``), the lag of largest ``G_g > 1``
+    off the face enters by a Frank-Wolfe step towards its vertex (``grad f . (e_g - lambda) = 1 - G_g < 0``).
+    """
+    seen = probs > 0  # tokens the target never produces do not enter the objective
+    rows, probs = rows[:, seen], probs[seen]
+    weights = weights.clone()
+
+    def objective(candidate: Tensor) -> float:
+        mixture = candidate @ rows
+        return math.inf if bool((mixture <= 0).any()) else float(-(probs * mixture.log()).sum())
+
+    def face_residual(candidate: Tensor, face: Tensor) -> float:
+        """``max_{g in face} |G_g - 1|``: zero exactly at the minimum on the face."""
+        mixture = candidate @ rows
+        return math.inf if bool((mixture <= 0).any()) else float(((rows @ (probs / mixture))[face] - 1).abs().max())
+
+    for _ in range(NEWTON_MAX_STEPS):
+        mixture = weights @ rows
+        ratio = rows @ (probs / mixture)  # G, minus the gradient of f
+        if ratio.max().item() - 1.0 < tol:
+            return weights, True
+        face = weights > 0
+        if ratio[face].max().item() - 1.0 < tol:  # optimal on its face: the best lag off it enters
+            entering = int(torch.where(face, -math.inf, ratio).argmax())
+            direction = -weights
+            direction[entering] += 1.0
+        else:
+            index = face.nonzero().flatten()
+            k = index.numel()
+            hessian = (rows[index] * (probs / mixture**2)) @ rows[index].T
+            kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+            kkt[:k, :k], kkt[:k, k], kkt[k, :k] = hessian, 1.0, 1.0
+            rhs = torch.cat([ratio[index], torch.zeros(1, dtype=torch.float64)])
+            direction = torch.zeros_like(weights)
+            direction[index] = (torch.linalg.pinv(kkt) @ rhs)[:k]
+            direction[index] -= direction[index].mean()  # on the face exactly
+            if float(ratio @ direction) <= 0:  # not a descent direction (rounding): take EM's instead
+                direction = weights * (ratio - 1.0)
+        slope = -float(ratio @ direction)  # grad f . direction < 0
+        # The longest step that keeps lambda >= 0, and the lag whose weight it drives to 0.
+        room = torch.where(direction < 0, weights / -direction, torch.full_like(weights, math.inf))
+        blocking = int(room.argmin())
+        step = max_step = min(1.0, room[blocking].item())
+        # Backtracking (Armijo) on f; where the decrease is below f's rounding (near the minimum of an
+        # ill-conditioned face), on the face residual instead, which rounding does not hide.
+        start, start_residual = objective(weights), face_residual(weights, face)
+        resolution = 64 * torch.finfo(torch.float64).eps * max(1.0, abs(start))
+        while True:
+            candidate = weights + step * direction
+            value = objective(candidate)
+            if value <= start + 1e-4 * step * slope:
+                break
+            if value <= start + resolution and face_residual(candidate.clamp(min=0.0), face) < start_residual:
+                break
+            step /= 2
+            if step < 1e-30:
+                return weights, False
+        weights = (weights + step * direction).clamp(min=0.0)
+        if step == max_step and room[blocking] <= 1.0:
+            weights[blocking] = 0.0  # it reached the boundary (up to rounding): it leaves the face
+        weights = weights / weights.sum()
+    mixture = weights @ rows
+    return weights, (rows @ (probs / mixture)).max().item() - 1.0 < tol
 
 
 def implicit_weights(
