@@ -1,9 +1,11 @@
 """mdlens.training and mdlens train: targets, schedule, a tiny run that learns, determinism, kill + resume,
 the command line and its flags, growing a model."""
 
+import contextlib
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -465,6 +467,15 @@ def test_frozen_layers_keep_their_weights_and_the_rest_trains(model_kind):
 # ``mdlens train`` end to end
 
 
+@contextlib.contextmanager
+def cli_error(message: str, capsys):
+    """The command ends in argparse's error form: exit status 2 and ``message`` in its error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        yield
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
 def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     cli_main(
@@ -510,7 +521,7 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
 
 
-def test_cli_train_config_file_and_bad_fields(tmp_path):
+def test_cli_train_config_file_and_bad_fields(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(
         json.dumps(
@@ -555,13 +566,13 @@ def test_cli_train_config_file_and_bad_fields(tmp_path):
     )
     assert mdlens.load(tmp_path / "dce").output_type == "logits"
     config.write_text(json.dumps({"layer": 2}))
-    with pytest.raises(ValueError, match="unknown fields"):
+    with cli_error("unknown fields", capsys):
         cli_main(["train", "--config", str(config), "--out", str(out)])
-    with pytest.raises(ValueError, match="--model"):
+    with cli_error("--model", capsys):
         cli_main(["train", "--model", "lstm", "--out", str(out)])
-    with pytest.raises(ValueError, match="--threads"):
+    with cli_error("--threads", capsys):
         cli_main(["train", "--threads", "0", "--out", str(out)])
-    with pytest.raises(ValueError, match="--out"):
+    with cli_error("--out", capsys):
         cli_main(["train", "--steps", "2"])
 
 
@@ -624,7 +635,7 @@ def test_grow_rejects_models_that_do_not_fit():
 
 
 @pytest.mark.parametrize("new_layers", ["fresh", "repeat_last", "insert_fresh"])
-def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
+def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers, capsys):
     common = ["--seq-len", "16", "--batch", "8", "--eval-every", "0", "--device", "cpu", "--no-progress"]
     cli_main(["train", "--layers", "1", "--steps", "4", *common, "--out", str(tmp_path / "one")])
     cli_main(
@@ -655,7 +666,7 @@ def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
     )
     assert_same_weights(weights_of(reference), weights_of(mdlens.load(tmp_path / "two")))
 
-    with pytest.raises(ValueError, match="not trained on this task"):
+    with cli_error("not trained on this task", capsys):
         cli_main(
             [
                 "train",
@@ -672,7 +683,7 @@ def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
                 str(tmp_path / "other"),
             ]
         )
-    with pytest.raises(ValueError, match="disentangled models only"):
+    with cli_error("disentangled models only", capsys):
         cli_main(
             [
                 "train",
@@ -689,7 +700,7 @@ def test_cli_init_from_grows_the_saved_model_then_trains(tmp_path, new_layers):
                 str(tmp_path / "std"),
             ]
         )
-    with pytest.raises(ValueError, match="--new-layers must"):
+    with cli_error("--new-layers must", capsys):
         cli_main(["train", "--new-layers", "copy", "--init-from", str(tmp_path / "one"), "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="only applies with --init-from"):
+    with cli_error("only applies with --init-from", capsys):
         cli_main(["train", "--new-layers", "repeat_last", "--out", str(tmp_path / "x")])
