@@ -233,10 +233,13 @@ def _field_types() -> dict[str, typing.Any]:
 
 
 def check_field_types(config: TrainConfig | RunConfig) -> None:
-    """Each field of ``config`` holds a value of its annotated type (``ValueError`` naming it)."""
+    """Each field of ``config`` holds a value of its annotated type (``ValueError`` naming it), and keeps
+    it as that plain Python type (a numpy or 0-d tensor integer as an ``int``, a path as a ``str``), so
+    that the config's JSON (``asdict``) and its comparison with a saved one hold whatever was passed."""
     hints = _field_types()
     for spec in fields(config):
-        _check_value_type(spec.name, getattr(config, spec.name), hints[spec.name], type(config).__name__)
+        value = _typed_value(spec.name, getattr(config, spec.name), hints[spec.name], type(config).__name__)
+        object.__setattr__(config, spec.name, value)
 
 
 def _check_at_least(value: int, name: str, minimum: int) -> None:
@@ -300,23 +303,39 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 groups[owner].add_argument(*flags, dest=spec.name, type=kind, default=NOT_GIVEN, help=text)
 
 
-def _check_value_type(name: str, value, kind, source: str) -> None:
-    """``value`` has the type ``kind`` of the field ``name`` (an integral number for an int field, a
-    real number for a float field, a path for a str field, ...); ``source`` says where it came from."""
+def _typed_value(name: str, value, kind, source: str):
+    """``value`` as the plain Python type ``kind`` of the field ``name``: an integral number (a numpy
+    integer or a 0-d integer tensor included, not a bool) for an int field, a real number for a float
+    field, a string or path for a str field; ``ValueError`` saying where it came from (``source``)
+    otherwise."""
     base, optional = _base_type(kind)
     if value is None and optional:
-        return
+        return None
+    typed = None
     if base is bool:
-        ok = isinstance(value, bool)
+        typed = value if isinstance(value, bool) else None
     elif base is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        typed = _plain_int(value)
     elif base is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (str, os.PathLike))
-    if not ok:
+        typed = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    elif isinstance(value, (str, os.PathLike)):
+        typed = os.fspath(value)
+    if typed is None:
         wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
         raise ValueError(f"{source}: {name} must be {wanted}{' or null' if optional else ''}, got {value!r}")
+    return typed
+
+
+def _plain_int(value) -> int | None:
+    """An integral number as an ``int`` (``None`` if it is not one), without importing torch: any
+    ``numbers.Integral`` but ``bool``, or a 0-d array or tensor whose Python number is one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return _plain_int(value.item())
+    return None
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -337,9 +356,7 @@ def read_config_file(path: str | Path) -> dict:
     if unknown:
         raise ValueError(f"unknown fields in {path}: {unknown}; known: {sorted(known)}")
     hints = _field_types()
-    for name, value in loaded.items():
-        _check_value_type(name, value, hints[name], str(path))
-    return loaded
+    return {name: _typed_value(name, value, hints[name], str(path)) for name, value in loaded.items()}
 
 
 def make_configs(values: dict) -> tuple[RunConfig, TrainConfig]:

@@ -7,6 +7,7 @@ import shlex
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,26 @@ def test_flag_values_are_parsed_by_the_fields_types(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         read_config_file(path)
+
+
+@pytest.mark.parametrize("five", [np.int64(5), np.int32(5), torch.tensor(5), np.array(5)])
+def test_configs_keep_plain_python_values(five, tmp_path):
+    """An integer given as numpy or as a 0-d tensor, a numpy float and a path are stored as int, float
+    and str, so the configs' JSON (the training state's and train.json's) holds plain values and reads
+    back into an equal config."""
+    config = TrainConfig(steps=five, eval_every=five, lr=np.float32(0.5), checkpoint_dir=tmp_path)
+    run = RunConfig(layers=five, out=tmp_path)
+    plain = json.loads(json.dumps({**asdict(run), **asdict(config)}))
+    assert (plain["steps"], plain["eval_every"], plain["layers"], plain["lr"]) == (5, 5, 5, 0.5)
+    assert plain["checkpoint_dir"] == plain["out"] == str(tmp_path)
+    assert [type(value) for value in (config.steps, config.eval_every, run.layers, config.lr)] == [int] * 3 + [float]
+    assert TrainConfig(**json.loads(json.dumps(asdict(config)))) == config
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), torch.tensor(5.0), torch.tensor([5]), 5.0])
+def test_configs_refuse_what_is_not_an_integer(value):
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        TrainConfig(steps=value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def vocabulary_tokenizer(vocab_size: int) -> VocabularyTokenizer:
     Built locally (WordLevel over ``"0".."q-1"``, whitespace split, no UNK); pad = ``"0"``,
     eos = :data:`NO_TOKEN` (module docstring). Exactly ``vocab_size`` ids.
     """
-    check_int(vocab_size, "vocab_size", 1)
+    vocab_size = check_int(vocab_size, "vocab_size", 1)
     backend = Tokenizer(WordLevel({str(v): v for v in range(vocab_size)}, unk_token=None))
     backend.pre_tokenizer = WhitespaceSplit()
     return _wrap(backend, pad_token=PAD_TOKEN, eos_token=NO_TOKEN, padding_side="right")
