@@ -25,6 +25,7 @@ from mdlens.hooks import (
     counterfactual_prediction,
     high_level_model,
 )
+from mdlens.hooks.alignment import wrong_counterfactual
 
 Q, M, T, ETA = 4, 3, 24, 0.2
 N_PAIRS = 256
@@ -138,6 +139,28 @@ def test_two_step_counterfactuals_follow_the_causal_formula(task, pairs):
     own = two_step_weights_by_hand(gamma_a, g0_a, scales)
     assert (own - E.causal_md_weights(tokens_a, pi, M, list(scales))).abs().max() < 1e-12
     assert (expected["lambda1"] - own).abs().max() > 1e-2 and (expected["second_step_mean"] - own).abs().max() > 1e-2
+
+
+def test_wrong_high_level_models(task, pairs):
+    tokens_a, tokens_b = pairs
+    pi, beta = task.transition, 9.0
+    high_level = MDCausalModel(pi, M, (beta,))
+    weights_b = torch.softmax(beta * E.responsibilities(tokens_b, pi, M).mean(1), dim=-1)
+    # Lag g takes lag g+1's weight (cyclically).
+    permuted = wrong_counterfactual(high_level, tokens_a, tokens_b, "mean_responsibility", "permuted_lags")
+    shifted = torch.cat([weights_b[:, 1:], weights_b[:, :1]], dim=1)
+    assert (permuted - predictive_by_hand(tokens_a, pi, shifted)).abs().max() < 1e-12
+    # A random point of the simplex per pair, fixed by the seed, unrelated to B.
+    first = wrong_counterfactual(high_level, tokens_a, tokens_b, "mean_responsibility", "random_weights", seed=3)
+    assert torch.equal(
+        first, wrong_counterfactual(high_level, tokens_a, tokens_b, "mean_responsibility", "random_weights", seed=3)
+    )
+    assert not torch.equal(
+        first, wrong_counterfactual(high_level, tokens_a, tokens_b, "mean_responsibility", "random_weights", seed=4)
+    )
+    assert (first.sum(-1) - 1).abs().max() < 1e-12 and (first >= 0).all()
+    with pytest.raises(ValueError, match="wrong_model must be one of"):
+        wrong_counterfactual(high_level, tokens_a, tokens_b, "mean_responsibility", "reversed")
 
 
 def test_high_level_model_takes_the_construction_scales_or_the_model_step(task, pairs, construction, two_step):
@@ -310,6 +333,23 @@ def test_das_on_a_plain_hooked_transformer_is_the_hand_interchange(task, pairs, 
     assert alignment.interchange_fidelity == pytest.approx(float(1 - kl_intervened / kl_base), abs=1e-4)
     assert alignment.basis.shape == (source.flatten(1).shape[1], M)
     assert math.isfinite(alignment.probe_fidelity) and math.isfinite(alignment.random_subspace_fidelity)
+
+
+def test_rank_sweep_and_controls_on_a_plain_hooked_transformer(task, pairs):
+    model = foreign_model(attn_only=False, seed=6)
+    alignment = align_variable(
+        model, "mean_responsibility", "blocks.1.hook_resid_post", pairs[0][:64], pairs[1][:64], task.transition, M,
+        high_level=MDCausalModel(task.transition, M, (6.0,)), steps=5, wrong_model="random_weights",
+    )  # fmt: skip
+    assert list(alignment.rank_sweep) == list(range(M - 1, 2 * M + 1))
+    assert alignment.rank_sweep[M] == alignment.interchange_fidelity
+    best = max(alignment.rank_sweep.values())
+    assert alignment.saturation_rank == min(r for r, f in alignment.rank_sweep.items() if f >= best - 0.01)
+    assert alignment.wrong_model == "random_weights" and alignment.named_block is None
+    for control in ("random_model_fidelity", "wrong_model_fidelity", "subspace_r2", "read_fraction"):
+        assert math.isfinite(getattr(alignment, control)), control
+    assert 0.0 <= alignment.read_fraction <= 1.0 + 1e-9
+    assert "rank sweep" in str(alignment) and isinstance(alignment.plot(), Figure)
 
 
 @pytest.mark.parametrize("attn_only", [True, False])
