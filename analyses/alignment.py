@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
 from mdlens.analyses import TASK, plotting
-from mdlens.construction import build_md_transformer, build_tuned_mdk_transformer
+from mdlens.construction import build_md_transformer, build_mdk_transformer
 from mdlens.pretrained import load_all_pretrained
 
 # The scan finds the hook with short searches (scan_steps); the best hook gets the full search
 # (steps) and its controls, the rank sweep shorter ones (sweep_steps).
-FULL = {"seq_len": 32, "n_pairs": 384, "n_tune": 512, "scan_steps": 40, "steps": 150, "sweep_steps": 60}
-QUICK = {"seq_len": 16, "n_pairs": 64, "n_tune": 64, "scan_steps": 10, "steps": 30, "sweep_steps": 10}
+FULL = {"seq_len": 32, "n_pairs": 384, "n_tune": 512, "scan_steps": 30, "steps": 120, "sweep_steps": 40}
+QUICK = {"seq_len": 16, "n_pairs": 48, "n_tune": 48, "scan_steps": 5, "steps": 10, "sweep_steps": 5}
 SEEDS = {"tune": 21, "base": 22, "source": 23}
 ONE_STEP_VARIABLES = ("mean_responsibility", "responsibility")
 TWO_STEP_VARIABLES = ("lambda1", "second_step_mean")
@@ -62,13 +62,19 @@ def verdict(result: dict) -> str:
 
 
 def build_models(task: MTDTask, sizes: dict, root=None) -> dict:
-    """The constructions (tuned on a batch of ``n_tune`` sequences of length ``seq_len``) and the shipped models."""
+    """The constructions and the shipped models. The one-step construction runs tuned MD's step (on
+    ``n_tune`` sequences of length ``seq_len``); the two-step one the first-order two-step scales
+    built from it (``a = b2 = c2 = eta m (T - m)``, ``d2 = m``: the second start of
+    :func:`mdlens.estimators.default_causal_md_starts`), where both ``lambda1`` and the second-step
+    mean move the prediction."""
     pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
     tune = task.sample(sizes["n_tune"], seq_len, generator=torch.Generator().manual_seed(SEEDS["tune"]))
     eta = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs)["eta"]
+    construction = build_md_transformer(pi, m, seq_len, eta)
+    beta = construction.md_params["beta"]
     models = {
-        "construction": build_md_transformer(pi, m, seq_len, eta),
-        "construction-2step": build_tuned_mdk_transformer(tune.tokens, tune.next_probs, pi, m, steps=2),
+        "construction": construction,
+        "construction-2step": build_mdk_transformer(pi, m, seq_len, steps=2, scales=(beta, beta, beta, float(m))),
     }
     shipped, _ = load_all_pretrained(root)
     return {**models, **shipped}

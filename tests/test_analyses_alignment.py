@@ -1,0 +1,44 @@
+"""mdlens reproduce alignment: the verdict thresholds and the summary, on made-up numbers."""
+
+import pytest
+
+from mdlens.analyses import alignment
+
+
+def best(fidelity, random_model, wrong_model, **extra):
+    return {
+        "interchange_fidelity": fidelity,
+        "random_model_fidelity": random_model,
+        "wrong_model_fidelity": wrong_model,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "random_model", "wrong_model", "expected"),
+    [
+        (0.99, 0.0, 0.1, "present"),
+        (0.90, 0.10, 0.50, "present"),  # the thresholds themselves count
+        (0.89, 0.0, 0.1, "partial"),
+        (0.50, 0.0, 0.1, "partial"),
+        (0.49, 0.0, 0.1, "absent"),
+        (0.99, 0.11, 0.1, "absent"),  # a random-init model reaching it says nothing is shown
+        (0.99, 0.0, 0.51, "absent"),  # DAS fits a wrong counterfactual as well: no evidence
+        (None, 0.0, 0.1, "absent"),
+    ],
+)
+def test_verdict_thresholds(fidelity, random_model, wrong_model, expected):
+    assert alignment.verdict(best(fidelity, random_model, wrong_model)) == expected
+
+
+def test_summary_line_quotes_the_numbers():
+    entry = best(
+        0.5, 0.01, 0.2, hook_name="blocks.1.hook_resid_post", probe_fidelity=0.25, random_subspace_fidelity=-1.0,
+        subspace_r2=None, read_fraction=0.75, saturation_rank=2, verdict="partial",
+    )  # fmt: skip
+    report = {"models": {"m": {"variables": {"mean_responsibility": {"best": entry}}}}}
+    (line,) = alignment.summary_lines(report)
+    assert line.startswith("m mean_responsibility: partial at blocks.1.hook_resid_post (DAS 0.500;")
+    for text in ("probe 0.250", "random subspace -1.000", "random model 0.010", "wrong model 0.200",
+                 "subspace R^2 -", "read 0.750", "saturates at rank 2"):  # fmt: skip
+        assert text in line
