@@ -20,7 +20,6 @@ Layers are TransformerLens block indices (0-based): the paper's "layer 1" is ``b
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,7 @@ from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
 from mdlens._validation import check_int, check_order
+from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
@@ -38,8 +38,6 @@ PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 SUPPORT_THRESHOLD = 1e-9
 # Sequences per forward pass: each holds [chunk, n_heads, T, T] float64 patterns per layer.
 DEFAULT_CHUNK_SIZE = 32
-# Up to this many model heads the matching tries every assignment; above it, the Hungarian method.
-BRUTE_FORCE_MAX_HEADS = 8
 MATCHINGS = ("auto", "layerwise", "hungarian", "ordered")
 
 Unit = tuple[int, int]  # (layer, head)
@@ -173,97 +171,6 @@ def _row_kl(reference: Tensor, model: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Matching reference heads to model heads
-# ----------------------------------------------------------------------------------------------
-
-
-def _min_cost_assignment(cost: Float[Tensor, "rows cols"]) -> list[tuple[int, int]]:
-    """Pairs ``(row, col)``, each row and column used at most once, ``min(rows, cols)`` pairs,
-    minimising the total cost. Brute force over assignments for up to ``BRUTE_FORCE_MAX_HEADS``
-    columns, the Hungarian method (shortest augmenting paths with potentials) above."""
-    n_rows, n_cols = cost.shape
-    if n_rows > n_cols:  # match every column instead
-        return sorted((r, c) for c, r in _min_cost_assignment(cost.T))
-    cost = cost.to(torch.float64).tolist()
-    if n_cols <= BRUTE_FORCE_MAX_HEADS:
-        best = min(
-            itertools.permutations(range(n_cols), n_rows),
-            key=lambda cols: sum(cost[r][c] for r, c in enumerate(cols)),
-        )
-        return list(enumerate(best))
-    return _hungarian(cost, n_rows, n_cols)
-
-
-def _hungarian(cost: list[list[float]], n_rows: int, n_cols: int) -> list[tuple[int, int]]:
-    """The O(rows^2 cols) Hungarian method for ``rows <= cols`` (Jonker-Volgenant style potentials)."""
-    inf = float("inf")
-    row_potential = [0.0] * (n_rows + 1)
-    col_potential = [0.0] * (n_cols + 1)
-    row_of_col = [0] * (n_cols + 1)  # 1-based row assigned to each column; 0 = free (column 0 is a sentinel)
-    for row in range(1, n_rows + 1):
-        row_of_col[0] = row
-        min_slack = [inf] * (n_cols + 1)
-        previous_col = [0] * (n_cols + 1)
-        used = [False] * (n_cols + 1)
-        col = 0
-        while row_of_col[col] != 0:  # grow an alternating tree until it reaches a free column
-            used[col] = True
-            current_row, delta, next_col = row_of_col[col], inf, 0
-            for c in range(1, n_cols + 1):
-                if used[c]:
-                    continue
-                slack = cost[current_row - 1][c - 1] - row_potential[current_row] - col_potential[c]
-                if slack < min_slack[c]:
-                    min_slack[c], previous_col[c] = slack, col
-                if min_slack[c] < delta:
-                    delta, next_col = min_slack[c], c
-            for c in range(n_cols + 1):
-                if used[c]:
-                    row_potential[row_of_col[c]] += delta
-                    col_potential[c] -= delta
-                else:
-                    min_slack[c] -= delta
-            col = next_col
-        while col != 0:  # flip the augmenting path
-            prev = previous_col[col]
-            row_of_col[col] = row_of_col[prev]
-            col = prev
-    return sorted((row_of_col[c] - 1, c - 1) for c in range(1, n_cols + 1) if row_of_col[c] != 0)
-
-
-def _ordered_assignment(
-    cost: Float[Tensor, "rows cols"], row_layers: list[int], col_layers: list[int]
-) -> list[tuple[int, int]]:
-    """Pairs ``(row, col)`` for every row, minimising the total cost under the constraint that the
-    columns' layers strictly increase with the rows' layers (reference layer ``l`` is matched
-    below reference layer ``l + 1``): dynamic programming over (row, column)."""
-    n_rows, n_cols = cost.shape
-    inf = float("inf")
-    best = [[inf] * n_cols for _ in range(n_rows)]  # best[r][c]: rows 0..r placed, row r on column c
-    came_from = [[-1] * n_cols for _ in range(n_rows)]
-    for c in range(n_cols):
-        best[0][c] = float(cost[0, c])
-    for r in range(1, n_rows):
-        for c in range(n_cols):
-            options = [
-                (best[r - 1][p], p)
-                for p in range(n_cols)
-                if col_layers[p] < col_layers[c] and row_layers[r - 1] < row_layers[r]
-            ]
-            if options:
-                value, previous = min(options)
-                if value < inf:
-                    best[r][c], came_from[r][c] = value + float(cost[r, c]), previous
-    last = min(range(n_cols), key=lambda c: best[n_rows - 1][c])
-    if best[n_rows - 1][last] == inf:
-        raise ValueError("matching='ordered' needs at least as many model layers as reference layers")
-    pairs = [(n_rows - 1, last)]
-    for r in range(n_rows - 1, 0, -1):
-        pairs.append((r - 1, came_from[r][pairs[-1][1]]))
-    return sorted(pairs)
-
-
-# ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
@@ -355,9 +262,9 @@ def attention_agreement(
     if matching == "layerwise":
         pairs = [(r, r) for r in range(n_ref)]
     elif matching == "ordered":
-        pairs = _ordered_assignment(tv, [layer for layer, _ in reference_units], [layer for layer, _ in model_units])
+        pairs = ordered_assignment(tv, [layer for layer, _ in reference_units], [layer for layer, _ in model_units])
     else:
-        pairs = _min_cost_assignment(tv)
+        pairs = min_cost_assignment(tv)
     heads = [
         HeadAgreement(
             reference_layer=reference_units[r][0],

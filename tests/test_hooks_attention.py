@@ -13,8 +13,8 @@ import torch
 
 from mdlens import MTDTask
 from mdlens.construction import build_md_transformer
+from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks.attention import (
-    _min_cost_assignment,
     attention_agreement,
     offset_mass,
     responsibility_tv,
@@ -169,24 +169,63 @@ def test_hungarian_matching_deeper_model_against_construction(task, construction
     assert result.pairs == [((layer, 0), (layer, 0)) for layer in range(3)]
     assert max(result.tv) < 1e-12 and max(result.kl) < 1e-12
     assert result.tv_matrix.shape == (3, 5)
+    # More reference heads than model heads: every model head is matched, each to its own layer.
+    reverse = attention_agreement(construction, deep, tokens, order=M)
+    assert reverse.pairs == [((layer, 0), (layer, 0)) for layer in range(3)]
+    assert max(reverse.tv) < 1e-12
     with pytest.raises(ValueError, match="layerwise"):
         attention_agreement(deep, construction, tokens, matching="layerwise")
 
 
-@pytest.mark.parametrize("shape", [(3, 10), (10, 4), (5, 10), (6, 6)])
-def test_min_cost_assignment_against_brute_force(shape):
+def brute_force_assignment(cost, allowed=lambda pairs: True):
+    """The cheapest of every assignment of min(rows, cols) distinct rows to distinct columns that
+    ``allowed`` accepts, as pairs sorted by row."""
+    rows, cols = cost.shape
+    if rows <= cols:
+        candidates = ([(r, c) for r, c in enumerate(p)] for p in itertools.permutations(range(cols), rows))
+    else:
+        candidates = (sorted((r, c) for c, r in enumerate(p)) for p in itertools.permutations(range(rows), cols))
+    return min(
+        (pairs for pairs in candidates if allowed(pairs)), key=lambda pairs: sum(cost[r, c].item() for r, c in pairs)
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 10), (10, 4), (5, 10), (6, 6), (1, 7), (4, 1)])
+def test_min_cost_assignment_is_the_brute_force_optimum(shape):
     generator = torch.Generator().manual_seed(sum(shape))
     for _ in range(3):
         cost = torch.rand(shape, generator=generator, dtype=torch.float64)
-        pairs = _min_cost_assignment(cost)
-        rows, cols = shape
-        assert len(pairs) == min(rows, cols)
-        assert len({r for r, _ in pairs}) == len(pairs) == len({c for _, c in pairs})
-        if rows <= cols:
-            best = min(sum(cost[r, c] for r, c in enumerate(p)) for p in itertools.permutations(range(cols), rows))
-        else:
-            best = min(sum(cost[r, c] for c, r in enumerate(p)) for p in itertools.permutations(range(rows), cols))
-        assert float(sum(cost[r, c] for r, c in pairs)) == pytest.approx(float(best), abs=1e-12)
+        assert min_cost_assignment(cost) == brute_force_assignment(cost)  # random costs: one optimum
+
+
+@pytest.mark.parametrize(
+    ("row_layers", "col_layers"),
+    [([0, 1, 2], [0, 1, 2, 3, 4]), ([0, 1, 2], [0, 0, 1, 1, 2, 2, 3]), ([0, 1], [3, 0, 2, 1, 0]), ([0], [0, 0, 1])],
+)
+def test_ordered_assignment_is_the_brute_force_optimum_in_layer_order(row_layers, col_layers):
+    def in_layer_order(pairs):
+        return all(col_layers[a] < col_layers[b] for (_, a), (_, b) in itertools.pairwise(pairs))
+
+    generator = torch.Generator().manual_seed(len(col_layers))
+    for _ in range(5):
+        cost = torch.rand(len(row_layers), len(col_layers), generator=generator, dtype=torch.float64)
+        expected = brute_force_assignment(cost, in_layer_order)
+        assert ordered_assignment(cost, row_layers, col_layers) == expected
+    # The layer order binds: the unconstrained optimum of this cost matches row 0 above row 1.
+    cost = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert min_cost_assignment(cost) == [(0, 1), (1, 0)]
+    assert ordered_assignment(cost, [0, 1], [0, 1]) == [(0, 0), (1, 1)]
+
+
+def test_ordered_assignment_value_errors():
+    with pytest.raises(ValueError, match="at least as many model layers"):
+        ordered_assignment(torch.zeros(3, 4, dtype=torch.float64), [0, 1, 2], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="one reference head per layer"):
+        ordered_assignment(torch.zeros(2, 3, dtype=torch.float64), [0, 0], [0, 1, 2])
+    with pytest.raises(ValueError, match="one reference head per layer"):
+        ordered_assignment(torch.zeros(2, 3, dtype=torch.float64), [1, 0], [0, 1, 2])
+    with pytest.raises(ValueError, match="one entry per row and column"):
+        ordered_assignment(torch.zeros(2, 3, dtype=torch.float64), [0, 1], [0, 1])
 
 
 def test_value_errors(task, construction, uniform_model, tokens):
@@ -213,19 +252,3 @@ def test_value_errors(task, construction, uniform_model, tokens):
         responsibility_tv(construction, tokens % 4, torch.full((4, 4), 0.25, dtype=torch.float64), M)
     with pytest.raises(ValueError, match="layer"):
         responsibility_tv(construction, tokens, task.transition, M, layer=3)
-
-
-def test_ordered_matching_keeps_layer_order_and_minimises_under_it():
-    from mdlens.hooks.attention import _ordered_assignment
-
-    # Brute force over every strictly increasing choice of model layers for 3 reference layers of 5.
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        cost = torch.rand(3, 5, generator=generator, dtype=torch.float64)
-        best = min(
-            (sum(cost[r, c].item() for r, c in enumerate(cols)), cols) for cols in itertools.combinations(range(5), 3)
-        )
-        pairs = _ordered_assignment(cost, [0, 1, 2], [0, 1, 2, 3, 4])
-        assert tuple(c for _, c in pairs) == best[1]
-    with pytest.raises(ValueError, match="ordered"):
-        _ordered_assignment(torch.zeros(3, 2, dtype=torch.float64), [0, 1, 2], [0, 1])
