@@ -27,9 +27,16 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/mdlens reproduce all $(DEMO_FLAGS) --out $(DEMO_OUT)
 	@echo "[mdlens] report: $(DEMO_OUT)/REPORT.md"
 
+# lint-imports checks the one-way flow (.importlinter) on a tree of links with the installed layout,
+# mdlens/ with hooks/ and analyses/ inside it (why: the comment at the top of .importlinter).
+IMPORT_TREE := $(VENV)/import-tree
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/mdlens
+	ln -s $(CURDIR)/mdlens/* $(IMPORT_TREE)/mdlens/
+	ln -s $(CURDIR)/hooks $(CURDIR)/analyses $(IMPORT_TREE)/mdlens/
+	cd $(IMPORT_TREE) && $(CURDIR)/$(VENV)/bin/lint-imports --no-cache $(CURDIR)/.importlinter
 	$(PY) -m pytest
 
 # JupyterLab on notebooks/ with the project's environment (the optional `notebooks` extra).
