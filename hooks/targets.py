@@ -20,17 +20,6 @@ from mdlens._validation import check_order, check_positive, check_tokens, check_
 
 CONTROL_TABLE_ROWS = 2**20
 
-# What each target holds, for tables and plots.
-TARGET_MEANINGS = {
-    "responsibility": "gamma_t(g): the lag posterior of y_t under a uniform prior",
-    "mean_responsibility": "mean of gamma_k(g) over k = m+1..t",
-    "md_weights": "one-step MD on y_1..y_t, eta_t = beta / (m (t - m))",
-    "log_md_weights": "log of md_weights (the layer-3 scores, up to a constant per position)",
-    "md2_weights": "two-step MD on y_1..y_t, eta_t = beta2 / (m (t - m))",
-    "bayes_weights": "E[lambda | y_1..y_t] under Dirichlet(alpha), exact",
-    "lag": "one-hot of the latent lag z_t (from the sample)",
-}
-
 
 def _aligned(per_scored: Float[Tensor, "batch n_scored k"], order: int) -> Float[Tensor, "batch pos k"]:
     """``[B, T-m, k]`` rows for ``t = m+1..T`` -> ``[B, T, k]`` with NaN rows for ``t <= m``."""
@@ -53,11 +42,13 @@ def targets(
 ) -> dict[str, Float[Tensor, "batch pos k"]]:
     """The algorithm's quantities per position: name -> float64 ``[B, T, k]``, NaN at ``t <= m``.
 
-    Always: ``responsibility`` and ``mean_responsibility`` (``k = m``); ``bayes_weights`` unless
-    ``include_bayes=False`` (exact DP, every prefix in one pass: cubic in ``T`` for ``m = 3``, seconds
-    per sequence at ``T`` ~ 1000, refused above ``estimators.MAX_EXACT_WORK``; ``progress`` as in
+    Always: ``responsibility`` (``gamma_t(g)``, the lag posterior of ``y_t`` under a uniform prior) and
+    ``mean_responsibility`` (its mean over ``k = m+1..t``), ``k = m``; ``bayes_weights``
+    (``E[lambda | y_1..y_t]`` under Dirichlet(alpha)) unless ``include_bayes=False`` (exact DP, every
+    prefix in one pass: cubic in ``T`` for ``m = 3``, seconds per sequence at ``T`` ~ 1000, refused above ``estimators.MAX_EXACT_WORK``; ``progress`` as in
     :func:`mdlens.estimators.bayes_weights`, a bar only for long jobs by default). With ``beta``:
-    ``md_weights`` and ``log_md_weights`` (one-step MD on each prefix with ``eta_t = beta / (m (t - m))``), and
+    ``md_weights`` and ``log_md_weights`` (one-step MD on each prefix with ``eta_t = beta / (m (t - m))``; its log
+    is the construction's layer-3 scores up to a constant per position), and
     ``md2_weights`` (two-step MD with the same convention, scale ``beta2``, default ``beta``).
     With ``lags`` (``MTDSample.lags``): ``lag``, the one-hot of the latent lag.
     """

@@ -341,6 +341,4 @@ def _build(config: dict) -> HookedTransformer:
         model = DisentangledTransformer(**args) if config["kind"] == "disentangled" else standard_transformer(**args)
     except TypeError as error:
         raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
-    if model.tokenizer is None:  # until the builders attach it themselves
-        attach_tokenizer(model)
-    return model
+    return model  # with the default tokenizer: every MDLensTransformer attaches one when built
