@@ -3,7 +3,10 @@
 import contextlib
 import io
 import re
+import warnings
 from pathlib import Path
+
+from mdlens.models.disentangled import RescaledStepWarning
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,7 +19,8 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it saves heads.html in the working directory
     out = io.StringIO()
     namespace: dict = {}
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         exec(compile(blocks[0], "README.md", "exec"), namespace)
     printed = out.getvalue()
     # The quick start prints torch.allclose(construction, one-step MD): it must be True.
@@ -28,6 +32,7 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     r2 = [float(x) for x in re.search(r"^\[(.*)\]$", printed, flags=re.M).group(1).split(",")]
     assert len(r2) == 4 and r2[0] < 0.1 and r2[1] < 0.3 and r2[2] > 0.6
     check_stated_output(text, printed)
+    check_stated_warning(text, caught)
     # The head view renders offline: the page carries its script and imports nothing from the web.
     page = (tmp_path / "heads.html").read_text()
     assert "<script" in page and not re.search(r"(from|src=|href=)\s*[\"']https?://", page)
@@ -54,3 +59,19 @@ def check_stated_output(readme: str, printed: str) -> None:
                 assert abs(float(value) - float(target)) <= absolute, (got, want)
             else:
                 assert abs(float(value) - float(target)) <= relative * abs(float(target)), (got, want)
+
+
+def check_stated_warning(readme: str, caught: list[warnings.WarningMessage]) -> None:
+    """The one warning a user sees (deprecations aside) is the RescaledStepWarning the README explains
+    after the quick start, with the two steps it states (to within 1%, as for the printed numbers)."""
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert [w.category for w in shown] == [RescaledStepWarning], [str(w.message) for w in shown]
+    steps = re.search(rf"= ({NUMBER}), not the eta = ({NUMBER})", str(shown[0].message))
+    stated = re.search(
+        rf"`RescaledStepWarning`.*?\(({NUMBER})\s+at\s+T=16,\s+not\s+the\s+({NUMBER})\s+it\s+has\s+at\s+T=96\)",
+        readme,
+        re.S,
+    )
+    assert steps and stated, (str(shown[0].message), "the README must state both steps")
+    for got, want in zip(steps.groups(), stated.groups(), strict=True):
+        assert abs(float(got) - float(want)) <= 0.01 * float(want), (got, want)
