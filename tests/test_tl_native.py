@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 from helpers import M, Q, T
-from transformer_lens import HookedTransformer, patching
+from transformer_lens import patching
 from transformer_lens.utilities import get_act_name, lm_cross_entropy_loss
 
 import mdlens
@@ -511,11 +511,6 @@ def test_patching_results_are_float32_for_a_float64_model(construction, task):
         _, clean_cache = construction.run_with_cache(clean)
     result = patching.get_act_patch_resid_pre(construction, corrupted, clean_cache, lambda out: out[:, -1, 0].sum())
     assert construction.cfg.dtype == torch.float64 and result.dtype == torch.float32
-
-
-def test_every_mdlens_model_is_a_hooked_transformer(models):
-    for model, _, _ in models.values():
-        assert isinstance(model, HookedTransformer)
 
 
 # ---------------------------------------------------------------------------------------------------
