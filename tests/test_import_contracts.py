@@ -44,7 +44,7 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess:
 def test_the_contracts_hold(tmp_path):
     result = lint_imports(import_tree(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken." in result.stdout
+    assert "KEPT" in result.stdout and ", 0 broken." in result.stdout, result.stdout
     # The tree really holds the three folders: a graph without hooks/analyses would fail on a missing layer.
     assert (tmp_path / "mdlens" / "hooks" / "attention.py").is_symlink()
     assert (tmp_path / "mdlens" / "analyses" / "report.py").is_symlink()
