@@ -51,14 +51,13 @@ import matplotlib.ticker
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 import mdlens
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens.analyses import TASK, plotting
+from mdlens.analyses import TASK, plotting, progress
 from mdlens.construction import build_md_transformer, build_mdk_transformer, build_tuned_mdk_transformer
-from mdlens.evaluation import sample_batches
+from mdlens.evaluation import exact_bayes_weights, sample_batches, tuned_md
 
 FULL = {
     "lengths": [8, 16, 32, 64, 128, 192],
@@ -104,16 +103,17 @@ def two_step_weights(
     b: Tensor | float,
     c: Tensor | float,
     d: Tensor | float = 0.0,
+    statistics: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch m"]:
-    """``lambda2`` of one variant (see the module docstring), ``[batch, m]``; differentiable in the scales."""
+    """``lambda2`` of one variant (see the module docstring), ``[batch, m]``; differentiable in the scales.
+
+    ``statistics``: :func:`variant_statistics` of ``tokens``, when a fit calls this for many scales.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "attend-final":  # the library's causal two-step MD, which the construction computes
         return E.causal_md_weights(tokens, transition, order, (a, b, c, d))
-    lag_probs = E.lag_likelihoods(tokens, transition, order)  # P[b, k, g], [batch, T-m, m]
-    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
-    rows = torch.arange(1, lag_probs.shape[1] + 1, dtype=lag_probs.dtype)
-    prefix_mean = gamma.cumsum(dim=1) / rows[None, :, None]  # g0(k)
+    lag_probs, prefix_mean = variant_statistics(tokens, transition, order) if statistics is None else statistics
     final_mean = prefix_mean[:, -1]  # g0(T), [batch, m]
     if variant.startswith("online"):
         first_step = torch.softmax(a * prefix_mean, dim=-1)  # lambda1(k) at row k
@@ -127,6 +127,17 @@ def two_step_weights(
     return torch.softmax(b * final_mean + c * second_term, dim=-1)
 
 
+def variant_statistics(
+    tokens: Int[Tensor, "batch T"], transition: Float[Tensor, "q q"], order: int
+) -> tuple[Float[Tensor, "batch n m"], Float[Tensor, "batch n m"]]:
+    """What the variants read that no scale changes: the lag likelihoods ``P[b, k, g]`` and the prefix-mean
+    responsibilities ``g0(k)``, each ``[batch, T-m, m]``."""
+    lag_probs = E.lag_likelihoods(tokens, transition, order)  # P[b, k, g], [batch, T-m, m]
+    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+    rows = torch.arange(1, lag_probs.shape[1] + 1, dtype=lag_probs.dtype)
+    return lag_probs, gamma.cumsum(dim=1) / rows[None, :, None]  # g0(k)
+
+
 def fit_scales(
     tokens: Tensor,
     transition: Tensor,
@@ -138,11 +149,12 @@ def fit_scales(
 ) -> tuple[list[float], float]:
     """The ``(a, b, c, d)`` with the lowest mean KL seen along Adam runs from each start, and that KL
     (:func:`mdlens.estimators.fit_scales_by_kl`, the fit ``attend-final`` gets through the tuned construction)."""
+    statistics = variant_statistics(tokens, transition, order)  # once, not at every Adam step
     best = E.fit_scales_by_kl(
         tokens,
         transition,
         target,
-        lambda scales: two_step_weights(tokens, transition, order, variant, *scales),
+        lambda scales: two_step_weights(tokens, transition, order, variant, *scales, statistics=statistics),
         list(starts),
         adam_steps,
         ADAM_LR,
@@ -170,7 +182,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
 
     row: dict = {"seq_len": seq_len, "kl": {}, "scales": {}, "eta": {}}
     for name, steps in TUNED_MD.items():
-        eta = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
+        eta = tuned_md(tune.tokens, pi, m, tune.next_probs, steps)["eta"]
         row["eta"][name] = eta
         row["kl"][name] = eval_weights_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
     # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).
@@ -216,7 +228,8 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         row["construction_model_sequences"][name] = n_model
     row["scales"]["attend-final"] = fitted[2]
     row["kl"]["attend-final"] = row["kl"]["causal_md2"]
-    row["kl"]["bayes_exact"] = eval_weights_kl(E.bayes_weights(evaluation.tokens, pi, m, alpha=task.alpha))
+    # The evaluation batch is trained's at this length: its exact Bayes is computed once for both.
+    row["kl"]["bayes_exact"] = eval_weights_kl(exact_bayes_weights(evaluation.tokens, pi, m, alpha=task.alpha))
     row["ratio_to_md2"] = {name: kl / row["kl"]["md2_tuned"] for name, kl in row["kl"].items()}
     row["ratio_to_md3"] = {name: kl / row["kl"]["md3_tuned"] for name, kl in row["kl"].items()}
     row["ratio_to_bayes"] = {name: kl / row["kl"]["bayes_exact"] for name, kl in row["kl"].items()}
@@ -365,7 +378,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     task = MTDTask(**TASK)
-    results = [evaluate_length(task, seq_len, sizes) for seq_len in tqdm(sizes["lengths"], desc="lengths")]
+    results = [evaluate_length(task, seq_len, sizes) for seq_len in progress(sizes["lengths"], "two-step")]
     comparison = compare_trained(task, results[-1], sizes)
     report = {
         "config": {"task": TASK, **sizes, "starts": STARTS, "adam_lr": ADAM_LR},

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import TASK, plotting
+from mdlens.analyses import TASK, plotting, progress
 from mdlens.evaluation import batch_seeds, mean_and_se, sample_batches  # shared with the other analyses
 
 FULL = {
@@ -290,7 +290,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     task = MTDTask(**TASK)
     torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
 
-    results = [evaluate_length(task, seq_len, sizes) for seq_len in sizes["lengths"]]
+    results = [evaluate_length(task, seq_len, sizes) for seq_len in progress(sizes["lengths"], "estimators")]
     eta_fit = {
         name: fit_step_sizes(sizes["lengths"], [r["eta"][name] for r in results], task.order) for name in TUNED_STEPS
     }

@@ -36,11 +36,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mdlens import estimators as E
 from mdlens import hooks
-from mdlens.analyses import plotting
+from mdlens.analyses import plotting, progress
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta
 from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
@@ -124,7 +123,8 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
 
     # Probes, with both controls. md2 uses tuned two-step MD's scale (the two-step reference).
     probe_tokens = data["probe"].tokens
-    values = hooks.targets(probe_tokens, pi, m, beta=beta, beta2=data["beta_md2"], alpha=task.alpha)
+    values = hooks.targets(probe_tokens, pi, m, beta=beta, beta2=data["beta_md2"], include_bayes=False)
+    values["bayes_weights"] = data["probe_bayes"]  # the same for every model: computed once
     values = {key: values[key] for key in PROBE_TARGETS}
     blocks = ["L1.responsibility", "L2.mean_responsibility", "L3.lag_weights"] if name == CONSTRUCTION else None
     report = hooks.probe_model(model, probe_tokens, values, blocks=blocks)
@@ -238,8 +238,9 @@ def prepare_data(task, sizes: dict) -> dict:
     data["eta_md1"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=1)["eta"]
     data["eta_md2"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=2)["eta"]
     data["beta_md2"] = data["eta_md2"] * m * (seq_len - m)
+    data["probe_bayes"] = hooks.targets(data["probe"].tokens, pi, m, alpha=task.alpha)["bayes_weights"]
     data["implicit"] = {}
-    for length in sizes["lengths"]:
+    for length in progress(sizes["lengths"], "mechanisms (references)"):
         length_tune = _sample(task, sizes["n_tune"], length, SEEDS["tune"] + 1000 * length)
         sample = _sample(task, sizes["n_implicit"], length, SEEDS["implicit"] + 1000 * length)
         etas = {
@@ -533,8 +534,8 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     all_models = {CONSTRUCTION: construction, **models}
 
     results, timings = {}, {}
-    for name, model in tqdm(all_models.items(), desc="mechanisms"):
-        model_start = time.perf_counter()
+    for name in progress(all_models, "mechanisms", name="model"):
+        model, model_start = all_models[name], time.perf_counter()
         results[name] = _json_ready(measure_model(name, model, task, data, sizes, construction))
         timings[name] = time.perf_counter() - model_start
 

@@ -31,10 +31,10 @@ import torch
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import plotting
+from mdlens.analyses import plotting, progress
 from mdlens.analyses.estimators import fit_step_sizes
 from mdlens.analyses.trained import model_predictions
-from mdlens.evaluation import sample_batches
+from mdlens.evaluation import sample_batches, tuned_md
 from mdlens.pretrained import load_all_pretrained
 
 FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 1024}
@@ -58,7 +58,7 @@ def measure_length(models: dict, task: MTDTask, seq_len: int, n_tune: int) -> di
     tokens, truth = tune.tokens, tune.next_probs
     row = {
         "seq_len": seq_len,
-        "tuned_eta": E.tune_eta_refined(tokens, pi, m, truth, steps=1)["eta"],
+        "tuned_eta": tuned_md(tokens, pi, m, truth, steps=1)["eta"],  # trained's tuned MD1 at this length
         "tuned_two_step": E.fit_md_step_sizes(tokens, pi, m, truth, steps=2),
         "models": {},
     }
@@ -66,7 +66,7 @@ def measure_length(models: dict, task: MTDTask, seq_len: int, n_tune: int) -> di
         if seq_len > model.cfg.n_ctx:
             continue
         predictions = model_predictions(model, tokens)
-        one_step = E.tune_eta_refined(tokens, pi, m, predictions, steps=1)  # evaluation.effective_eta's fit
+        one_step = tuned_md(tokens, pi, m, predictions, steps=1)  # evaluation.effective_eta's fit
         model_kl = E.kl_divergence(truth, predictions)
         finite = torch.isfinite(model_kl)
         row["models"][name] = {
@@ -189,7 +189,9 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models, task = load_all_pretrained(root)
-    rows = [measure_length(models, task, seq_len, sizes["n_tune"]) for seq_len in sizes["lengths"]]
+    rows = [
+        measure_length(models, task, seq_len, sizes["n_tune"]) for seq_len in progress(sizes["lengths"], "step-sizes")
+    ]
     report = {
         "config": {"quick": quick, "sizes": sizes},
         "models": list(models),

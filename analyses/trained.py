@@ -30,7 +30,7 @@ import torch
 import mdlens
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import plotting
+from mdlens.analyses import plotting, progress
 from mdlens.evaluation import batch_seeds, mean_and_se, reference_kls, sample_batches
 from mdlens.pretrained import load_all_pretrained
 
@@ -260,7 +260,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     models, task = load_all_pretrained(root)
     torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
 
-    results = [evaluate_length(models, task, seq_len, sizes) for seq_len in sizes["lengths"]]
+    results = [evaluate_length(models, task, seq_len, sizes) for seq_len in progress(sizes["lengths"], "trained")]
     names = list(models)
     report = {
         "config": {

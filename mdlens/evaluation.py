@@ -10,8 +10,12 @@ compute them with :func:`reference_kls`; they differ only in the sizes and seeds
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -26,17 +30,87 @@ from mdlens.task import MTDSample, MTDTask
 TUNED_MD = {"md1_tuned": 1, "md2_tuned": 2}
 
 
+# ----------------------------------------------------------------------------------------------
+# Shared results. ``mdlens reproduce all`` runs its analyses in one process, and several compute the
+# same thing on the same batch: trained and step-sizes tune MD on the same batch at every length,
+# trained and two-step score exact Bayes on the same evaluation batch. Each such result is computed
+# once per process, keyed by the content of its inputs (so equal inputs give the stored result,
+# whoever asks). Callers must not modify what these functions return in place.
+# ----------------------------------------------------------------------------------------------
+
+SHARED_ENTRIES = 256  # results kept; the least recently used beyond this are dropped
+_shared_results: OrderedDict[tuple, object] = OrderedDict()
+_Result = TypeVar("_Result")
+
+
+def fingerprint(tensor: Tensor) -> tuple:
+    """A key for a tensor's content: dtype, shape and a 128-bit hash of its bytes."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
+    return str(data.dtype), tuple(data.shape), digest
+
+
+def shared(key: tuple, compute: Callable[[], _Result]) -> _Result:
+    """``compute()``, or the result stored under ``key`` by an earlier call with the same key."""
+    if key in _shared_results:
+        _shared_results.move_to_end(key)
+        return _shared_results[key]
+    result = compute()
+    _shared_results[key] = result
+    while len(_shared_results) > SHARED_ENTRIES:
+        _shared_results.popitem(last=False)
+    return result
+
+
+def clear_shared() -> None:
+    """Forget every stored result (e.g. to time an analysis on its own)."""
+    _shared_results.clear()
+
+
+def _task_key(task: MTDTask) -> tuple:
+    return fingerprint(task.transition), task.order, task.alpha
+
+
+def seeded_sample(task: MTDTask, batch_size: int, seq_len: int, seed: int) -> MTDSample:
+    """``task.sample(batch_size, seq_len)`` from a generator seeded with ``seed``; drawn once per process."""
+    return shared(
+        ("sample", _task_key(task), batch_size, seq_len, seed),
+        lambda: task.sample(batch_size, seq_len, generator=torch.Generator().manual_seed(seed)),
+    )
+
+
+def tuned_md(
+    tokens: Int[Tensor, "batch pos"],
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    steps: int = 1,
+) -> dict:
+    """:func:`mdlens.estimators.tune_eta_refined` (``{"eta", "tuning_kl", "etas", "mean_kl"}``),
+    computed once per process for the same inputs."""
+    key = ("tuned_md", fingerprint(tokens), fingerprint(transition), order, fingerprint(target_probs), steps)
+    return dict(shared(key, lambda: E.tune_eta_refined(tokens, transition, order, target_probs, steps=steps)))
+
+
+def exact_bayes_weights(
+    tokens: Int[Tensor, "batch pos"], transition: Float[Tensor, "q q"], order: int, alpha: float = 1.0
+) -> Float[Tensor, "batch m"]:
+    """:func:`mdlens.estimators.bayes_weights` with ``method="exact"``, ``[B, m]``, computed once per
+    process for the same inputs."""
+    key = ("bayes_exact", fingerprint(tokens), fingerprint(transition), order, float(alpha))
+    return shared(key, lambda: E.bayes_weights(tokens, transition, order, alpha=alpha, method="exact"))
+
+
 def batch_seeds(seq_len: int) -> dict[str, int]:
     """Generator seeds of the analyses' tuning and evaluation batches at one length (disjoint by design)."""
     return {"tune": 1_000_000 + seq_len, "eval": 2_000_000 + seq_len, "gibbs": 3_000_000 + seq_len}
 
 
 def sample_batches(task: MTDTask, seq_len: int, n_tune: int, n_eval: int) -> tuple[MTDSample, MTDSample]:
-    """The analyses' tuning and evaluation batches at one length, each from its own seeded generator."""
+    """The analyses' tuning and evaluation batches at one length, each from its own seeded generator
+    (:func:`seeded_sample`: drawn once per process, shared by the analyses that ask for the same sizes)."""
     seeds = batch_seeds(seq_len)
-    tune = task.sample(n_tune, seq_len, generator=torch.Generator().manual_seed(seeds["tune"]))
-    evaluation = task.sample(n_eval, seq_len, generator=torch.Generator().manual_seed(seeds["eval"]))
-    return tune, evaluation
+    return seeded_sample(task, n_tune, seq_len, seeds["tune"]), seeded_sample(task, n_eval, seq_len, seeds["eval"])
 
 
 def mean_and_se(values: Float[Tensor, " n"]) -> dict[str, float]:
@@ -48,7 +122,7 @@ def mean_and_se(values: Float[Tensor, " n"]) -> dict[str, float]:
 
 def tuned_eta(task: MTDTask, tune: MTDSample, steps: int = 1) -> float:
     """Tuned ``steps``-step MD's step size: the ``eta`` with the least mean KL on the tuning batch."""
-    return E.tune_eta_refined(tune.tokens, task.transition, task.order, tune.next_probs, steps=steps)["eta"]
+    return tuned_md(tune.tokens, task.transition, task.order, tune.next_probs, steps)["eta"]
 
 
 def reference_kls(
@@ -69,7 +143,7 @@ def reference_kls(
         **{name: E.md_weights(tokens, pi, m, etas[name], steps=steps) for name, steps in md.items()},
     }
     if bayes:
-        weights["bayes_exact"] = E.bayes_weights(tokens, pi, m, alpha=task.alpha, method="exact")
+        weights["bayes_exact"] = exact_bayes_weights(tokens, pi, m, alpha=task.alpha)
     kls = {name: E.kl_divergence(truth, E.predictive(tokens, pi, w)) for name, w in weights.items()}
     return etas, kls
 
@@ -81,7 +155,7 @@ def effective_eta(
     :func:`mdlens.estimators.tune_eta_refined` with the model's own predictions of ``y_{T+1}`` as the
     target (least mean ``KL(model || MD)`` over ``tokens``). For the construction built with ``beta``
     it is ``beta / (m (T - m))`` (paper-notes §4), up to the grid's resolution."""
-    return E.tune_eta_refined(tokens, transition, order, predict_next(model, tokens), steps=1)["eta"]
+    return tuned_md(tokens, transition, order, predict_next(model, tokens), steps=1)["eta"]
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """``mdlens reproduce all --quick``: every analysis of ``all`` runs, REPORT.md links only figures that
 exist and quotes the JSON files' numbers, and the step-size analysis agrees with a recomputation."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -14,10 +16,26 @@ from mdlens.pretrained import load_all_pretrained
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
+def run_all(tmp_path_factory):
+    """``reproduce all --quick``'s output directory and what it wrote to stderr."""
     directory = tmp_path_factory.mktemp("reproduce_all")
-    cli.main(["reproduce", "all", "--out", str(directory), "--quick"])
-    return directory
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        cli.main(["reproduce", "all", "--out", str(directory), "--quick"])
+    return directory, stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def out(run_all):
+    return run_all[0]
+
+
+def test_every_stage_but_the_report_shows_a_progress_bar(run_all):
+    stderr = run_all[1]
+    stages = [name for name, stage in cli.REPRODUCTIONS.items() if stage.in_all and name != "report"]
+    assert len(stages) >= 5
+    for stage in stages:
+        assert f"{stage}: 100%" in stderr, f"no finished progress bar for {stage}"
 
 
 def test_report_has_every_section_and_only_existing_figures(out):
