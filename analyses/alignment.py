@@ -41,22 +41,29 @@ QUICK = {"seq_len": 16, "n_pairs": 48, "n_tune": 48, "scan_steps": 5, "steps": 1
 SEEDS = {"tune": 21, "base": 22, "source": 23}
 ONE_STEP_VARIABLES = ("mean_responsibility", "responsibility")
 TWO_STEP_VARIABLES = ("lambda1", "second_step_mean")
-# A variable counts as causally present at a hook when DAS's held-out fidelity reaches this, the
-# wrong-model control stays below WRONG_MODEL_MAX and the random-init model below RANDOM_MODEL_MAX.
+# A variable counts as causally present at a hook when DAS's held-out fidelity reaches
+# PRESENT_FIDELITY (partial: PARTIAL_FIDELITY), the wrong-model control stays at most WRONG_MODEL_MAX,
+# and DAS beats the same search on a random-init model by at least RANDOM_MODEL_MARGIN. The random-init
+# control is a baseline, not a zero: on the "probs" architectures most of a random model's outputs are
+# clipped, and a subspace that lifts them "improves" the KL (0.1-0.4 on the construction's architecture).
 PRESENT_FIDELITY = 0.9
+PARTIAL_FIDELITY = 0.5
 WRONG_MODEL_MAX = 0.5
-RANDOM_MODEL_MAX = 0.1
+RANDOM_MODEL_MARGIN = 0.5
 
 
 def verdict(result: dict) -> str:
     """``present`` / ``partial`` / ``absent`` for one variable's best hook (thresholds above)."""
     fidelity = result["interchange_fidelity"]
-    controls_hold = (result["wrong_model_fidelity"] or -math.inf) <= WRONG_MODEL_MAX and (
-        result["random_model_fidelity"] or -math.inf
-    ) <= RANDOM_MODEL_MAX
-    if fidelity is not None and fidelity >= PRESENT_FIDELITY and controls_hold:
+    if fidelity is None:
+        return "absent"
+    wrong, random_model = result["wrong_model_fidelity"], result["random_model_fidelity"]
+    controls_hold = (wrong is None or wrong <= WRONG_MODEL_MAX) and (
+        random_model is None or fidelity - random_model >= RANDOM_MODEL_MARGIN
+    )
+    if fidelity >= PRESENT_FIDELITY and controls_hold:
         return "present"
-    if fidelity is not None and fidelity >= 0.5 and controls_hold:
+    if fidelity >= PARTIAL_FIDELITY and controls_hold:
         return "partial"
     return "absent"
 

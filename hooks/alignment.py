@@ -463,30 +463,73 @@ def _train_basis(
     lr: float,
     seed: int,
     progress: bool,
+    start: Tensor | None = None,
 ) -> Float[Tensor, "width rank"]:
     """DAS: Adam on an orthonormal ``width x rank`` basis (``torch.nn.utils.parametrizations.orthogonal``,
     Cayley map) minimising the batch-mean ``KL(cf || intervened)`` over random batches of training
     pairs; the model's parameters are not touched.
 
     The loss has poor basins (a basis that leaks into directions the output is very sensitive to,
-    such as the current token, learns slowly): ``RESTARTS`` random bases train for ``steps // 5``
-    steps each at a constant rate, the one with the lowest loss on a fixed set of training pairs
-    goes on for ``steps`` more with the rate decayed to 0 on a cosine.
+    such as the current token, learns slowly), and Adam at a fixed rate wanders along its flat
+    directions. So: the candidates (``start``, e.g. the probe's subspace, and ``RESTARTS`` random
+    bases) train for ``steps // 5`` steps each; the one with the lowest loss on a fixed set of
+    training pairs goes on for ``steps`` more with the rate decayed to 0 on a cosine; then L-BFGS
+    polishes it on that fixed set. The result is the basis with the lowest loss on that set among
+    every start, the cosine run's end and the polished one (selection on training pairs only).
     """
     generator = torch.Generator().manual_seed(seed)
-    check_rows = torch.randperm(len(pairs), generator=generator)[: 4 * batch_size]
+    check = pairs.rows(torch.randperm(len(pairs), generator=generator)[: 4 * batch_size])
+    starts = [] if start is None else [start]
+    starts += [_random_basis(width, rank, generator) for _ in range(RESTARTS)]
     candidates = []
-    for _ in range(RESTARTS):
-        holder = torch.nn.Linear(rank, width, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            holder.weight.copy_(torch.linalg.qr(torch.randn(width, rank, generator=generator, dtype=torch.float64))[0])
-        torch.nn.utils.parametrizations.orthogonal(holder, orthogonal_map="cayley")
+    seen = [(float(_loss(intervener, check, initial)), initial) for initial in starts]
+    for initial in starts:
+        holder = _orthonormal_parameter(initial, generator)
         optimiser = torch.optim.Adam(holder.parameters(), lr=lr)
         _adam_steps(intervener, pairs, holder, optimiser, None, max(1, steps // 5), batch_size, generator, progress)
-        candidates.append((_loss(intervener, pairs.rows(check_rows), holder.weight.detach()), holder, optimiser))
+        candidates.append((float(_loss(intervener, check, holder.weight.detach())), holder, optimiser))
     _, holder, optimiser = min(candidates, key=lambda candidate: candidate[0])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     _adam_steps(intervener, pairs, holder, optimiser, schedule, steps, batch_size, generator, progress)
+    trained = holder.weight.detach().clone()
+    seen.append((float(_loss(intervener, check, trained)), trained))
+    polished = _polish(intervener, check, holder)
+    seen.append((float(_loss(intervener, check, polished)), polished))
+    finite = [(loss, basis) for loss, basis in seen if math.isfinite(loss)]
+    return min(finite, key=lambda entry: entry[0])[1] if finite else trained
+
+
+def _random_basis(width: int, rank: int, generator: torch.Generator) -> Tensor:
+    return torch.linalg.qr(torch.randn(width, rank, generator=generator, dtype=torch.float64))[0]
+
+
+def _orthonormal_parameter(initial: Tensor, generator: torch.Generator) -> torch.nn.Module:
+    """A module whose ``.weight`` is an orthonormal ``[width, rank]`` basis starting at ``initial``.
+
+    Registering the parametrization completes the basis with draws from torch's global generator:
+    they are made from a seed taken from ``generator``, in a forked global state, so the same seed
+    gives the same basis and the caller's random stream is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        holder = torch.nn.Linear(initial.shape[1], initial.shape[0], bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            holder.weight.copy_(initial)
+        torch.nn.utils.parametrizations.orthogonal(holder, orthogonal_map="cayley")
+    return holder
+
+
+def _polish(intervener: _Intervener, check: _Pairs, holder: torch.nn.Module, iterations: int = 25) -> Tensor:
+    """L-BFGS on the fixed pairs ``check`` from the basis ``holder`` holds; the basis it ends at."""
+    optimiser = torch.optim.LBFGS(holder.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = _loss(intervener, check, holder.weight)
+        loss.backward()
+        return loss
+
+    with _frozen(intervener.model):
+        optimiser.step(closure)
     return holder.weight.detach().clone()
 
 
@@ -503,9 +546,11 @@ def _adam_steps(intervener, pairs, holder, optimiser, schedule, steps, batch_siz
 
 
 def _loss(intervener: _Intervener, pairs: _Pairs, basis: Tensor) -> Tensor:
-    """Batch-mean ``KL(cf || intervened)`` for a basis over the site's coordinates ``[c, rank]``."""
-    output = intervener.output(pairs, None, projector=basis @ basis.T)
-    return _kl_per_pair(pairs.counterfactual, output).mean()
+    """Batch-mean ``KL(cf || intervened)`` for a basis over the site's coordinates ``[c, rank]``
+    (differentiable in ``basis`` unless it is detached; then computed without a graph)."""
+    with torch.set_grad_enabled(basis.requires_grad):
+        output = intervener.output(pairs, None, projector=basis @ basis.T)
+        return _kl_per_pair(pairs.counterfactual, output).mean()
 
 
 @contextmanager
@@ -689,6 +734,22 @@ def _probe_basis(acts: Tensor, values: Tensor, groups: Tensor) -> Tensor:
     return _orthonormal(fit_probe(acts, values, groups).weight)
 
 
+def _probe_start(
+    intervener: _Intervener, pairs: _Pairs, high_level: MDCausalModel, variable: str, rank: int, seed: int
+) -> Tensor:
+    """A probe's subspace as a DAS start over the site's coordinates, ``[c, rank]``: its leading
+    directions, completed with random ones orthogonal to them when ``rank`` exceeds its rank."""
+    coordinates = intervener.site.coordinates
+    acts, values, groups = _rows(pairs.base_site[..., coordinates], high_level.values(pairs.tokens_base, variable))
+    probe = _probe_basis(acts, values, groups)[:, :rank]
+    if probe.shape[1] == rank:
+        return probe
+    generator = torch.Generator().manual_seed(seed + 2)
+    extra = torch.randn(probe.shape[0], rank - probe.shape[1], generator=generator, dtype=torch.float64)
+    extra -= probe @ (probe.T @ extra)
+    return torch.cat([probe, torch.linalg.qr(extra)[0]], dim=1)
+
+
 def _rows(acts: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``acts [B, n, w]`` and ``values [B, n, m]`` (or ``[B, m]``) as rows, with the pair of each row."""
     values = values.unsqueeze(1) if values.ndim == 2 else values
@@ -739,6 +800,7 @@ def align_variable(
     controls: bool = True,
     rank_sweep: bool = True,
     sweep_steps: int | None = None,
+    probe_start: bool = True,
     wrong_model: str = "permuted_lags",
     seed: int = 0,
     progress: bool = False,
@@ -761,6 +823,8 @@ def align_variable(
             scales, or the model's own effective step).
         steps, batch_size, lr: DAS's Adam: ``steps`` batches of ``batch_size`` training pairs drawn
             at random, learning rate ``lr`` decayed to 0 on a cosine.
+        probe_start: also start the search from the subspace of a ridge probe for the variable
+            (fitted on the training bases); ``False``: from random bases only.
         controls: also run controls (a)-(c); rank_sweep: also DAS at ranks ``m-1..2m`` (with
             ``sweep_steps`` steps each, default ``steps``).
         wrong_model: control (b)'s counterfactual, ``"permuted_lags"`` or ``"random_weights"``.
@@ -780,6 +844,8 @@ def align_variable(
     seed = check_int(seed, "seed", 0)
     if wrong_model not in WRONG_MODELS:
         raise ValueError(f"wrong_model must be one of {WRONG_MODELS}, got {wrong_model!r}")
+    if not isinstance(probe_start, bool):
+        raise ValueError(f"probe_start must be a bool, got {probe_start!r}")
     steps_needed = _steps_needed(variable)
     if high_level is None:
         high_level = high_level_model(model, tokens_a, transition, order, steps=steps_needed)
@@ -802,7 +868,9 @@ def align_variable(
     options = {"steps": steps, "batch_size": batch_size, "lr": float(lr), "progress": progress}
 
     def das(at_rank: int, on: _Intervener = intervener, train_on: _Pairs = train_pairs, **changes) -> Tensor:
-        inside = _train_basis(on, train_on, block_width, at_rank, seed=seed, **{**options, **changes})
+        # One start is the subspace of a probe for V fitted on this model's training bases.
+        start = _probe_start(on, train_on, high_level, variable, at_rank, seed) if probe_start else None
+        inside = _train_basis(on, train_on, block_width, at_rank, seed=seed, start=start, **{**options, **changes})
         return _embed(inside, site.coordinates, site.width)
 
     def fidelity(basis: Tensor, on: _Intervener = intervener, test_on: _Pairs = test_pairs, base=kl_base) -> float:
@@ -1020,6 +1088,10 @@ def alignment_scan(
     tokens_a, tokens_b = _check_pairs(model, tokens_a, tokens_b, transition, order)
     if isinstance(hooks, str) or not hooks or not all(isinstance(h, str) for h in hooks):
         raise ValueError(f"hooks must be a non-empty tuple of hook kinds such as {SCAN_HOOKS}, got {hooks!r}")
+    unknown = [kind for kind in hooks if f"blocks.0.hook_{kind}" not in model.hook_dict]
+    if unknown:
+        kinds = sorted({name.split(".hook_")[-1] for name in model.hook_dict if name.startswith("blocks.0.hook_")})
+        raise ValueError(f"unknown hook kind(s) {unknown}: blocks.{{l}}.hook_<kind> exists for kind in {kinds}")
     if high_level is None:
         high_level = high_level_model(model, tokens_a, transition, order, steps=_steps_needed(variable))
     layers = ["embed"] + [f"L{layer + 1}" for layer in range(model.cfg.n_layers)]
