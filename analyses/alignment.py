@@ -21,7 +21,6 @@ Writes ``alignment.json``, one scan figure per model and one control figure per 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 

@@ -13,7 +13,8 @@ the construction, the shipped disentangled models and plain ``HookedTransformer`
 - heads: :func:`lag_head_scores`, :func:`lag_detection_pattern` (a pattern for TransformerLens's
   ``detect_head``);
 - weights: :func:`learned_transition`, :func:`learned_transition_kl`,
-  :func:`score_block_correlation`, :func:`weight_alignment`;
+  :func:`score_block_correlation`, :func:`weight_alignment`, :func:`softmax_transition_kl` (the
+  paper's KL between pi and a softmax of layer 1's scores);
 - behaviour: :func:`sensitivity_alignment`, :func:`input_jacobian`, :func:`implicit_weights`,
   :func:`implicit_weights_distances`;
 - patching: :func:`patch_mean_responsibility`, :func:`patching_heatmap`,
@@ -63,14 +64,17 @@ from mdlens.hooks.viz import (
     token_labels,
 )
 from mdlens.hooks.weights import (
+    PAPER_LEARNED_TRANSITION_KL,
     learned_transition,
     learned_transition_kl,
     score_block_correlation,
+    softmax_transition_kl,
     token_score_block,
     weight_alignment,
 )
 
 __all__ = [
+    "PAPER_LEARNED_TRANSITION_KL",
     "Alignment",
     "AlignmentScan",
     "AttentionAgreement",
@@ -109,6 +113,7 @@ __all__ = [
     "responsibility_tv",
     "score_block_correlation",
     "sensitivity_alignment",
+    "softmax_transition_kl",
     "targets",
     "token_labels",
     "token_score_block",

@@ -38,6 +38,7 @@ REPRODUCTIONS: dict[str, Stage] = {
     "two-step": Stage("mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction"),
     "mechanisms": Stage("mdlens.analyses.mechanisms", "probes, patching and attention of each model"),
     "step-sizes": Stage("mdlens.analyses.step_sizes", "the step size each model implements"),
+    "alignment": Stage("mdlens.analyses.alignment", "distributed alignment search: is MD causally inside?"),
     "training-mechanism": Stage(
         "mdlens.analyses.training_mechanism", "the training study (trains models: tens of minutes)", in_all=False
     ),
