@@ -462,3 +462,23 @@ def test_bad_pairs_raise(task, pairs, small_model):
         alignment_scan(small_model, "mean_responsibility", tokens_a, tokens_b, pi, M, hooks=(), progress=False)
     with pytest.raises(ValueError, match="d_vocab"):
         align_variable(small_model, "mean_responsibility", hook_name, tokens_a, tokens_b, torch.eye(5) * 0 + 0.2, M)
+
+
+def test_a_layout_block_as_the_site(task, pairs, construction):
+    """``hook_name`` may name a block of ``model.layout``: the search stays inside its coordinates."""
+    tokens_a, tokens_b = pairs
+    alignment = align_variable(
+        construction, "mean_responsibility", "L2.mean_responsibility", tokens_a, tokens_b, task.transition, M,
+        rank=M - 1, controls=False, rank_sweep=False,
+    )  # fmt: skip
+    block = construction.layout["L2.mean_responsibility"]
+    assert alignment.hook_name == "blocks.1.hook_resid_post" and alignment.coordinates == (block.start, block.stop)
+    outside = torch.ones(alignment.basis.shape[0], dtype=torch.bool)
+    outside[block] = False
+    assert alignment.basis[outside].abs().max() == 0
+    assert alignment.interchange_fidelity >= 0.99
+    with pytest.raises(ValueError, match=r"rank must be an int in 1\.\.3"):
+        align_variable(
+            construction, "mean_responsibility", "L2.mean_responsibility", tokens_a, tokens_b, task.transition, M,
+            rank=4, controls=False, rank_sweep=False,
+        )  # fmt: skip
