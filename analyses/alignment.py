@@ -35,7 +35,7 @@ from mdlens.pretrained import load_all_pretrained
 
 # The scan finds the hook with short searches (scan_steps); the best hook gets the full search
 # (steps) and its controls, the rank sweep shorter ones (sweep_steps).
-FULL = {"seq_len": 32, "n_pairs": 384, "n_tune": 512, "scan_steps": 30, "steps": 120, "sweep_steps": 40}
+FULL = {"seq_len": 32, "n_pairs": 384, "n_tune": 512, "scan_steps": 30, "steps": 100, "sweep_steps": 30}
 QUICK = {"seq_len": 16, "n_pairs": 48, "n_tune": 48, "scan_steps": 5, "steps": 10, "sweep_steps": 5}
 SEEDS = {"tune": 21, "base": 22, "source": 23}
 ONE_STEP_VARIABLES = ("mean_responsibility", "responsibility")

@@ -86,8 +86,10 @@ PROBS_FLOOR = 1e-6
 READ_RTOL = 1e-6
 # Fidelity within this of the best rank counts as saturated.
 SATURATION_TOLERANCE = 0.01
-# DAS's random starts (see _train_basis).
-RESTARTS = 3
+# DAS's random starts beside the probe's subspace (see _train_basis).
+RESTARTS = 2
+# L-BFGS iterations of the final polish: one per POLISH_STEPS Adam steps, at most MAX_POLISH.
+POLISH_STEPS, MAX_POLISH = 6, 25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +480,7 @@ def _train_basis(
     every start, the cosine run's end and the polished one (selection on training pairs only).
     """
     generator = torch.Generator().manual_seed(seed)
-    check = pairs.rows(torch.randperm(len(pairs), generator=generator)[: 4 * batch_size])
+    check = pairs.rows(torch.randperm(len(pairs), generator=generator)[: 2 * batch_size])
     starts = [] if start is None else [start]
     starts += [_random_basis(width, rank, generator) for _ in range(RESTARTS)]
     candidates = []
@@ -493,7 +495,7 @@ def _train_basis(
     _adam_steps(intervener, pairs, holder, optimiser, schedule, steps, batch_size, generator, progress)
     trained = holder.weight.detach().clone()
     seen.append((float(_loss(intervener, check, trained)), trained))
-    polished = _polish(intervener, check, holder)
+    polished = _polish(intervener, check, holder, iterations=min(MAX_POLISH, max(1, steps // POLISH_STEPS)))
     seen.append((float(_loss(intervener, check, polished)), polished))
     finite = [(loss, basis) for loss, basis in seen if math.isfinite(loss)]
     return min(finite, key=lambda entry: entry[0])[1] if finite else trained
@@ -518,7 +520,7 @@ def _orthonormal_parameter(initial: Tensor, generator: torch.Generator) -> torch
     return holder
 
 
-def _polish(intervener: _Intervener, check: _Pairs, holder: torch.nn.Module, iterations: int = 25) -> Tensor:
+def _polish(intervener: _Intervener, check: _Pairs, holder: torch.nn.Module, iterations: int) -> Tensor:
     """L-BFGS on the fixed pairs ``check`` from the basis ``holder`` holds; the basis it ends at."""
     optimiser = torch.optim.LBFGS(holder.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
 
