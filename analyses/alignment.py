@@ -1,11 +1,12 @@
 """Is mirror descent causally inside each model? Distributed alignment search on every model.
 
-For the one-step construction, the two-step construction and every shipped model, and for each MD
-variable (``mean_responsibility`` and ``responsibility``; ``lambda1`` and ``second_step_mean`` for the
-models deep enough for two steps), on pairs of fresh sequences of the shared task:
+For the one-step construction, the two-step construction and every shipped model, and for the MD
+variables of each (``VARIABLES``: ``mean_responsibility`` and ``responsibility``; ``lambda1`` and
+``second_step_mean`` for the models deep enough for two steps), on pairs of fresh sequences of the
+shared task:
 
 1. a **scan** (``hooks.alignment_scan``): DAS at rank ``m`` at the embedding and at every layer's
-   ``resid_post`` and ``attn_out``, scored on held-out pairs;
+   ``resid_post``, scored on held-out pairs;
 2. at the **best hook** of the scan, DAS again with its controls (``hooks.align_variable``): the probe
    subspace and a random subspace of the same rank, (a) a random-init model of the same
    architecture, (b) the wrong high-level model (B's lag weights cyclically permuted), (c) the
@@ -35,11 +36,23 @@ from mdlens.pretrained import load_all_pretrained
 
 # The scan finds the hook with short searches (scan_steps); the best hook gets the full search
 # (steps) and its controls, the rank sweep shorter ones (sweep_steps).
-FULL = {"seq_len": 32, "n_pairs": 384, "n_tune": 512, "scan_steps": 30, "steps": 100, "sweep_steps": 30}
-QUICK = {"seq_len": 16, "n_pairs": 48, "n_tune": 48, "scan_steps": 5, "steps": 10, "sweep_steps": 5}
+# The scan covers every layer's resid_post (and the embedding): in a disentangled model each layer's
+# attn_out is a block of its resid_post, so the residual holds whatever the attention output does.
+FULL = {"seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20}
+QUICK = {"seq_len": 16, "n_pairs": 32, "n_tune": 32, "scan_steps": 3, "steps": 6, "sweep_steps": 3}
+SCAN_HOOKS = ("resid_post",)
 SEEDS = {"tune": 21, "base": 22, "source": 23}
 ONE_STEP_VARIABLES = ("mean_responsibility", "responsibility")
 TWO_STEP_VARIABLES = ("lambda1", "second_step_mean")
+# What each kind of model is asked about: the one-step variables in the one-step construction and the
+# 3-layer models; in the 5-layer ones the mean responsibility and the two-step variables (their
+# residual is 140-284 wide, which makes the all-position responsibility search the costliest by far);
+# the two-step construction, only its two-step variables (its first three layers are the one-step one).
+VARIABLES = {
+    "one_step": ONE_STEP_VARIABLES,
+    "five_layer": ("mean_responsibility", *TWO_STEP_VARIABLES),
+    "construction-2step": TWO_STEP_VARIABLES,
+}
 # A variable counts as causally present at a hook when DAS's held-out fidelity reaches
 # PRESENT_FIDELITY (partial: PARTIAL_FIDELITY), the wrong-model control stays at most WRONG_MODEL_MAX,
 # and DAS beats the same search on a random-init model by at least RANDOM_MODEL_MARGIN. The random-init
@@ -87,8 +100,9 @@ def build_models(task: MTDTask, sizes: dict, root=None) -> dict:
 
 
 def variables_of(name: str, model) -> tuple[str, ...]:
-    two_step = name == "construction-2step" or model.cfg.n_layers >= 5
-    return ONE_STEP_VARIABLES + (TWO_STEP_VARIABLES if two_step else ())
+    if name == "construction-2step":
+        return VARIABLES["construction-2step"]
+    return VARIABLES["five_layer"] if model.cfg.n_layers >= 5 else VARIABLES["one_step"]
 
 
 def measure_model(name: str, model, task: MTDTask, tokens_a, tokens_b, sizes: dict, out_dir: Path) -> dict:
@@ -98,7 +112,16 @@ def measure_model(name: str, model, task: MTDTask, tokens_a, tokens_b, sizes: di
     for variable in variables_of(name, model):
         high_level = hooks.high_level_model(model, tokens_a, pi, m, steps=2 if variable in TWO_STEP_VARIABLES else 1)
         scan = hooks.alignment_scan(
-            model, variable, tokens_a, tokens_b, pi, m, high_level=high_level, steps=sizes["scan_steps"], progress=False
+            model,
+            variable,
+            tokens_a,
+            tokens_b,
+            pi,
+            m,
+            hooks=SCAN_HOOKS,
+            high_level=high_level,
+            steps=sizes["scan_steps"],
+            progress=False,
         )
         best = scan.best.hook_name
         alignment = hooks.align_variable(

@@ -488,7 +488,7 @@ def alignment_section(lines: list[str], out_dir: Path, data: dict) -> None:
         "## Is MD causally inside? Distributed alignment search (`mdlens.hooks.align_variable`)",
         "",
         f"{sizes['n_pairs']} pairs (base A, source B) of T={sizes['seq_len']}, a quarter held out. For each MD "
-        "variable, DAS learns a rank-m subspace at every layer's `resid_post` and `attn_out` (and the "
+        "variable, DAS learns a rank-m subspace at every layer's `resid_post` (and the "
         "embedding) whose interchange turns A's output into MD's counterfactual (A read with B's value of "
         "the variable); the best hook is then rerun with its controls. Fidelity "
         "`1 - KL(cf || intervened) / KL(cf || A's own output)` on held-out pairs: 1 = the subspace carries the "
