@@ -38,8 +38,9 @@ from mdlens.pretrained import load_all_pretrained
 # (steps) and its controls, the rank sweep shorter ones (sweep_steps).
 # The scan covers every layer's resid_post (and the embedding): in a disentangled model each layer's
 # attn_out is a block of its resid_post, so the residual holds whatever the attention output does.
-FULL = {"seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20}
-QUICK = {"seq_len": 16, "n_pairs": 32, "n_tune": 32, "scan_steps": 3, "steps": 6, "sweep_steps": 3}
+FULL = {"seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20, "sweep": True}
+# --quick, a smoke test of every path but the rank sweep.
+QUICK = {"seq_len": 16, "n_pairs": 32, "n_tune": 32, "scan_steps": 3, "steps": 6, "sweep_steps": 3, "sweep": False}
 SCAN_HOOKS = ("resid_post",)
 SEEDS = {"tune": 21, "base": 22, "source": 23}
 ONE_STEP_VARIABLES = ("mean_responsibility", "responsibility")
@@ -126,7 +127,7 @@ def measure_model(name: str, model, task: MTDTask, tokens_a, tokens_b, sizes: di
         best = scan.best.hook_name
         alignment = hooks.align_variable(
             model, variable, best, tokens_a, tokens_b, pi, m, high_level=high_level, steps=sizes["steps"],
-            sweep_steps=sizes["sweep_steps"],
+            sweep_steps=sizes["sweep_steps"], rank_sweep=sizes["sweep"],
         )  # fmt: skip
         with plotting.style():
             scan_figure = plotting.save_figure(
