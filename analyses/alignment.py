@@ -56,12 +56,15 @@ VARIABLES = {
 }
 # A variable counts as causally present at a hook when DAS's held-out fidelity reaches
 # PRESENT_FIDELITY (partial: PARTIAL_FIDELITY), the wrong-model control stays at most WRONG_MODEL_MAX,
-# and DAS beats the same search on a random-init model by at least RANDOM_MODEL_MARGIN. The random-init
+# the learned subspace holds the variable (its own held-out R^2 at least SUBSPACE_R2_MIN: control (c),
+# e.g. an all-position "responsibility" subspace that only carries their mean fails it), and DAS beats
+# the same search on a random-init model by at least RANDOM_MODEL_MARGIN. The random-init
 # control is a baseline, not a zero: on the "probs" architectures most of a random model's outputs are
 # clipped, and a subspace that lifts them "improves" the KL (0.1-0.4 on the construction's architecture).
 PRESENT_FIDELITY = 0.9
 PARTIAL_FIDELITY = 0.5
 WRONG_MODEL_MAX = 0.5
+SUBSPACE_R2_MIN = 0.5
 RANDOM_MODEL_MARGIN = 0.5
 
 
@@ -71,8 +74,11 @@ def verdict(result: dict) -> str:
     if fidelity is None:
         return "absent"
     wrong, random_model = result["wrong_model_fidelity"], result["random_model_fidelity"]
-    controls_hold = (wrong is None or wrong <= WRONG_MODEL_MAX) and (
-        random_model is None or fidelity - random_model >= RANDOM_MODEL_MARGIN
+    subspace_r2 = result.get("subspace_r2")
+    controls_hold = (
+        (wrong is None or wrong <= WRONG_MODEL_MAX)
+        and (random_model is None or fidelity - random_model >= RANDOM_MODEL_MARGIN)
+        and (subspace_r2 is None or subspace_r2 >= SUBSPACE_R2_MIN)
     )
     if fidelity >= PRESENT_FIDELITY and controls_hold:
         return "present"

@@ -495,7 +495,8 @@ def alignment_section(lines: list[str], out_dir: Path, data: dict) -> None:
         "variable and the model reads it as MD does. Controls: the probe's and a random subspace of the same "
         "rank; (a) a random-init model; (b) a wrong high-level model (B's lag weights permuted); (c) the "
         "subspace's own R^2 for the variable and the share of it the output reads. A variable is called "
-        "present when DAS reaches 0.9, at least 0.5 above (a), with (b) <= 0.5; partial from 0.5. (a) is a "
+        "present when DAS reaches 0.9, at least 0.5 above (a), with (b) <= 0.5 and (c)'s R^2 >= 0.5; partial "
+        "from 0.5. (a) is a "
         "baseline, not a zero: most outputs of a random-init 'probs' model are clipped, and lifting them "
         "lowers the KL.",
         "",

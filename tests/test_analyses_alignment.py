@@ -32,6 +32,12 @@ def test_verdict_thresholds(fidelity, random_model, wrong_model, expected):
     assert alignment.verdict(best(fidelity, random_model, wrong_model)) == expected
 
 
+@pytest.mark.parametrize(("subspace_r2", "expected"), [(0.5, "present"), (0.49, "absent"), (None, "present")])
+def test_the_subspace_must_hold_the_variable(subspace_r2, expected):
+    """Control (c): a subspace that steers the output without holding the variable is no evidence."""
+    assert alignment.verdict(best(0.99, 0.0, 0.1, subspace_r2=subspace_r2)) == expected
+
+
 def test_summary_line_quotes_the_numbers():
     entry = best(
         0.5, 0.01, 0.2, hook_name="blocks.1.hook_resid_post", probe_fidelity=0.25, random_subspace_fidelity=-1.0,
