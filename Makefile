@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-# The whole reproduction (every analysis, its figures, REPORT.md): about 6 minutes on 2 cores.
-# `make demo DEMO_FLAGS=--quick` is the 30-second smoke version (small, noisy sizes).
+# The whole reproduction (every analysis, its figures, REPORT.md): about 25 minutes of one core
+# (the README gives each stage's time). `make demo DEMO_FLAGS=--quick` is the 90-second smoke
+# version (small, noisy sizes).
 # One intra-op thread: the analyses are many small tensor ops, which two threads slow down
 # (they spin-wait on each other; 10-100x on a busy 2-core machine).
 # The full demo first executes the four notebooks into $(DEMO_OUT)/notebooks/*.html (every output and
