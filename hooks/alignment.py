@@ -736,14 +736,17 @@ def _probe_basis(acts: Tensor, values: Tensor, groups: Tensor) -> Tensor:
     return _orthonormal(fit_probe(acts, values, groups).weight)
 
 
-def _probe_start(
-    intervener: _Intervener, pairs: _Pairs, high_level: MDCausalModel, variable: str, rank: int, seed: int
-) -> Tensor:
-    """A probe's subspace as a DAS start over the site's coordinates, ``[c, rank]``: its leading
-    directions, completed with random ones orthogonal to them when ``rank`` exceeds its rank."""
+def _site_probe(intervener: _Intervener, pairs: _Pairs, high_level: MDCausalModel, variable: str) -> Tensor:
+    """The subspace of a probe for ``variable`` on ``pairs``' bases, over the site's coordinates ``[c, k]``."""
     coordinates = intervener.site.coordinates
     acts, values, groups = _rows(pairs.base_site[..., coordinates], high_level.values(pairs.tokens_base, variable))
-    probe = _probe_basis(acts, values, groups)[:, :rank]
+    return _probe_basis(acts, values, groups)
+
+
+def _probe_start(probe: Tensor, rank: int, seed: int) -> Tensor:
+    """A probe's subspace ``[c, k]`` as a DAS start of rank ``rank``, ``[c, rank]``: its leading
+    directions, completed with random ones orthogonal to them when ``rank`` exceeds ``k``."""
+    probe = probe[:, :rank]
     if probe.shape[1] == rank:
         return probe
     generator = torch.Generator().manual_seed(seed + 2)
@@ -869,9 +872,13 @@ def align_variable(
     kl_base = float(_kl_per_pair(test_pairs.counterfactual, intervener.base_output(tokens_a[test])).mean())
     options = {"steps": steps, "batch_size": batch_size, "lr": float(lr), "progress": progress}
 
-    def das(at_rank: int, on: _Intervener = intervener, train_on: _Pairs = train_pairs, **changes) -> Tensor:
-        # One start is the subspace of a probe for V fitted on this model's training bases.
-        start = _probe_start(on, train_on, high_level, variable, at_rank, seed) if probe_start else None
+    # The probe for V on the training bases: a subspace to compare with, and one start of the search.
+    probe = _site_probe(intervener, train_pairs, high_level, variable)
+
+    def das(
+        at_rank: int, on: _Intervener = intervener, train_on: _Pairs = train_pairs, probe: Tensor = probe, **changes
+    ) -> Tensor:
+        start = _probe_start(probe, at_rank, seed) if probe_start else None
         inside = _train_basis(on, train_on, block_width, at_rank, seed=seed, start=start, **{**options, **changes})
         return _embed(inside, site.coordinates, site.width)
 
@@ -882,10 +889,7 @@ def align_variable(
     kl_intervened = _mean_kl(intervener, test_pairs, basis, batch_size)
 
     # Probe and random subspaces of the same rank.
-    acts, values, groups = _rows(
-        train_pairs.base_site[..., site.coordinates], high_level.values(tokens_a[train], variable)
-    )
-    probe_basis = _embed(_probe_basis(acts, values, groups)[:, :rank], site.coordinates, site.width)
+    probe_basis = _embed(probe[:, :rank], site.coordinates, site.width)
     generator = torch.Generator().manual_seed(seed)
     random_basis = _embed(
         torch.linalg.qr(torch.randn(block_width, rank, generator=generator, dtype=torch.float64))[0],
@@ -964,7 +968,9 @@ def _run_controls(result, model, site, intervener, pairs, train, test, das, fide
     random_kl_base = float(
         _kl_per_pair(random_pairs.counterfactual[test], random_intervener.base_output(tokens_a[test])).mean()
     )
-    random_basis = das(result.rank, on=random_intervener, train_on=random_pairs.rows(train))
+    random_train = random_pairs.rows(train)
+    random_probe = _site_probe(random_intervener, random_train, result.high_level, result.variable)
+    random_basis = das(result.rank, on=random_intervener, train_on=random_train, probe=random_probe)
     result.random_model_fidelity = fidelity(
         random_basis, on=random_intervener, test_on=random_pairs.rows(test), base=random_kl_base
     )
