@@ -68,6 +68,7 @@ from mdlens.checkpoints import build_like
 from mdlens.evaluation import effective_eta
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.hooks.probes import fit_probe
+from mdlens.models.layout import residual_hook_of
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 # Where each variable of the construction lives (its named block) and at which positions it is
@@ -261,14 +262,6 @@ def _resume_point(model: HookedTransformer, hook_name: str) -> tuple[str, int] |
     return (f"blocks.{layer}.hook_resid_post", layer + 1) if added_to_post else None
 
 
-def _residual_hook_of_block(block: str) -> str:
-    """The first residual hook holding a disentangled block: ``L{l}...`` is written by layer ``l``."""
-    head = block.split(".")[0]
-    if head.startswith("L") and head[1:].isdigit():
-        return f"blocks.{int(head[1:]) - 1}.hook_resid_post"
-    return "blocks.0.hook_resid_pre"
-
-
 def _site(model: HookedTransformer, hook_name: str, variable: str, tokens: Tensor) -> _Site:
     """Check ``hook_name`` (a hook of the model, or a block of ``model.layout``) and describe it."""
     if not isinstance(hook_name, str):
@@ -276,7 +269,7 @@ def _site(model: HookedTransformer, hook_name: str, variable: str, tokens: Tenso
     layout = getattr(model, "layout", None)
     block = None
     if hook_name not in model.hook_dict and layout is not None and hook_name in layout:
-        block, hook_name = hook_name, _residual_hook_of_block(hook_name)
+        block, hook_name = hook_name, residual_hook_of(hook_name)
     if hook_name not in model.hook_dict:
         residual = [n for n in model.hook_dict if "resid" in n or n in ("hook_embed", "hook_pos_embed")]
         raise ValueError(
@@ -946,7 +939,7 @@ def _named_block_swap(
     if layout is None:
         return
     block = _block_of(result.variable)
-    if block not in layout or _residual_hook_of_block(block) != intervener.site.hook_name:
+    if block not in layout or residual_hook_of(block) != intervener.site.hook_name:
         return
     coordinates = layout[block]
     basis = torch.zeros(intervener.site.width, coordinates.stop - coordinates.start, dtype=torch.float64)

@@ -35,6 +35,7 @@ from mdlens._validation import check_int
 from mdlens.checkpoints import build_like
 from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
 from mdlens.hooks.targets import control_target
+from mdlens.models.layout import residual_hook_of
 
 N_FOLDS = 5
 TEST_FRACTION = 0.2
@@ -382,15 +383,6 @@ def _short_label(row: str) -> str:
     return hook
 
 
-def _hook_holding(block: str) -> str:
-    """The first residual hook that holds a disentangled block: ``L{l}...`` is written by layer
-    ``l`` (``blocks.{l-1}.hook_resid_post``); anything else (``tokens``) is there from the start."""
-    head = block.split(".")[0]
-    if head.startswith("L") and head[1:].isdigit():
-        return f"blocks.{int(head[1:]) - 1}.hook_resid_post"
-    return "blocks.0.hook_resid_pre"
-
-
 def _read_full_width(probe: Probe, coordinates: slice, d_model: int) -> Probe:
     """A probe fit on some coordinates, rewritten to read the whole activation (zero elsewhere)."""
     if coordinates == slice(None):
@@ -541,7 +533,7 @@ def probe_model(
             raise ValueError(f"no residual block named {name!r} in model.layout; known: {', '.join(layout.names())}")
     heads = _heads_at(model, hook_names, tokens[:1])
     readings = [_Reading(hook, head=head) for hook in hook_names for head in heads[hook]]
-    readings += [_Reading(_hook_holding(name), layout[name], block=name) for name in blocks]
+    readings += [_Reading(residual_hook_of(name), layout[name], block=name) for name in blocks]
     rows = [reading.row for reading in readings]
 
     names = list(targets)

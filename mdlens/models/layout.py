@@ -26,6 +26,16 @@ from dataclasses import asdict, dataclass
 BLOCK_KINDS = ("leaf", "group", "alias")
 
 
+def residual_hook_of(block: str) -> str:
+    """The first TransformerLens residual hook that holds a disentangled block: ``L{l}...`` is written
+    by the paper's layer ``l``, TransformerLens's ``blocks.{l-1}``, so it is there from
+    ``blocks.{l-1}.hook_resid_post`` on; anything else (``tokens``) from ``blocks.0.hook_resid_pre``."""
+    head = block.split(".")[0]
+    if head.startswith("L") and head[1:].isdigit():
+        return f"blocks.{int(head[1:]) - 1}.hook_resid_post"
+    return "blocks.0.hook_resid_pre"
+
+
 @dataclass(frozen=True)
 class ResidualBlock:
     """One named block: coordinates ``start:stop`` of the residual stream."""
