@@ -834,27 +834,17 @@ def align_variable(
     transition = check_transition(transition)
     order = check_order(order)
     tokens_a, tokens_b = _check_pairs(model, tokens_a, tokens_b, transition, order)
-    if not isinstance(held_out, float) or not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be a float in (0, 1), the share of pairs held out; got {held_out!r}")
-    steps = check_int(steps, "steps", 1)
-    sweep_steps = steps if sweep_steps is None else check_int(sweep_steps, "sweep_steps", 1)
-    batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
-    if wrong_model not in WRONG_MODELS:
-        raise ValueError(f"wrong_model must be one of {WRONG_MODELS}, got {wrong_model!r}")
-    if not isinstance(probe_start, bool):
-        raise ValueError(f"probe_start must be a bool, got {probe_start!r}")
-    steps_needed = _steps_needed(variable)
+    steps, sweep_steps, batch_size, lr, seed = _check_search_settings(
+        held_out, steps, sweep_steps, batch_size, lr, seed, wrong_model, probe_start
+    )
     if high_level is None:
-        high_level = high_level_model(model, tokens_a, transition, order, steps=steps_needed)
+        high_level = high_level_model(model, tokens_a, transition, order, steps=_steps_needed(variable))
     elif not isinstance(high_level, MDCausalModel):
         raise ValueError(f"high_level must be an MDCausalModel, got {type(high_level).__name__}")
     high_level.check_variable(variable)
     site = _site(model, hook_name, variable, tokens_a)
     block_width = site.coordinates.stop - site.coordinates.start
     rank = _check_rank(order if rank is None else rank, block_width)
-    if not isinstance(lr, float | int) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
 
     n_held_out = max(1, round(held_out * tokens_a.shape[0]))
     train, test = slice(0, tokens_a.shape[0] - n_held_out), slice(tokens_a.shape[0] - n_held_out, None)
@@ -863,7 +853,7 @@ def align_variable(
     pairs = _prepare(intervener, tokens_a, tokens_b, counterfactual)
     train_pairs, test_pairs = pairs.rows(train), pairs.rows(test)
     kl_base = float(_kl_per_pair(test_pairs.counterfactual, intervener.base_output(tokens_a[test])).mean())
-    options = {"steps": steps, "batch_size": batch_size, "lr": float(lr), "progress": progress}
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "progress": progress}
 
     # The probe for V on the training bases: a subspace to compare with, and one start of the search.
     probe = _site_probe(intervener, train_pairs, high_level, variable)
@@ -918,6 +908,21 @@ def align_variable(
     if controls:
         _run_controls(result, model, site, intervener, pairs, train, test, das, fidelity, seed, wrong_model)
     return result
+
+
+def _check_search_settings(held_out, steps, sweep_steps, batch_size, lr, seed, wrong_model, probe_start) -> tuple:
+    """:func:`align_variable`'s settings, checked: ``(steps, sweep_steps, batch_size, lr, seed)``."""
+    if not isinstance(held_out, float) or not 0.0 < held_out < 1.0:
+        raise ValueError(f"held_out must be a float in (0, 1), the share of pairs held out; got {held_out!r}")
+    if not isinstance(lr, float | int) or isinstance(lr, bool) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if wrong_model not in WRONG_MODELS:
+        raise ValueError(f"wrong_model must be one of {WRONG_MODELS}, got {wrong_model!r}")
+    if not isinstance(probe_start, bool):
+        raise ValueError(f"probe_start must be a bool, got {probe_start!r}")
+    steps = check_int(steps, "steps", 1)
+    sweep_steps = steps if sweep_steps is None else check_int(sweep_steps, "sweep_steps", 1)
+    return steps, sweep_steps, check_int(batch_size, "batch_size", 1), float(lr), check_int(seed, "seed", 0)
 
 
 def _steps_needed(variable: str) -> int:
