@@ -137,6 +137,8 @@ def reference_kls(
     """
     pi, m = task.transition, task.order
     tokens, truth = evaluation.tokens, evaluation.next_probs
+    if bayes:  # before any work, with the hint this function can take
+        E.check_exact_bayes_size(tokens.shape[1], m, remedy="pass bayes=False")
     etas = {name: tuned_eta(task, tune, steps) for name, steps in md.items()}
     weights = {
         "uniform": torch.full((tokens.shape[0], m), 1.0 / m, dtype=torch.float64),

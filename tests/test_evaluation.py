@@ -65,3 +65,16 @@ def test_mean_and_se():
     summary = mean_and_se(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
     # mean 3, sample variance (4 + 1 + 0 + 9) / 3 = 14/3, se = sqrt(14/3) / 2
     assert summary["mean"] == pytest.approx(3.0) and summary["se"] == pytest.approx((14 / 3) ** 0.5 / 2)
+
+
+def test_reference_kls_refuses_a_too_long_exact_bayes_with_its_own_hint():
+    """Past exact Bayes's cap the refusal names an argument reference_kls has (bayes=False), and
+    doing what it says works."""
+    task = MTDTask(vocab_size=3, order=4, seed=0)
+    seq_len = E.longest_exact_bayes(4) + 1
+    generator = torch.Generator().manual_seed(0)
+    tune, evaluation = (task.sample(2, seq_len, generator=generator) for _ in range(2))
+    with pytest.raises(ValueError, match="pass bayes=False"):
+        reference_kls(task, tune, evaluation, md={"md1": 1})
+    _, kls = reference_kls(task, tune, evaluation, md={"md1": 1}, bayes=False)
+    assert set(kls) == {"uniform", "md1"}
