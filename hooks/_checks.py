@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_order, check_tokens, check_transition
+from mdlens.validation import check_order, check_tokens, check_transition
 
 
 def check_model(model: HookedTransformer) -> HookedTransformer:

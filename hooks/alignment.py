@@ -63,13 +63,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_int, check_order, check_transition
 from mdlens.checkpoints import build_like
 from mdlens.evaluation import effective_eta
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.hooks.probes import fit_probe
 from mdlens.models.layout import residual_hook_of
 from mdlens.predict import output_to_probs, output_type_of, predict_next
+from mdlens.validation import check_int, check_order, check_transition
 
 # Where each variable of the construction lives (its named block) and at which positions it is
 # intervened. "last": the last position only; "scored": every position t > m (0-based m..T-1).

@@ -29,9 +29,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_int, check_order
 from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
+from mdlens.validation import check_int, check_order
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 # A reference weight above this counts as "attended" for support_mass.

@@ -23,7 +23,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import (
+from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
+from mdlens.predict import output_to_probs, output_type_of, predict_next
+from mdlens.validation import (
     check_distribution,
     check_int,
     check_order,
@@ -32,8 +34,6 @@ from mdlens._validation import (
     check_transition,
     check_weights,
 )
-from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
-from mdlens.predict import output_to_probs, output_type_of, predict_next
 
 # Default stopping rule of the implicit-weight solver: the certified gap to the minimum KL.
 IMPLICIT_TOL = 1e-13

@@ -26,9 +26,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_int, check_order
 from mdlens.hooks._checks import check_model_tokens
 from mdlens.hooks.attention import DEFAULT_CHUNK_SIZE, mean_offset_mass
+from mdlens.validation import check_int, check_order
 
 FIRST_OFFSETS = (0, 1)  # lag g at offset g (a head that reads the window) or g - 1 (a readout head)
 

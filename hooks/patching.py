@@ -34,9 +34,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens import patching as tl_patching
 
 from mdlens import estimators as E
-from mdlens._validation import as_integer, check_order, check_positive, check_transition
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.predict import output_to_probs, output_type_of
+from mdlens.validation import as_integer, check_order, check_positive, check_transition
 
 MEAN_RESPONSIBILITY_BLOCK = "L2.mean_responsibility"
 CONSTRUCTION_HOOK = "blocks.1.hook_resid_post"  # the residual after the paper's layer 2

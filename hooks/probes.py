@@ -31,11 +31,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_int
 from mdlens.checkpoints import build_like
 from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
 from mdlens.hooks.targets import control_target
 from mdlens.models.layout import residual_hook_of
+from mdlens.validation import check_int
 
 N_FOLDS = 5
 TEST_FRACTION = 0.2

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens import estimators as E
-from mdlens._validation import check_order, check_positive, check_tokens, check_transition
+from mdlens.validation import check_order, check_positive, check_tokens, check_transition
 
 CONTROL_TABLE_ROWS = 2**20
 

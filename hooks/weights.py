@@ -19,11 +19,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_transition
 from mdlens.construction import LOG_ZERO
 from mdlens.hooks._checks import check_model, check_model_tokens, check_same_task_models
 from mdlens.models.disentangled import DisentangledTransformer
 from mdlens.predict import predict_next
+from mdlens.validation import check_transition
 
 # Relative size of the smallest singular value of exp(W_A) below which the identification of pi is
 # refused: the row-stochasticity equations then no longer pin down the per-query constants.

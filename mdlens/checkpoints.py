@@ -40,12 +40,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mdlens._validation import check_int
 from mdlens.models import DisentangledTransformer, standard_transformer
 from mdlens.models._tl import dtype_name, preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.layout import ResidualLayout
 from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from mdlens.task import MTDTask
+from mdlens.validation import check_int
 
 FORMAT_NAME = "mdlens-checkpoint"
 FORMAT_VERSION = 2

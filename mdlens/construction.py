@@ -50,9 +50,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens import estimators as E
-from mdlens._validation import check_int, check_order, check_positive, check_transition
 from mdlens.models.disentangled import MAX_LAYERS, DisentangledTransformer
 from mdlens.models.layout import ResidualBlock
+from mdlens.validation import check_int, check_order, check_positive, check_transition
 
 # Score added to a key that must get zero attention. It only ever meets scores in
 # [LOG_ZERO, beta], so exp(MASK_SCORE - max) underflows to exactly 0 in float64 and float32.

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlens._random import log_gamma_sample
-from mdlens._validation import (
+from mdlens.validation import (
     check_distribution,
     check_int,
     check_order,

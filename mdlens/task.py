@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens._random import dirichlet_sample
-from mdlens._validation import as_integer, check_int, check_order, check_positive, check_transition
+from mdlens.validation import as_integer, check_int, check_order, check_positive, check_transition
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens._validation import check_tokens, check_transition, check_weights
 from mdlens.evaluation import evaluate, make_held_out
 from mdlens.predict import output_type_of
 from mdlens.train_config import RUNTIME_FIELDS, TrainConfig  # torch-free: mdlens train --help lists it
+from mdlens.validation import check_tokens, check_transition, check_weights
 
 
 @dataclass

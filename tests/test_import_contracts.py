@@ -54,7 +54,7 @@ def test_the_contracts_hold(tmp_path):
     ("path", "line", "message"),
     [
         ("mdlens/estimators.py", "import mdlens.hooks", "mdlens.estimators is not allowed to import mdlens.hooks"),
-        ("mdlens/_validation.py", "from mdlens import task", "mdlens._validation is not allowed to import mdlens.task"),
+        ("mdlens/validation.py", "from mdlens import task", "mdlens.validation is not allowed to import mdlens.task"),
         ("mdlens/task.py", "import mdlens.checkpoints", "mdlens.task is not allowed to import mdlens.checkpoints"),
         (
             "mdlens/training.py",

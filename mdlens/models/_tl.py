@@ -15,8 +15,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens._validation import check_int, check_tokens
 from mdlens.models.tokenizer import attach_tokenizer
+from mdlens.validation import check_int, check_tokens
 
 # TransformerLens 3.9 warns on every HookedTransformer construction that the class goes away in
 # 4.0. mdlens pins transformer-lens<4 on purpose, so that one warning (and only it) is silenced

@@ -78,7 +78,6 @@ from transformer_lens.components import Attention, Embed, PosEmbed
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
-from mdlens._validation import check_int, check_order
 from mdlens.models._tl import (
     MDLensTransformer,
     check_output_type,
@@ -88,6 +87,7 @@ from mdlens.models._tl import (
     resolve_dtype,
 )
 from mdlens.models.layout import ResidualLayout
+from mdlens.validation import check_int, check_order
 
 MAX_LAYERS = 8
 DEFAULT_INIT_STD = 0.02

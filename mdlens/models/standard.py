@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from mdlens._validation import check_int
 from mdlens.models._tl import (
     MDLensTransformer,
     check_output_type,
@@ -21,6 +20,7 @@ from mdlens.models._tl import (
     quiet_hooked_transformer_deprecation,
     resolve_dtype,
 )
+from mdlens.validation import check_int
 
 POSITIONS = ("standard", "rotary")  # TransformerLens' positional_embedding_type
 NORMALIZATIONS = ("LN", None)

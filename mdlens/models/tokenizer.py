@@ -46,7 +46,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from mdlens._validation import check_int
+from mdlens.validation import check_int
 
 PAD_TOKEN = "0"  # pad id 0, a real token (see the module docstring)
 NO_TOKEN = "<none>"  # eos (and, through TransformerLens, bos): names no id

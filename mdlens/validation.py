@@ -1,4 +1,4 @@
-"""Input checks shared by every public function.
+"""Input checks shared by every public function (public: hooks and users check inputs with them too).
 
 Each check returns the validated (and, where stated, converted) tensor or raises a
 ``ValueError`` that says what is wrong. Nothing is clipped or guessed.
