@@ -81,6 +81,43 @@ def _parent_and_child(tokens: Tensor, order: int) -> tuple[Tensor, Tensor]:
     return parents, children
 
 
+def last_tokens(tokens: Int[Tensor, "batch seq"], order: int) -> Int[Tensor, "batch m"]:
+    """The lagged rows the next token is read from: column ``g-1`` holds ``y_{T+1-g}``, ``[B, m]``.
+
+    ``predictive`` mixes ``pi(y_{T+1-g}, .)`` over these; the task's true next-token law and the
+    behaviour probes read the same columns. ``tokens`` is ``[B, T]`` with ``T >= m`` (unchecked:
+    callers have validated it).
+    """
+    return tokens[:, tokens.shape[1] - order :].flip(1)
+
+
+def prefix_mean_responsibility(
+    responsibilities: Float[Tensor, "batch n_scored m"],
+) -> Float[Tensor, "batch n_scored m"]:
+    """``Gamma_bar(t) = (1 / (t - m)) sum_{k=m+1..t} gamma_k``: row ``t - m - 1`` is prefix ``t``.
+
+    Takes ``responsibilities(...)``'s ``[B, T-m, m]`` and returns the running means (one-step MD on
+    prefix ``t`` is ``softmax(beta * Gamma_bar(t))``, paper-notes §4).
+    """
+    n_seen = torch.arange(1, responsibilities.shape[1] + 1, dtype=responsibilities.dtype)  # t - m
+    return responsibilities.cumsum(dim=1) / n_seen[None, :, None]
+
+
+def beta_from_eta(eta: float, order: int, seq_len: int) -> float:
+    """The construction's step numerator ``beta = eta * m * (T - m)`` (paper-notes §4).
+
+    With ``eta_t = beta / (m (t - m))`` at prefix ``t``, the last position ``t = T = seq_len`` takes
+    exactly the step ``eta``. :func:`eta_from_beta` is the inverse.
+    """
+    return eta * order * (seq_len - order)
+
+
+def eta_from_beta(beta: float, order: int, seq_len: int) -> float:
+    """The step size at the last position ``T = seq_len`` of the construction's ``beta``:
+    ``eta = beta / (m (T - m))``, the inverse of :func:`beta_from_eta`."""
+    return beta / (order * (seq_len - order))
+
+
 def _raise_on_impossible(lag_probs: Tensor, order: int) -> None:
     """A position where every lag has probability 0 has likelihood 0 under every lambda."""
     impossible = (lag_probs == 0).all(dim=-1)
@@ -207,8 +244,7 @@ def prefix_md_weights(
     n_scored = lag_probs.shape[1]
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
     n_seen = torch.arange(1, n_scored + 1, dtype=torch.float64)  # t - m
-    mean_gamma = gamma.cumsum(dim=1) / n_seen[None, :, None]
-    log_weights = torch.log_softmax(beta * mean_gamma, dim=-1)  # [B, t, m]
+    log_weights = torch.log_softmax(beta * prefix_mean_responsibility(gamma), dim=-1)  # [B, t, m]
     if steps == 1:
         return log_weights.exp()
     eta = beta / (order * n_seen)  # [t]
@@ -535,8 +571,8 @@ def predictive(
     order = check_order(weights.shape[-1])
     tokens = check_tokens(tokens, transition.shape[0], order)
     weights = check_weights(weights, order, tokens.shape[0])
-    last_tokens = tokens[:, tokens.shape[1] - order :].flip(1)  # column g-1 holds y_{T+1-g}
-    return einops.einsum(weights.expand(tokens.shape[0], -1), transition[last_tokens], "b g, b g v -> b v")
+    lagged = transition[last_tokens(tokens, order)]  # [B, m, q]: row g-1 is pi(y_{T+1-g}, .)
+    return einops.einsum(weights.expand(tokens.shape[0], -1), lagged, "b g, b g v -> b v")
 
 
 def kl_divergence(p: Float[Tensor, "batch q"], q: Float[Tensor, "batch q"]) -> Float[Tensor, " batch"]:

@@ -610,3 +610,26 @@ def test_exact_bayes_progress_bar_shows_for_long_jobs_or_on_request(capsys, monk
     assert "exact Bayes" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="progress must be True, False or None"):
         E.bayes_weights(sample.tokens, pi, 3, progress="yes")
+
+
+# ---- the conventions every module calls instead of retyping ------------------------------------
+
+
+def test_last_tokens_are_the_lagged_rows_y_T_plus_1_minus_g():
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 0, 1], [4, 4, 3, 2, 1, 0, 2]])
+    order = 3
+    expected = [[tokens[b, 7 - g].item() for g in range(1, order + 1)] for b in range(2)]  # y_{T+1-g}, 1-based
+    assert E.last_tokens(tokens, order).tolist() == expected
+
+
+def test_prefix_mean_responsibility_is_the_mean_of_each_prefix():
+    gamma = torch.rand(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    means = E.prefix_mean_responsibility(gamma)
+    for row in range(6):
+        torch.testing.assert_close(means[:, row], gamma[:, : row + 1].mean(dim=1), rtol=1e-15, atol=1e-15)
+
+
+def test_beta_from_eta_gives_the_last_position_the_step_eta():
+    # beta = eta * m * (T - m) = 0.05 * 3 * 29 = 4.35 for T = 32, m = 3; eta_T = beta / (m (T - m)).
+    assert E.beta_from_eta(0.05, 3, 32) == pytest.approx(4.35, rel=1e-15)
+    assert E.eta_from_beta(4.35, 3, 32) == pytest.approx(0.05, rel=1e-15)
