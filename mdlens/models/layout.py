@@ -23,7 +23,39 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from mdlens.validation import check_int
+
 BLOCK_KINDS = ("leaf", "group", "alias")
+
+# -- layer numbering ---------------------------------------------------------------------------
+# The paper counts layers from 1 (``L1``, ``L2``, ...); TransformerLens counts its blocks from 0
+# (``blocks.0``, ``blocks.1``, ...). The paper's layer ``l`` is TransformerLens's ``blocks.{l-1}``.
+# These functions are the one place that converts; "block index" always means TL's 0-based one.
+
+
+def paper_layer(block_index: int) -> int:
+    """The paper's (1-based) layer number of TransformerLens's ``blocks.{block_index}``:
+    ``block_index + 1``."""
+    return check_int(block_index, "block_index (TransformerLens's 0-based blocks index)", 0) + 1
+
+
+def block_index_of(layer: int) -> int:
+    """TransformerLens's (0-based) blocks index of the paper's layer ``layer``: ``layer - 1``."""
+    return check_int(layer, "layer (the paper's 1-based layer number)", 1) - 1
+
+
+def layer_label(block_index: int, head: int | None = None) -> str:
+    """The paper's name of TransformerLens's ``blocks.{block_index}``: ``"L{block_index+1}"``, or
+    ``"L{block_index+1}.H{head}"`` for one of its heads (heads keep TL's 0-based index)."""
+    label = f"L{paper_layer(block_index)}"
+    if head is None:
+        return label
+    return f"{label}.H{check_int(head, 'head (0-based head index)', 0)}"
+
+
+def resid_post_of_layer(layer: int) -> str:
+    """The residual hook right after the paper's layer ``layer``: ``blocks.{layer-1}.hook_resid_post``."""
+    return f"blocks.{block_index_of(layer)}.hook_resid_post"
 
 
 def residual_hook_of(block: str) -> str:
@@ -32,7 +64,7 @@ def residual_hook_of(block: str) -> str:
     ``blocks.{l-1}.hook_resid_post`` on; anything else (``tokens``) from ``blocks.0.hook_resid_pre``."""
     head = block.split(".")[0]
     if head.startswith("L") and head[1:].isdigit():
-        return f"blocks.{int(head[1:]) - 1}.hook_resid_post"
+        return resid_post_of_layer(int(head[1:]))
     return "blocks.0.hook_resid_pre"
 
 
