@@ -58,6 +58,7 @@ from mdlens import estimators as E
 from mdlens.analyses import TASK, plotting, progress
 from mdlens.construction import build_md_transformer, build_mdk_transformer, build_tuned_mdk_transformer
 from mdlens.evaluation import exact_bayes_weights, sample_batches, tuned_md
+from mdlens.predict import model_outputs
 
 FULL = {
     "lengths": [8, 16, 32, 64, 128, 192],
@@ -162,12 +163,6 @@ def fit_scales(
     return best["scales"], best["tuning_kl"]
 
 
-def model_predictions(model, tokens: Tensor, chunk_size: int = MODEL_CHUNK) -> Float[Tensor, "batch q"]:
-    """The model's output at the last position, ``[batch, q]``, a chunk of sequences at a time."""
-    with torch.no_grad():
-        return torch.cat([model(tokens[i : i + chunk_size])[:, -1] for i in range(0, tokens.shape[0], chunk_size)])
-
-
 def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
     """Tuned MD1-3, every fitted variant, the tuned 2- and 3-step constructions and Bayes at one length:
     mean KL on a fresh batch (scales and step sizes tuned on a separate one)."""
@@ -219,7 +214,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         fitted[steps] = model.md_params["scales"]
         estimator = E.predictive(evaluation.tokens, pi, E.causal_md_weights(evaluation.tokens, pi, m, fitted[steps]))
         n_model = min(sizes["n_model_check"], sizes["n_eval"])
-        predicted = model_predictions(model, evaluation.tokens[:n_model])
+        predicted = model_outputs(model, evaluation.tokens[:n_model], MODEL_CHUNK)
         name = f"construction_{steps}step"
         row["kl"][f"causal_md{steps}"] = eval_kl(estimator)
         row["kl"][name] = eval_kl(predicted) if n_model == sizes["n_eval"] else row["kl"][f"causal_md{steps}"]

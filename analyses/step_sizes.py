@@ -32,10 +32,10 @@ import torch
 from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import plotting, progress
-from mdlens.analyses.estimators import fit_step_sizes
-from mdlens.analyses.trained import model_predictions
 from mdlens.evaluation import sample_batches, tuned_md
+from mdlens.predict import model_next_probs
 from mdlens.pretrained import load_all_pretrained
+from mdlens.step_size_laws import fit_step_sizes
 
 FULL = {"lengths": [8, 16, 32, 64, 128, 192], "n_tune": 1024}
 QUICK = {"lengths": [8, 16, 32], "n_tune": 32}
@@ -65,7 +65,7 @@ def measure_length(models: dict, task: MTDTask, seq_len: int, n_tune: int) -> di
     for name, model in models.items():
         if seq_len > model.cfg.n_ctx:
             continue
-        predictions = model_predictions(model, tokens)
+        predictions = model_next_probs(model, tokens)
         one_step = tuned_md(tokens, pi, m, predictions, steps=1)  # evaluation.effective_eta's fit
         model_kl = E.kl_divergence(truth, predictions)
         finite = torch.isfinite(model_kl)
@@ -110,12 +110,12 @@ def construction_schedule(rows: list[dict], order: int) -> dict | None:
     if not entries:
         return None
     longest, entry = entries[-1]
-    beta = entry["effective_eta"] * order * (longest - order)
+    beta = E.beta_from_eta(entry["effective_eta"], order, longest)
     return {
         "model": FIXED_BETA_MODEL,
         "beta": beta,
         "from_seq_len": longest,
-        "eta": {str(r["seq_len"]): beta / (order * (r["seq_len"] - order)) for r in rows},
+        "eta": {str(r["seq_len"]): E.eta_from_beta(beta, order, r["seq_len"]) for r in rows},
     }
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-import mdlens
 from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import plotting, progress
 from mdlens.evaluation import batch_seeds, mean_and_se, reference_kls, sample_batches
+from mdlens.predict import model_next_probs
 from mdlens.pretrained import load_all_pretrained
 
 # n_eval: the criteria compare mean KLs within 10%, and per-sequence KL is heavy-tailed: with 512
@@ -97,12 +97,6 @@ def paired_ratio(model_kl: torch.Tensor, reference_kl: torch.Tensor) -> dict:
     }
 
 
-@torch.no_grad()
-def model_predictions(model, tokens: torch.Tensor) -> torch.Tensor:
-    """``mdlens.predict_next`` over the batch in chunks of ``MODEL_CHUNK`` sequences."""
-    return torch.cat([mdlens.predict_next(model, chunk) for chunk in tokens.split(MODEL_CHUNK)])
-
-
 def evaluate_length(models: dict, task: MTDTask, seq_len: int, sizes: dict) -> dict:
     """References (steps tuned on one batch) and models, all scored on a fresh evaluation batch; each
     model's paired KL ratio to the tuned MDs."""
@@ -115,7 +109,7 @@ def evaluate_length(models: dict, task: MTDTask, seq_len: int, sizes: dict) -> d
         if seq_len > model.cfg.n_ctx:
             kl[name] = None  # beyond the model's context
             continue
-        model_kl = E.kl_divergence(truth, model_predictions(model, tokens))
+        model_kl = E.kl_divergence(truth, model_next_probs(model, tokens, MODEL_CHUNK))
         kl[name] = kl_summary(model_kl)
         ratios[name] = {reference: paired_ratio(model_kl, per_sequence[reference]) for reference in TUNED_STEPS}
     return {"seq_len": seq_len, "kl": kl, "ratio_to": ratios, "eta": etas}

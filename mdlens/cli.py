@@ -33,7 +33,7 @@ class Stage:
 # The stages of ``mdlens reproduce``, in the order ``all`` runs them. A new analysis is one more row
 # (before "report", which reads the JSON files the others wrote into DIR/<name>/ under ``all``).
 REPRODUCTIONS: dict[str, Stage] = {
-    "estimators": Stage("mdlens.analyses.estimators", "MD vs Bayes across sequence lengths"),
+    "estimators": Stage("mdlens.analyses.estimator_comparison", "MD vs Bayes across sequence lengths"),
     "trained": Stage("mdlens.analyses.trained", "the shipped trained models against the references"),
     "two-step": Stage("mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction"),
     "mechanisms": Stage("mdlens.analyses.mechanisms", "probes, patching and attention of each model"),

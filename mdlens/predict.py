@@ -22,8 +22,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mdlens.models._tl import OUTPUT_TYPES, check_model_input_tokens, output_to_probs
+from mdlens.validation import check_int
 
-__all__ = ["output_to_probs", "output_type_of", "predict_next"]
+__all__ = ["model_next_probs", "model_outputs", "output_to_probs", "output_type_of", "predict_next"]
 
 
 def output_type_of(model: torch.nn.Module) -> str:
@@ -49,3 +50,29 @@ def predict_next(
     with torch.inference_mode():
         output = model(tokens.to(device))[:, -1, :]
     return output_to_probs(output, output_type).cpu()
+
+
+# Sequences per forward pass in the batched readers below: one [chunk, T, T] pattern per layer is held.
+DEFAULT_CHUNK_SIZE = 512
+
+
+def model_next_probs(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Float[Tensor, "batch q"]:
+    """:func:`predict_next` over a large batch, ``chunk_size`` sequences per forward: the model's
+    next-token *probabilities*, ``[B, q]`` float64."""
+    check_int(chunk_size, "chunk_size", 1)
+    with torch.no_grad():
+        return torch.cat([predict_next(model, chunk) for chunk in tokens.split(chunk_size)])
+
+
+def model_outputs(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Float[Tensor, "batch d_vocab"]:
+    """The model's *raw* output at the last position (logits, or a "probs" model's unclipped output),
+    ``[B, d_vocab]`` in the model's dtype, ``chunk_size`` sequences per forward. For a construction,
+    whose output is exactly an estimator's predictive, this is the number to compare with it;
+    :func:`model_next_probs` is what a score of the model's prediction reads."""
+    check_int(chunk_size, "chunk_size", 1)
+    with torch.no_grad():
+        return torch.cat([model(tokens[i : i + chunk_size])[:, -1] for i in range(0, tokens.shape[0], chunk_size)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from mdlens.analyses import estimators
+from mdlens.analyses import estimator_comparison as estimators
 
 
 def test_quick_run_writes_every_method_and_plots(tmp_path):

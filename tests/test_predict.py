@@ -65,3 +65,26 @@ def test_bad_input_raises():
     model.output_type = "scores"
     with pytest.raises(ValueError, match="output_type"):
         mdlens.predict_next(model, TOKENS)
+
+
+def test_batched_readers_agree_with_one_sequence_at_a_time():
+    """``model_next_probs`` is ``predict_next`` and ``model_outputs`` the raw last output, whatever the
+    chunk: checked one sequence at a time against the by-hand readings above."""
+    from mdlens.predict import model_next_probs, model_outputs
+
+    model = disentangled_transformer(5, 3, 8, n_layers=1, seed=0)
+    with torch.no_grad():  # mixed signs: the raw output and the probabilities then differ
+        model.unembed.W_U.copy_(torch.randn(model.unembed.W_U.shape, generator=torch.Generator().manual_seed(1)))
+    for chunk_size in (1, 2, 5):
+        raw = model_outputs(model, TOKENS, chunk_size=chunk_size)
+        expected = torch.tensor(raw_last_output(model, TOKENS), dtype=torch.float64)
+        torch.testing.assert_close(raw.double(), expected, rtol=0, atol=1e-6)  # float32, any batch split
+        probs = model_next_probs(model, TOKENS, chunk_size=chunk_size)
+        for row, out in zip(probs.tolist(), raw_last_output(model, TOKENS), strict=True):
+            clipped = [max(x, 0.0) for x in out]
+            assert row == pytest.approx([c / sum(clipped) for c in clipped], abs=1e-6)
+    assert not torch.allclose(raw.double(), probs)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model_next_probs(model, TOKENS, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model_outputs(model, TOKENS, chunk_size=0)

@@ -34,6 +34,7 @@ from mdlens import MTDTask
 from mdlens import estimators as E
 from mdlens.analyses import TASK, plotting, progress
 from mdlens.evaluation import batch_seeds, mean_and_se, sample_batches  # shared with the other analyses
+from mdlens.step_size_laws import fit_step_sizes
 
 FULL = {
     "lengths": [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
@@ -64,32 +65,6 @@ METHOD_LABELS = {
     "bayes_exact": "Bayes, exact DP",
     "bayes_gibbs": "Bayes, Gibbs",
 }
-
-
-def fit_step_sizes(lengths: list[int], etas: list[float], order: int) -> dict:
-    """Least-squares fits of the tuned step against T (Theorem 2 predicts eta* ~ c / T).
-
-    power law:      log eta* = log c - p log T        (free exponent p)
-    inverse context: eta* = c / (T - m)               (exponent fixed at 1; log c = mean of
-                                                        log eta* + log(T - m))
-    """
-    log_t = np.log(np.asarray(lengths, dtype=np.float64))
-    log_eta = np.log(np.asarray(etas, dtype=np.float64))
-    slope, intercept = np.polyfit(log_t, log_eta, deg=1)
-    predicted = intercept + slope * log_t
-    total = np.sum((log_eta - log_eta.mean()) ** 2)
-    r2 = 1.0 - np.sum((log_eta - predicted) ** 2) / total if total > 0 else float("nan")
-
-    log_context = np.log(np.asarray(lengths, dtype=np.float64) - order)
-    log_c_context = float(np.mean(log_eta + log_context))
-    residual = log_eta - (log_c_context - log_context)
-    return {
-        "power_law": {"c": float(np.exp(intercept)), "p": float(-slope), "r2": float(r2)},
-        "inverse_context": {
-            "c": float(np.exp(log_c_context)),
-            "rms_log_residual": float(np.sqrt(np.mean(residual**2))),
-        },
-    }
 
 
 def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
@@ -147,7 +122,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         "kl": kl,
         "eta": etas,
         # The step a transformer's layer-3 scale would need: eta = beta / (m (T - m)).
-        "beta": {name: eta * m * (seq_len - m) for name, eta in etas.items()},
+        "beta": {name: E.beta_from_eta(eta, m, seq_len) for name, eta in etas.items()},
         "tuning_kl": tuning_kl,
         "kl_ratio_to_bayes": {name: kl[name]["mean"] / kl["bayes_exact"]["mean"] for name in kl},
         "md1_tuning_curve": {
