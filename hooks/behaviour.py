@@ -136,8 +136,7 @@ class ImplicitWeights(NamedTuple):
 
 def _lagged_rows(tokens: Tensor, transition: Tensor, order: int) -> Float[Tensor, "batch m q"]:
     """``A[b, g-1, v] = pi(y_{T+1-g}, v)``: the next-token distribution each lag ``g`` would give."""
-    last_tokens = tokens[:, tokens.shape[1] - order :].flip(1)  # column g-1 holds y_{T+1-g}
-    return transition[last_tokens]
+    return transition[E.last_tokens(tokens, order)]
 
 
 def closest_mtd_weights(
@@ -327,9 +326,8 @@ def merge_repeated_lags(
     ``lambda`` a prediction determines.
     """
     order = weights.shape[-1]
-    last_tokens = tokens[:, tokens.shape[1] - order :].flip(1)  # column g-1 holds y_{T+1-g}
     merged = torch.zeros(weights.shape[0], vocab_size, dtype=torch.float64)
-    return merged.scatter_add_(1, last_tokens, weights.to(torch.float64))
+    return merged.scatter_add_(1, E.last_tokens(tokens, order), weights.to(torch.float64))
 
 
 def implicit_weights_distances(

@@ -58,10 +58,9 @@ def targets(
     if include_bayes:  # before any work: the exact posterior is the part that can be out of reach
         E.check_exact_bayes_size(tokens.shape[1], order, remedy="pass include_bayes=False to leave bayes_weights out")
     gamma = E.responsibilities(tokens, transition, order)  # [B, T-m, m]
-    n_seen = torch.arange(1, gamma.shape[1] + 1, dtype=torch.float64)[None, :, None]  # t - m
     result = {
         "responsibility": _aligned(gamma, order),
-        "mean_responsibility": _aligned(gamma.cumsum(dim=1) / n_seen, order),
+        "mean_responsibility": _aligned(E.prefix_mean_responsibility(gamma), order),
     }
     if beta is not None:
         beta = check_positive(beta, "beta")

@@ -100,7 +100,7 @@ def build_md_transformer(
     m = check_order(order)
     seq_len = _check_seq_len(seq_len, m)
     eta = check_positive(eta, "eta")
-    beta = eta * m * (seq_len - m)
+    beta = E.beta_from_eta(eta, m, seq_len)
     if beta > MAX_BETA:
         raise ValueError(
             f"beta = eta * m * (seq_len - m) = {beta:.3g} exceeds {MAX_BETA:.0e}: layer 3's scores would "

@@ -126,7 +126,9 @@ class MTDTask:
             tokens_by_pos[m + step] = emitted.clamp_(max=q - 1)
         tokens = einops.rearrange(tokens_by_pos, "t b -> b t").contiguous()
 
-        # True predictive of y_{T+1}: the parent of lag g is y_{T+1-g}, i.e. tokens[:, -g].
+        # True predictive of y_{T+1}: the parent of lag g is y_{T+1-g}, i.e. tokens[:, -g]. This is
+        # mdlens.estimators.last_tokens, written out: the task sits beside the estimators on the
+        # core's floor (.importlinter), so it cannot call them.
         last_tokens = tokens[:, seq_len - m :].flip(1)  # [B, m], column g-1 holds y_{T+1-g}
         next_probs = einops.einsum(weights, self.transition[last_tokens], "b g, b g v -> b v")
         return MTDSample(tokens=tokens, weights=weights, lags=lags, next_probs=next_probs)

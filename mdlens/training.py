@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mdlens import estimators as E
-from mdlens.evaluation import evaluate, make_held_out
+from mdlens.evaluation import HeldOut, evaluate, make_held_out
 from mdlens.predict import output_type_of
 from mdlens.train_config import RUNTIME_FIELDS, TrainConfig  # torch-free: mdlens train --help lists it
 from mdlens.validation import check_tokens, check_transition, check_weights
@@ -86,7 +86,9 @@ def _next_token_targets(tokens: Tensor, weights: Tensor, transition: Tensor) -> 
     order, seq_len = weights.shape[1], tokens.shape[1]
     positions = torch.arange(order, seq_len, device=tokens.device)  # 0-indexed t - 1, for t = m+1..T
     lags = torch.arange(1, order + 1, device=tokens.device)
-    # y_{t+1-g} is the token at 0-indexed position (t - 1) + 1 - g.
+    # y_{t+1-g} is the token at 0-indexed position (t - 1) + 1 - g. Row t - m - 1 is
+    # mdlens.estimators.last_tokens of the prefix y_1..y_t, for every prefix at once (that function
+    # reads the last prefix only).
     lagged = tokens[:, positions[:, None] + 1 - lags[None, :]]  # [B, T-m, m]
     rows = transition.to(tokens.device)[lagged]  # [B, T-m, m, q]: pi(y_{t+1-g}, .)
     return torch.einsum("bg,btgv->btv", weights, rows)
@@ -324,13 +326,52 @@ def check_train_inputs(model: HookedTransformer, task, config: TrainConfig) -> N
 EvalCallback = Callable[[int, HookedTransformer, dict], None]
 
 
-def train(model: HookedTransformer, task, config: TrainConfig, callback: EvalCallback | None = None) -> TrainResult:
+def held_out_batch(task, config: TrainConfig) -> HeldOut:
+    """The fixed held-out batch :func:`train` evaluates on, with its references scored once:
+    :func:`mdlens.evaluation.make_held_out` of ``config.eval_batch_size`` sequences of length
+    ``config.seq_len`` drawn from ``config.eval_seed`` (with the exact Bayes reference when
+    ``config.eval_bayes``). The same batch whatever the training seed; made before a run, it is the
+    one to measure the untrained model on, or to hand to ``train(..., held_out=)``."""
+    return make_held_out(task, config.seq_len, config.eval_batch_size, config.eval_seed, config.eval_bayes)
+
+
+def check_held_out(held_out: HeldOut, task, config: TrainConfig) -> HeldOut:
+    """``held_out`` is the batch :func:`held_out_batch` makes for ``task`` and ``config``: the same
+    tokens (drawn again from ``config.eval_seed``, which is cheap; its references are not recomputed)
+    and the references ``config.eval_bayes`` asks for. ``ValueError`` saying what differs otherwise."""
+    if not isinstance(held_out, HeldOut):
+        raise ValueError(f"held_out must be a HeldOut (from held_out_batch), got {type(held_out).__name__}")
+    generator = torch.Generator().manual_seed(config.eval_seed)
+    expected = task.sample(config.eval_batch_size, config.seq_len, generator=generator).tokens
+    if held_out.tokens.shape != expected.shape or not torch.equal(held_out.tokens.cpu(), expected):
+        raise ValueError(
+            f"held_out is not this run's held-out batch: held_out_batch(task, config) draws {tuple(expected.shape)} "
+            f"tokens from eval_seed={config.eval_seed}, held_out has {tuple(held_out.tokens.shape)} other tokens"
+        )
+    if ("kl_bayes" in held_out.references) != config.eval_bayes:
+        raise ValueError(
+            f"held_out's references {sorted(held_out.references)} do not fit eval_bayes={config.eval_bayes}"
+        )
+    return held_out
+
+
+def train(
+    model: HookedTransformer,
+    task,
+    config: TrainConfig,
+    callback: EvalCallback | None = None,
+    held_out: HeldOut | None = None,
+) -> TrainResult:
     """Train ``model`` on fresh samples of ``task`` (an ``MTDTask``); returns the loss and KL history.
 
     ``callback``, when given, is called after every held-out evaluation (every ``config.eval_every``
     steps and at the end) as ``callback(step, model, evaluation)``, with ``evaluation`` the dict just
     appended to ``TrainResult.evals``: a hook to measure the model during training (e.g.
     ``mdlens reproduce training-mechanism``). It must leave the model's weights as they are.
+
+    ``held_out``: the batch :func:`held_out_batch` gives for ``task`` and ``config``, when the caller
+    has made it already (it is checked, :func:`check_held_out`, and its references are not scored
+    again); without it, ``train`` makes it.
 
     The model is trained in place (float32 is expected). Same ``config`` (seed included) -> the same
     weights, bit for bit, also across an interruption followed by ``resume=True``, which continues from
@@ -339,6 +380,7 @@ def train(model: HookedTransformer, task, config: TrainConfig, callback: EvalCal
     ``ValueError`` that says so).
     """
     check_train_inputs(model, task, config)
+    held_out = held_out_batch(task, config) if held_out is None else check_held_out(held_out, task, config)
     output_type = output_type_of(model)
     device = resolve_device(config.device)
     if next(model.parameters()).device != device:
@@ -346,7 +388,7 @@ def train(model: HookedTransformer, task, config: TrainConfig, callback: EvalCal
     model.train()
     frozen = freeze_first_layers(model, config.freeze_layers)
     try:
-        return _train_loop(model, task, config, device, output_type, callback)
+        return _train_loop(model, task, config, device, output_type, held_out, callback)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
@@ -358,6 +400,7 @@ def _train_loop(
     config: TrainConfig,
     device: torch.device,
     output_type: str,
+    held_out: HeldOut,
     callback: EvalCallback | None = None,
 ) -> TrainResult:
     """:func:`train` once the model is checked, on its device and with its frozen layers set."""
@@ -367,49 +410,15 @@ def _train_loop(
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     result = TrainResult()
     start = load_train_state(checkpoint_dir, model, optimizer, generator, result, config) if config.resume else 0
-    held_out = make_held_out(task, config.seq_len, config.eval_batch_size, config.eval_seed, config.eval_bayes)
-    transition, order = task.transition, task.order
 
     t0 = time.perf_counter()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        sample = task.sample(config.batch_size, sequence_length(step, config, order), generator=generator)
-        target = _next_token_targets(sample.tokens, sample.weights, transition)  # valid by construction
-        if config.targets == "last":
-            target = target[:, -1:, :]
-        output = model(sample.tokens.to(device))
-        weights = None
-        if config.position_weight_exponent != 0:
-            weights = position_weights(target.shape[1], config.position_weight_exponent).to(device, output.dtype)
-        loss = _loss(
-            _supervised_output(output, order, config.targets),
-            target.to(device, output.dtype),
-            output_type,
-            config.loss,
-            weights,
-            config.shortfall_weight,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
+        sample = task.sample(config.batch_size, sequence_length(step, config, task.order), generator=generator)
+        loss = _training_step(model, optimizer, parameters, task, sample, step, config, device, output_type)
         result.samples += config.batch_size
-
         done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            result.losses.append((done, loss.item()))
-            shown = {"loss": f"{result.losses[-1][1]:.3g}"}
-            if result.evals:  # no KL to show before the first evaluation
-                shown["kl"] = f"{result.evals[-1]['kl_model']:.3g}"
-            bar.set_postfix(shown)
-        if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-            result.evals.append({"step": done, "kl_model": evaluate(model, held_out), **held_out.references})
-            bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.evals[-1]['kl_model']:.3g}")
-            if callback is not None:
-                callback(done, model, result.evals[-1])
+        _record_progress(done, loss, model, held_out, result, bar, config, callback)
         if checkpoint_dir is not None and (
             (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         ):
@@ -418,3 +427,66 @@ def _train_loop(
     result.steps = config.steps
     result.wall_clock_s = time.perf_counter() - t0
     return result
+
+
+def _training_step(
+    model: HookedTransformer,
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.nn.Parameter],
+    task,
+    sample,
+    step: int,
+    config: TrainConfig,
+    device: torch.device,
+    output_type: str,
+) -> Tensor:
+    """One optimizer step on the batch ``sample`` of ``task`` (an ``MTDSample``) at this step's
+    learning rate; returns the loss it stepped on."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    target = _next_token_targets(sample.tokens, sample.weights, task.transition)  # valid by construction
+    if config.targets == "last":
+        target = target[:, -1:, :]
+    output = model(sample.tokens.to(device))
+    weights = None
+    if config.position_weight_exponent != 0:
+        weights = position_weights(target.shape[1], config.position_weight_exponent).to(device, output.dtype)
+    loss = _loss(
+        _supervised_output(output, task.order, config.targets),
+        target.to(device, output.dtype),
+        output_type,
+        config.loss,
+        weights,
+        config.shortfall_weight,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    optimizer.step()
+    return loss
+
+
+def _record_progress(
+    done: int,
+    loss: Tensor,
+    model: HookedTransformer,
+    held_out: HeldOut,
+    result: TrainResult,
+    bar: tqdm,
+    config: TrainConfig,
+    callback: EvalCallback | None,
+) -> None:
+    """After ``done`` steps: log the loss every ``log_every`` steps, evaluate on the held-out batch every
+    ``eval_every`` steps (and call ``callback``), and at the last step both; the bar shows the latest."""
+    if done % config.log_every == 0 or done == config.steps:
+        result.losses.append((done, loss.item()))
+        shown = {"loss": f"{result.losses[-1][1]:.3g}"}
+        if result.evals:  # no KL to show before the first evaluation
+            shown["kl"] = f"{result.evals[-1]['kl_model']:.3g}"
+        bar.set_postfix(shown)
+    if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+        result.evals.append({"step": done, "kl_model": evaluate(model, held_out), **held_out.references})
+        bar.set_postfix(loss=f"{result.losses[-1][1]:.3g}", kl=f"{result.evals[-1]['kl_model']:.3g}")
+        if callback is not None:
+            callback(done, model, result.evals[-1])

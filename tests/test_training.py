@@ -225,6 +225,39 @@ def test_callback_sees_every_evaluation_and_does_not_change_the_run():
     assert_same_weights(weights_of(plain), weights_of(watched))
 
 
+def test_held_out_batch_is_the_batch_train_evaluates_on():
+    config = small_config(steps=4, eval_every=2, eval_seed=7)
+    held_out = training.held_out_batch(TASK, config)
+    # drawn first from a generator seeded with eval_seed, whatever the training seed
+    drawn = TASK.sample(config.eval_batch_size, config.seq_len, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(held_out.tokens, drawn.tokens)
+    assert torch.equal(held_out.truth, drawn.next_probs)
+    model = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    result = train(model, TASK, config)
+    for evaluation in result.evals:
+        assert {key: evaluation[key] for key in held_out.references} == held_out.references
+    from mdlens.evaluation import evaluate
+
+    assert result.evals[-1]["kl_model"] == evaluate(model, held_out)  # the final model, on this batch
+
+
+def test_train_takes_its_held_out_batch_and_refuses_another():
+    config = small_config(steps=6, eval_every=3)
+    made = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    made_result = train(made, TASK, config)
+    given = disentangled_transformer(5, 3, 16, n_layers=2, seed=0)
+    given_result = train(given, TASK, config, held_out=training.held_out_batch(TASK, config))
+    assert given_result.evals == made_result.evals and given_result.losses == made_result.losses
+    assert_same_weights(weights_of(made), weights_of(given))
+    other_seed = training.held_out_batch(TASK, small_config(eval_seed=config.eval_seed + 1))
+    with pytest.raises(ValueError, match="eval_seed"):
+        train(given, TASK, config, held_out=other_seed)
+    with pytest.raises(ValueError, match="eval_bayes"):
+        train(given, TASK, small_config(steps=6, eval_bayes=True), held_out=training.held_out_batch(TASK, config))
+    with pytest.raises(ValueError, match="HeldOut"):
+        train(given, TASK, config, held_out={"tokens": None})
+
+
 def test_evaluation_of_an_output_with_no_positive_entry_is_infinite():
     from mdlens.evaluation import evaluate, make_held_out
 
