@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens.validation import check_order, check_tokens, check_transition
+from mdlens.validation import check_context_tokens, check_order, check_transition
 
 
 def check_model(model: HookedTransformer) -> HookedTransformer:
@@ -28,7 +28,8 @@ def check_model_tokens(
 ) -> Int[Tensor, "batch pos"]:
     """Tokens ``[B, T]`` (or ``[T]``) that ``model`` can read, as int64 ``[B, T]`` on the CPU.
 
-    Checks: ids in ``[0, d_vocab)``, ``T <= n_ctx``, ``T > order`` when ``order`` is given, and
+    Checks: ids in ``[0, d_vocab)``, ``T <= n_ctx``, ``T > order`` when ``order`` is given
+    (:func:`mdlens.validation.check_context_tokens`, the check a model's own input gets), and
     ``d_vocab == q`` when ``transition`` is given (a model of another vocabulary cannot be
     compared with this task's algorithm).
     """
@@ -41,12 +42,7 @@ def check_model_tokens(
                 f"the model's d_vocab={vocab_size} does not match the transition's q={transition.shape[0]}"
             )
     order = 0 if order is None else check_order(order)
-    tokens = check_tokens(tokens, vocab_size, order)
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(
-            f"tokens have T={tokens.shape[1]} positions, longer than the model's context n_ctx={model.cfg.n_ctx}"
-        )
-    return tokens.cpu()
+    return check_context_tokens(tokens, vocab_size, model.cfg.n_ctx, order).cpu()
 
 
 def check_same_task_models(model: HookedTransformer, reference: HookedTransformer) -> None:

@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mdlens.models import DisentangledTransformer, standard_transformer
-from mdlens.models._tl import dtype_name, preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models.dtypes import DTYPES, PLAIN_DTYPES, dtype_name
 from mdlens.models.layout import ResidualLayout
 from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from mdlens.task import MTDTask
@@ -53,9 +54,6 @@ READABLE_VERSIONS = (1, 2)  # 1: no tokenizer field (the default vocabulary toke
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 MODEL_KINDS = ("disentangled", "standard", "hooked_transformer")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# The dtypes a plain HookedTransformer's config may name (safetensors stores all four bit for bit).
-PLAIN_DTYPES = {**DTYPES, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -107,6 +107,21 @@ def check_tokens(tokens: Tensor, vocab_size: int, order: int) -> Int[Tensor, "ba
     return tokens.long()
 
 
+def check_context_tokens(tokens: Tensor, vocab_size: int, n_ctx: int, order: int = 0) -> Int[Tensor, "batch pos"]:
+    """Token ids a model of vocabulary ``q = vocab_size`` and context ``n_ctx`` can read.
+
+    ``[B, T]`` or ``[T]`` integer ids in ``[0, q)``, ``B >= 1``, ``order < T <= n_ctx`` (``T >= 1``
+    without an order); returns them as int64 ``[B, T]`` (:func:`check_tokens`, one min/max pass over
+    the ids). The one token check of every model input: the models' own ``forward`` and the probes'.
+    """
+    if isinstance(tokens, Tensor) and tokens.ndim in (1, 2) and tokens.shape[-1] == 0:
+        raise ValueError(f"tokens have no positions (T = 0): a model reads 1 <= T <= n_ctx={n_ctx}")
+    tokens = check_tokens(tokens, vocab_size, order)
+    if tokens.shape[1] > n_ctx:
+        raise ValueError(f"tokens have T={tokens.shape[1]} positions, more than the model's context n_ctx={n_ctx}")
+    return tokens
+
+
 def check_weights(weights: Tensor, order: int, batch_size: int | None = None) -> Float[Tensor, "batch m"]:
     """Mixture weights on the simplex, shape ``[B, m]`` or ``[m]``; returns float64 ``[B, m]``."""
     if not isinstance(weights, Tensor):

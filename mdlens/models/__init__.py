@@ -24,7 +24,7 @@ tensors (TransformerLens allocates them so), also for a float64 model: patched m
 float64 run to float32 rounding (about 1e-7 relative).
 """
 
-from mdlens.models._tl import MDLensTransformer
+from mdlens.models.base import MDLensTransformer
 from mdlens.models.composition import CompositionScores, composition_scores
 from mdlens.models.disentangled import (
     DisentangledActivationCache,

@@ -46,7 +46,7 @@ Zero matrices (the construction's ``W_QK`` in layers 2-3, its unused ``rel_query
 is 0 (the composed map is zero: nothing composes) and one warning names the zero matrices.
 
 Every mdlens model's own ``model.all_composition_scores(mode)`` returns ``composition_scores(model,
-mode).total`` (:class:`~mdlens.models._tl.MDLensTransformer`), so a TransformerLens notebook gets these
+mode).total`` (:class:`~mdlens.models.base.MDLensTransformer`), so a TransformerLens notebook gets these
 scores; ``HookedTransformer.all_composition_scores(model, mode)`` is still TransformerLens's.
 """
 

@@ -50,7 +50,7 @@ How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalizatio
 - **Output**: TL's unembed, ``W_U`` ``[d_model, q]`` trainable, ``b_U`` frozen at zero (the
   paper's readout is linear). ``model.output_type = "probs"``: the raw output at a position is read
   as the next-token probability vector (the paper trains it with MSE on the last position); the
-  model's loss and ``generate`` use it clipped and renormalised (:class:`~mdlens.models._tl.MDLensTransformer`).
+  model's loss and ``generate`` use it clipped and renormalised (:class:`~mdlens.models.base.MDLensTransformer`).
 - **Gradients at the embedding**: ``W_E`` and ``W_pos`` are frozen (no optimiser ever sees them), but
   their outputs are made to require grad whenever autograd records, so backward hooks on
   ``hook_embed``, ``hook_pos_embed`` and ``blocks.0.hook_resid_pre`` fire as on any TL model
@@ -78,15 +78,12 @@ from transformer_lens.components import Attention, Embed, PosEmbed
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
-from mdlens.models._tl import (
-    MDLensTransformer,
-    check_output_type,
-    dtype_name,
-    preserve_global_rng,
-    quiet_hooked_transformer_deprecation,
-    resolve_dtype,
-)
+from mdlens import estimators as E
+from mdlens.models.base import MDLensTransformer
+from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models.dtypes import dtype_name, resolve_dtype
 from mdlens.models.layout import ResidualLayout
+from mdlens.models.outputs import check_output_type
 from mdlens.validation import check_int, check_order
 
 MAX_LAYERS = 8
@@ -328,7 +325,7 @@ class DisentangledTransformer(MDLensTransformer):
     readout) the next-token probability vector at each position as the model computes it, not forced
     onto the simplex (``mdlens.predict_next`` / ``output_to_probs`` clip and renormalise it; the
     model's TL loss and ``generate`` use that distribution); with ``output="logits"``, logits. See
-    :class:`~mdlens.models._tl.MDLensTransformer` for the loss, ``generate`` and the input checks.
+    :class:`~mdlens.models.base.MDLensTransformer` for the loss, ``generate`` and the input checks.
     ``run_with_cache`` returns a :class:`DisentangledActivationCache`.
 
     Args:
@@ -453,7 +450,8 @@ class DisentangledTransformer(MDLensTransformer):
         )
         warnings.warn(
             f"this construction was built for seq_len={seq_len}; on T={n_pos} tokens its last position computes "
-            f"{what} = {first_scale / (m * (n_pos - m)):.4g}, not the eta = {first_scale / (m * (seq_len - m)):.4g} "
+            f"{what} = {E.eta_from_beta(first_scale, m, n_pos):.4g}, not the eta = "
+            f"{E.eta_from_beta(first_scale, m, seq_len):.4g} "
             f"it has at T={seq_len}. Build it with seq_len={n_pos} for that step at T={n_pos} (this warning is "
             f"shown once per model)",
             RescaledStepWarning,

@@ -3,7 +3,7 @@
 These are the "do ordinary architectures learn the same mechanism?" models of paper-notes §6:
 separate Q/K/V/O per head, optional MLPs and LayerNorm, learned absolute or rotary positions.
 :class:`StandardTransformer` is a ``HookedTransformer`` with TransformerLens' own components; it adds
-only what every mdlens model has (:class:`~mdlens.models._tl.MDLensTransformer`): ``output_type``,
+only what every mdlens model has (:class:`~mdlens.models.base.MDLensTransformer`): ``output_type``,
 checked token input, and a loss and sampling that read the model's real distribution.
 """
 
@@ -12,14 +12,10 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from mdlens.models._tl import (
-    MDLensTransformer,
-    check_output_type,
-    dtype_name,
-    preserve_global_rng,
-    quiet_hooked_transformer_deprecation,
-    resolve_dtype,
-)
+from mdlens.models.base import MDLensTransformer
+from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
+from mdlens.models.dtypes import dtype_name, resolve_dtype
+from mdlens.models.outputs import check_output_type
 from mdlens.validation import check_int
 
 POSITIONS = ("standard", "rotary")  # TransformerLens' positional_embedding_type
@@ -32,7 +28,7 @@ class StandardTransformer(MDLensTransformer):
     ``model(tokens)`` returns ``[batch, pos, q]``: logits when ``output_type == "logits"`` (the
     default), the probability vector itself (not forced onto the simplex; read it with
     ``mdlens.predict_next`` / ``output_to_probs``) when ``"probs"``. See
-    :class:`~mdlens.models._tl.MDLensTransformer` for the loss, ``generate`` and the input checks.
+    :class:`~mdlens.models.base.MDLensTransformer` for the loss, ``generate`` and the input checks.
     """
 
 
