@@ -218,12 +218,46 @@ def md_weights_by_step(
     sizes a model behaves like can be fitted (``mdlens reproduce step-sizes``).
     """
     etas = check_positive_entries(etas, "etas")
-    lag_probs = _checked_lag_likelihoods(tokens, transition, order)
-    gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
-    log_weights = torch.log_softmax(etas[0] * order * gamma.sum(dim=1), dim=-1)
-    log_lag_probs = torch.log(lag_probs)
+    return _md_weights_of(_LagTerms.of(tokens, transition, order), etas)
+
+
+class _LagTerms:
+    """What every MD step and every predictive on one batch reads, computed once for the batch.
+
+    A step-size search evaluates MD at many step sizes on the same tokens; the lag likelihoods, their
+    logs and the lagged rows of ``pi`` do not depend on the step, so they are read once here (the
+    numbers are those ``md_weights_by_step`` and ``predictive`` compute on their own).
+    """
+
+    def __init__(self, lag_probs: Tensor, lagged_rows: Tensor, order: int):
+        self.order = order
+        self.lag_probs = lag_probs  # [B, T-m, m]: P[b, r, g-1] = pi(y_{k-g}, y_k), k = m+1+r
+        gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
+        self.responsibility_sum = gamma.sum(dim=1)  # [B, m]: sum_k gamma_k, the gradient at 1/m over m
+        self._log_lag_probs: Tensor | None = None
+        self.lagged_rows = lagged_rows  # [B, m, q]: row g-1 is pi(y_{T+1-g}, .)
+
+    @classmethod
+    def of(cls, tokens: TokensLike, transition: Tensor, order: int) -> _LagTerms:
+        tokens, transition, order = _checked_inputs(tokens, transition, order)
+        return cls(_checked_lag_likelihoods(tokens, transition, order), transition[last_tokens(tokens, order)], order)
+
+    @property
+    def log_lag_probs(self) -> Tensor:  # only steps after the first need them
+        if self._log_lag_probs is None:
+            self._log_lag_probs = torch.log(self.lag_probs)
+        return self._log_lag_probs
+
+    def predictive(self, weights: Tensor) -> Tensor:
+        """``predictive(tokens, pi, weights)`` for weights ``[B, m]`` MD made (on the simplex)."""
+        return einops.einsum(weights.expand(self.lagged_rows.shape[0], -1), self.lagged_rows, "b g, b g v -> b v")
+
+
+def _md_weights_of(terms: _LagTerms, etas: Tensor) -> Tensor:
+    """``md_weights_by_step`` on a batch's :class:`_LagTerms` (``etas`` checked), ``[B, m]``."""
+    log_weights = torch.log_softmax(etas[0] * terms.order * terms.responsibility_sum, dim=-1)
     for eta in etas[1:]:
-        gradient = _log_gradient_terms(log_weights, log_lag_probs)
+        gradient = _log_gradient_terms(log_weights, terms.log_lag_probs)
         log_weights = torch.log_softmax(log_weights + eta * gradient, dim=-1)
     return log_weights.exp()
 
@@ -408,18 +442,36 @@ def fit_scales_by_kl(
     lr = check_positive(lr, "lr")
     if not starts:
         raise ValueError("starts must hold at least one set of scales")
+    predictive_of = _batch_predictive(tokens, transition)
     best = {"scales": None, "tuning_kl": float("inf")}
     for start in starts:
         scales = torch.as_tensor(start, dtype=torch.float64).detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([scales], lr=lr)
         for _ in range(adam_steps + 1):
             optimiser.zero_grad()
-            loss = kl_divergence(target_probs, predictive(tokens, transition, weights_of(scales))).mean()
+            loss = kl_divergence(target_probs, predictive_of(weights_of(scales))).mean()
             if loss.item() < best["tuning_kl"]:  # the loss of the current scales, before the step moves them
                 best = {"scales": scales.detach().tolist(), "tuning_kl": loss.item()}
             loss.backward()
             optimiser.step()
     return best
+
+
+def _batch_predictive(tokens: TokensLike, transition: Tensor) -> Callable[[Tensor], Tensor]:
+    """``weights -> predictive(tokens, transition, weights)`` for many weights of one batch: the lagged
+    rows of ``pi`` are read once per order (the first call checks the weights as ``predictive`` does)."""
+    lagged_rows: dict[int, Tensor] = {}
+
+    def predictive_of(weights: Tensor) -> Tensor:
+        order = weights.shape[-1]
+        if order not in lagged_rows:
+            predictive(tokens, transition, weights.detach())  # every check predictive makes, once
+            checked, pi, order = _checked_inputs(tokens, transition, order)
+            lagged_rows[order] = pi[last_tokens(checked, order)]
+        rows = lagged_rows[order]
+        return einops.einsum(weights.expand(rows.shape[0], -1), rows, "b g, b g v -> b v")
+
+    return predictive_of
 
 
 def fit_causal_md_scales(
@@ -464,14 +516,16 @@ def fit_md_step_sizes(
     """
     tokens, transition, order = _checked_inputs(tokens, transition, order)
     steps = check_int(steps, "steps", 1)
-    one_step = tune_eta_refined(tokens, transition, order, target_probs, steps=1)["eta"]
-    tied = tune_eta_refined(tokens, transition, order, target_probs, steps=steps)["eta"] if steps > 1 else one_step
+    terms = _LagTerms.of(tokens, transition, order)
+    target_probs = _checked_target(target_probs, tokens, transition)
+    one_step = _tune_refined_on(terms, target_probs, steps=1)["eta"]
+    tied = _tune_refined_on(terms, target_probs, steps=steps)["eta"] if steps > 1 else one_step
     starts = [[math.log(tied)] * steps, [math.log(one_step)] + [math.log(one_step / 100)] * (steps - 1)]
     fit = fit_scales_by_kl(
         tokens,
         transition,
         target_probs,
-        lambda log_etas: md_weights_by_step(tokens, transition, order, log_etas.exp()),
+        lambda log_etas: _md_weights_of(terms, check_positive_entries(log_etas.exp(), "etas")),
         starts,
         adam_steps,
         lr=0.1,
@@ -497,8 +551,10 @@ def default_causal_md_starts(
     tokens, transition, order = _checked_inputs(tokens, transition, order)
     steps = check_int(steps, "steps", 1)
     context = tokens.shape[1] - order
-    first = tune_eta_refined(tokens, transition, order, target_probs, steps=1)["eta"] * order * context
-    multi = tune_eta_refined(tokens, transition, order, target_probs, steps=steps)["eta"] * order * context
+    terms = _LagTerms.of(tokens, transition, order)
+    target_probs = _checked_target(target_probs, tokens, transition)
+    first = _tune_refined_on(terms, target_probs, steps=1)["eta"] * order * context
+    multi = _tune_refined_on(terms, target_probs, steps=steps)["eta"] * order * context
     later = steps - 1
     return [
         [first, *[first, 0.0, 0.0] * later],
@@ -605,20 +661,31 @@ def tune_eta(
     Returns ``(best_eta, etas [n], mean_kl [n])``. The default grid is ``default_eta_grid()``.
     """
     tokens, transition, order = _checked_inputs(tokens, transition, order)
+    target_probs = _checked_target(target_probs, tokens, transition)
+    steps = check_int(steps, "steps", 1)
+    etas = default_eta_grid() if etas is None else _check_etas(etas)
+    mean_kl = _mean_kl_on_grid(_LagTerms.of(tokens, transition, order), target_probs, etas, steps)
+    best = int(torch.argmin(mean_kl))
+    return float(etas[best]), etas, mean_kl
+
+
+def _checked_target(target_probs: Tensor, tokens: Tensor, transition: Tensor) -> Tensor:
     target_probs = check_distribution(target_probs, "target_probs")
     if target_probs.shape != (tokens.shape[0], transition.shape[0]):
         raise ValueError(
             f"target_probs must have shape [B={tokens.shape[0]}, q={transition.shape[0]}], "
             f"got {tuple(target_probs.shape)}"
         )
-    steps = check_int(steps, "steps", 1)
-    etas = default_eta_grid() if etas is None else _check_etas(etas)
+    return target_probs
+
+
+def _mean_kl_on_grid(terms: _LagTerms, target_probs: Tensor, etas: Tensor, steps: int) -> Tensor:
+    """Batch-mean ``KL(target || MD(eta, steps))`` for every ``eta`` of the grid, ``[n]``."""
     mean_kl = torch.empty(len(etas), dtype=torch.float64)
     for i, eta in enumerate(etas.tolist()):
-        weights = md_weights(tokens, transition, order, eta, steps)
-        mean_kl[i] = kl_divergence(target_probs, predictive(tokens, transition, weights)).mean()
-    best = int(torch.argmin(mean_kl))
-    return float(etas[best]), etas, mean_kl
+        weights = _md_weights_of(terms, torch.full((steps,), check_positive(eta, "eta"), dtype=torch.float64))
+        mean_kl[i] = kl_divergence(target_probs, terms.predictive(weights)).mean()
+    return mean_kl
 
 
 # The refined tuning grid: a coarse log grid of step sizes (low, high, points), then FINE_POINTS
@@ -641,15 +708,23 @@ def tune_eta_refined(
     predictive; a model's own predictions give the step that model behaves like. Returns
     ``{"eta", "tuning_kl", "etas", "mean_kl"}`` (the last two over both grids).
     """
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    target_probs = _checked_target(target_probs, tokens, transition)
+    steps = check_int(steps, "steps", 1)
+    return _tune_refined_on(_LagTerms.of(tokens, transition, order), target_probs, steps)
+
+
+def _tune_refined_on(terms: _LagTerms, target_probs: Tensor, steps: int) -> dict:
+    """:func:`tune_eta_refined` on a batch's :class:`_LagTerms` (``target_probs`` checked)."""
     low, high, points = COARSE_ETAS
     coarse = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
-    coarse = torch.sort(torch.cat([coarse, torch.tensor([1.0 / (order + 1)], dtype=torch.float64)])).values
-    _, coarse_etas, coarse_kl = tune_eta(tokens, transition, order, target_probs, etas=coarse, steps=steps)
+    coarse = torch.sort(torch.cat([coarse, torch.tensor([1.0 / (terms.order + 1)], dtype=torch.float64)])).values
+    coarse_kl = _mean_kl_on_grid(terms, target_probs, coarse, steps)
     ratio = (high / low) ** (1.0 / (points - 1))
-    centre = coarse_etas[int(torch.argmin(coarse_kl))].item()
+    centre = coarse[int(torch.argmin(coarse_kl))].item()
     fine = torch.logspace(math.log10(centre / ratio), math.log10(centre * ratio), FINE_POINTS, dtype=torch.float64)
-    _, fine_etas, fine_kl = tune_eta(tokens, transition, order, target_probs, etas=fine, steps=steps)
-    etas = torch.cat([coarse_etas, fine_etas])
+    fine_kl = _mean_kl_on_grid(terms, target_probs, fine, steps)
+    etas = torch.cat([coarse, fine])
     mean_kl = torch.cat([coarse_kl, fine_kl])
     best = int(torch.argmin(mean_kl))
     return {"eta": etas[best].item(), "tuning_kl": mean_kl[best].item(), "etas": etas, "mean_kl": mean_kl}
