@@ -20,20 +20,21 @@ Layers are TransformerLens block indices (0-based): the paper's "layer 1" is ``b
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
 from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
+from mdlens.jsonable import json_ready
+from mdlens.models.layout import layer_label
 from mdlens.validation import check_int, check_order
 
-PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 # A reference weight above this counts as "attended" for support_mass.
 SUPPORT_THRESHOLD = 1e-9
 # Sequences per forward pass: each holds [chunk, n_heads, T, T] float64 patterns per layer.
@@ -96,17 +97,19 @@ class AttentionAgreement:
 
     def to_dict(self) -> dict:
         """JSON-ready: plain floats and lists; a non-finite number (an infinite KL) becomes None."""
-        return {
-            "matching": self.matching,
-            "order": self.order,
-            "n_sequences": self.n_sequences,
-            "seq_len": self.seq_len,
-            "query_positions": f"t > m (0-based t >= {self.order})",
-            "heads": [{k: _json_number(v) for k, v in asdict(h).items()} for h in self.heads],
-            "reference_units": [list(u) for u in self.reference_units],
-            "model_units": [list(u) for u in self.model_units],
-            "tv_matrix": [[_json_number(v) for v in row] for row in self.tv_matrix.tolist()],
-        }
+        return json_ready(
+            {
+                "matching": self.matching,
+                "order": self.order,
+                "n_sequences": self.n_sequences,
+                "seq_len": self.seq_len,
+                "query_positions": f"t > m (0-based t >= {self.order})",
+                "heads": [asdict(h) for h in self.heads],
+                "reference_units": self.reference_units,
+                "model_units": self.model_units,
+                "tv_matrix": self.tv_matrix,
+            }
+        )
 
     def table(self) -> str:
         header = (
@@ -115,7 +118,7 @@ class AttentionAgreement:
         lines = [header, "-" * len(header)]
         for h in self.heads:
             lines.append(
-                f"{f'L{h.reference_layer + 1}.H{h.reference_head}':<12}{f'L{h.model_layer + 1}.H{h.model_head}':<12}"
+                f"{layer_label(h.reference_layer, h.reference_head):<12}{layer_label(h.model_layer, h.model_head):<12}"
                 f"{h.tv:>8.4f}{h.kl:>16.4g}{h.support_mass:>9.4f}{h.self_mass:>8.4f}{h.lag_mass:>11.4f}"
             )
         return "\n".join(lines)
@@ -127,10 +130,6 @@ class AttentionAgreement:
         )
 
 
-def _json_number(value):
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading patterns
 # ----------------------------------------------------------------------------------------------
@@ -140,11 +139,13 @@ def _units(model: HookedTransformer) -> list[Unit]:
     return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
 
 
-def _patterns(
+def attention_patterns(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], layers: list[int]
 ) -> Float[Tensor, "batch unit query key"]:
-    """The model's attention patterns of ``layers``, heads stacked layer-major, float64 on the CPU."""
-    names = [PATTERN_HOOK.format(layer=layer) for layer in layers]
+    """``hook_pattern`` of each block index in ``layers`` (0-based), heads stacked layer-major
+    (unit ``i * n_heads + h`` is head ``h`` of ``layers[i]``), float64 on the CPU. Only those hooks
+    are cached; inputs are not checked (the callers check them)."""
+    names = [get_act_name("pattern", layer) for layer in layers]
     with torch.inference_mode():
         _, cache = model.run_with_cache(
             tokens.to(model_device(model)), names_filter=lambda name: name in names, return_type=None
@@ -215,6 +216,32 @@ def attention_agreement(
     Returns:
         :class:`AttentionAgreement` (``.to_dict()`` for JSON, ``str()`` for a table).
     """
+    order, tokens, matching = _check_agreement_inputs(model, reference, tokens, order, matching, chunk_size)
+    model_units, reference_units = _units(model), _units(reference)
+    means = _mean_agreement(model, reference, tokens, order, chunk_size)
+    pairs = _match(matching, means.tv, reference_units, model_units)
+    return AttentionAgreement(
+        matching=matching,
+        order=order,
+        n_sequences=tokens.shape[0],
+        seq_len=tokens.shape[1],
+        heads=_head_agreements(pairs, reference_units, model_units, means),
+        reference_units=reference_units,
+        model_units=model_units,
+        tv_matrix=means.tv,
+    )
+
+
+def _check_agreement_inputs(
+    model: HookedTransformer,
+    reference: HookedTransformer,
+    tokens: Tensor,
+    order: int | None,
+    matching: str,
+    chunk_size: int,
+) -> tuple[int, Int[Tensor, "batch pos"], str]:
+    """:func:`attention_agreement`'s checked ``order``, tokens (``[B, T]``) and matching (``"auto"``
+    resolved: layerwise when both models have the same depth and one head per layer)."""
     check_same_task_models(model, reference)
     order = _reference_order(reference, order)
     tokens = check_model_tokens(model, tokens, order=order)
@@ -231,22 +258,44 @@ def attention_agreement(
         )
     if matching == "auto":
         matching = "layerwise" if same_shape else "hungarian"
+    return order, tokens, matching
 
-    model_units, reference_units = _units(model), _units(reference)
-    n_ref, n_model = len(reference_units), len(model_units)
+
+@dataclass(frozen=True)
+class _MeanTables:
+    """Means over query rows ``t > m`` and the batch (module docstring): ``[reference_unit, model_unit]``
+    for the pairwise numbers, ``[model_unit]`` for the model's own masses."""
+
+    tv: Float[Tensor, "reference_unit model_unit"]
+    kl: Float[Tensor, "reference_unit model_unit"]
+    support: Float[Tensor, "reference_unit model_unit"]
+    self_mass: Float[Tensor, " model_unit"]
+    lag_mass: Float[Tensor, " model_unit"]
+
+
+def _mean_agreement(
+    model: HookedTransformer,
+    reference: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    order: int,
+    chunk_size: int,
+) -> _MeanTables:
+    """Every pair's TV, KL and support mass, and every model head's offset masses, read chunk by chunk."""
+    n_ref = reference.cfg.n_layers * reference.cfg.n_heads
+    n_model = model.cfg.n_layers * model.cfg.n_heads
     tv_sum = torch.zeros(n_ref, n_model, dtype=torch.float64)
     kl_sum = torch.zeros(n_ref, n_model, dtype=torch.float64)
     support_sum = torch.zeros(n_ref, n_model, dtype=torch.float64)
     self_sum = torch.zeros(n_model, dtype=torch.float64)
     lag_sum = torch.zeros(n_model, dtype=torch.float64)
     for chunk in _chunks(tokens, chunk_size):
-        model_square = _patterns(model, chunk, list(range(model.cfg.n_layers)))  # [chunk, unit, T, T]
+        model_square = attention_patterns(model, chunk, list(range(model.cfg.n_layers)))  # [chunk, unit, T, T]
         band = _offset_band(model_square, order, range(order + 1))  # [chunk, unit, T - m, m + 1]
         self_sum += band[..., 0].sum(dim=(0, 2))
         lag_sum += band[..., 1:].sum(dim=(0, 2, 3))
         # Query rows t >= m only: [chunk, unit, T - m, T].
         model_patterns = model_square[:, :, order:]
-        reference_patterns = _patterns(reference, chunk, list(range(reference.cfg.n_layers)))[:, :, order:]
+        reference_patterns = attention_patterns(reference, chunk, list(range(reference.cfg.n_layers)))[:, :, order:]
         for r in range(n_ref):
             ref = reference_patterns[:, r]
             on_support = (ref > SUPPORT_THRESHOLD).to(torch.float64)
@@ -256,39 +305,41 @@ def attention_agreement(
                 kl_sum[r, u] += _row_kl(ref, att).sum()
                 support_sum[r, u] += (att * on_support).sum()
     n_rows = tokens.shape[0] * (tokens.shape[1] - order)
-    tv, kl, support = tv_sum / n_rows, kl_sum / n_rows, support_sum / n_rows
-    self_mass, lag_mass = self_sum / n_rows, lag_sum / n_rows
+    return _MeanTables(tv_sum / n_rows, kl_sum / n_rows, support_sum / n_rows, self_sum / n_rows, lag_sum / n_rows)
 
+
+def _match(
+    matching: str, tv: Float[Tensor, "reference_unit model_unit"], reference_units: list[Unit], model_units: list[Unit]
+) -> list[tuple[int, int]]:
+    """``(reference unit, model unit)`` index pairs of a (resolved) matching, in the reference's order."""
     if matching == "layerwise":
-        pairs = [(r, r) for r in range(n_ref)]
-    elif matching == "ordered":
-        pairs = ordered_assignment(tv, [layer for layer, _ in reference_units], [layer for layer, _ in model_units])
-    else:
-        pairs = min_cost_assignment(tv)
-    heads = [
+        return [(r, r) for r in range(len(reference_units))]
+    if matching == "ordered":
+        return ordered_assignment(tv, [layer for layer, _ in reference_units], [layer for layer, _ in model_units])
+    return min_cost_assignment(tv)
+
+
+def _head_agreements(
+    pairs: list[tuple[int, int]],
+    reference_units: list[Unit],
+    model_units: list[Unit],
+    means: _MeanTables,
+) -> list[HeadAgreement]:
+    """One :class:`HeadAgreement` per matched pair, read from the mean tables."""
+    return [
         HeadAgreement(
             reference_layer=reference_units[r][0],
             reference_head=reference_units[r][1],
             model_layer=model_units[u][0],
             model_head=model_units[u][1],
-            tv=float(tv[r, u]),
-            kl=float(kl[r, u]),
-            support_mass=float(support[r, u]),
-            self_mass=float(self_mass[u]),
-            lag_mass=float(lag_mass[u]),
+            tv=float(means.tv[r, u]),
+            kl=float(means.kl[r, u]),
+            support_mass=float(means.support[r, u]),
+            self_mass=float(means.self_mass[u]),
+            lag_mass=float(means.lag_mass[u]),
         )
         for r, u in pairs
     ]
-    return AttentionAgreement(
-        matching=matching,
-        order=order,
-        n_sequences=tokens.shape[0],
-        seq_len=tokens.shape[1],
-        heads=heads,
-        reference_units=reference_units,
-        model_units=model_units,
-        tv_matrix=tv,
-    )
 
 
 def responsibility_tv(
@@ -319,7 +370,7 @@ def responsibility_tv(
     total = 0.0
     for chunk in _chunks(tokens, chunk_size):
         gamma = E.responsibilities(chunk, transition, order)  # [chunk, T - m, m], column g - 1 = lag g
-        pattern = _patterns(model, chunk, [layer])[:, head]  # [chunk, T, T]
+        pattern = attention_patterns(model, chunk, [layer])[:, head]  # [chunk, T, T]
         band = _offset_band(pattern, order, range(1, order + 1))  # [chunk, T - m, m]
         # TV = 0.5 * (sum over the band of |A - gamma| + the mass outside the band, where gamma is 0).
         outside = pattern[:, order:].sum(dim=-1) - band.sum(dim=-1)
@@ -358,7 +409,7 @@ def mean_offset_mass(
     rows ``t > m`` and the batch: ``[len(layers) * n_heads, len(offsets)]``. Inputs already checked."""
     total = torch.zeros(len(layers) * model.cfg.n_heads, len(offsets), dtype=torch.float64)
     for chunk in _chunks(tokens, chunk_size):
-        pattern = _patterns(model, chunk, layers)  # [chunk, layer * head, T, T]
+        pattern = attention_patterns(model, chunk, layers)  # [chunk, layer * head, T, T]
         total += _offset_band(pattern, order, offsets).sum(dim=(0, 2))  # over batch and query rows
     return total / (tokens.shape[0] * (tokens.shape[1] - order))
 

@@ -18,7 +18,6 @@ the same rank is the control.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +34,13 @@ from transformer_lens import patching as tl_patching
 
 from mdlens import estimators as E
 from mdlens.hooks._checks import check_model_tokens, model_device
+from mdlens.jsonable import json_ready
+from mdlens.models.layout import residual_hook_of
 from mdlens.predict import output_to_probs, output_type_of
 from mdlens.validation import as_integer, check_order, check_positive, check_transition
 
 MEAN_RESPONSIBILITY_BLOCK = "L2.mean_responsibility"
-CONSTRUCTION_HOOK = "blocks.1.hook_resid_post"  # the residual after the paper's layer 2
+CONSTRUCTION_HOOK = residual_hook_of(MEAN_RESPONSIBILITY_BLOCK)  # the residual after the paper's layer 2
 # Singular values of a probe's weight below this fraction of the largest do not span the subspace.
 SUBSPACE_RTOL = 1e-8
 HEATMAP_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -87,7 +88,7 @@ class PatchResult:
             "max_abs_deviation": self.max_abs_deviation,
             "max_abs_deviation_random": self.max_abs_deviation_random,
         }
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}
+        return json_ready(scalars)
 
     def __str__(self) -> str:
         return (
@@ -116,7 +117,7 @@ def counterfactual_prediction(
     """One-step MD's predictive with B's lag weights on A's last ``m`` tokens, ``[B, q]``:
     ``sum_g softmax(beta * Gamma_bar_B)_g pi(y^A_{T+1-g}, .)``."""
     # softmax(beta * mean_k gamma_k) is one-step MD with eta = beta / (m (T - m)) (paper-notes §4).
-    eta = beta / (order * (tokens_b.shape[-1] - order))
+    eta = E.eta_from_beta(beta, order, tokens_b.shape[-1])
     return E.predictive(tokens_a, transition, E.md_weights(tokens_b, transition, order, eta))
 
 
@@ -214,6 +215,33 @@ def patch_mean_responsibility(
     Returns:
         :class:`PatchResult`.
     """
+    transition, order, tokens_a, tokens_b, beta, hook_name, seed = _check_patch_arguments(
+        model, tokens_a, tokens_b, transition, order, beta, probe, hook_name, seed
+    )
+    output_a, last_b = _last_position_runs(model, tokens_a, tokens_b, hook_name)
+    method, rank, replace_last = _interchange(model, probe, last_b, hook_name)
+    patched = _run_patched(model, tokens_a, hook_name, replace_last)
+    random_basis = _random_basis(last_b.shape[1], rank, seed)
+    random_patched = _run_patched(model, tokens_a, hook_name, _subspace_swap(random_basis, last_b))
+    counterfactual = counterfactual_prediction(tokens_a, tokens_b, transition, order, beta)
+    unpatched = output_to_probs(output_a, output_type_of(model))
+    return _patch_result(method, hook_name, rank, beta, counterfactual, patched, unpatched, random_patched)
+
+
+def _check_patch_arguments(
+    model: HookedTransformer,
+    tokens_a: Tensor,
+    tokens_b: Tensor,
+    transition: Tensor,
+    order: int,
+    beta: float | None,
+    probe,
+    hook_name: str | None,
+    seed: int,
+) -> tuple[Float[Tensor, "q q"], int, Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], float, str, int]:
+    """:func:`patch_mean_responsibility`'s checked arguments: ``transition``, ``order``, both token
+    batches (``[B, T]``, the same shape), ``beta`` (the model's own when not given), the hook to patch
+    (the probe's, or the construction's residual) and ``seed``."""
     transition = check_transition(transition)
     order = check_order(order)
     tokens_a = check_model_tokens(model, tokens_a, transition, order)
@@ -222,13 +250,26 @@ def patch_mean_responsibility(
         raise ValueError(
             f"tokens_a and tokens_b must have the same shape, got {tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}"
         )
-    layout = getattr(model, "layout", None)
-    has_named_block = layout is not None and MEAN_RESPONSIBILITY_BLOCK in layout
-    if probe is None and not has_named_block:
+    if probe is None and _named_block(model) is None:
         raise ValueError(
             f"this model has no '{MEAN_RESPONSIBILITY_BLOCK}' block in a layout: pass a probe for "
             "mean_responsibility (an object with .weight [d, k] and .hook_name), e.g. from fit_probe"
         )
+    beta = _check_beta(model, beta)
+    hook_name = _check_patch_hook(model, probe, hook_name)
+    return transition, order, tokens_a, tokens_b, beta, hook_name, as_integer(seed, "seed")
+
+
+def _named_block(model: HookedTransformer) -> slice | None:
+    """The slice of ``L2.mean_responsibility`` in ``model.layout`` (the construction's), else None."""
+    layout = getattr(model, "layout", None)
+    if layout is None or MEAN_RESPONSIBILITY_BLOCK not in layout:
+        return None
+    return layout[MEAN_RESPONSIBILITY_BLOCK]
+
+
+def _check_beta(model: HookedTransformer, beta: float | None) -> float:
+    """The counterfactual's readout scale: ``beta`` if given, else ``model.md_params["beta"]``; > 0."""
     if beta is None:
         md_params = getattr(model, "md_params", None)
         if not (isinstance(md_params, dict) and md_params.get("beta") is not None):
@@ -237,7 +278,12 @@ def patch_mean_responsibility(
                 "counterfactual, e.g. eta * m * (T - m) with eta tuned on the task"
             )
         beta = md_params["beta"]
-    beta = check_positive(beta, "beta")
+    return check_positive(beta, "beta")
+
+
+def _check_patch_hook(model: HookedTransformer, probe, hook_name: str | None) -> str:
+    """Where to patch: ``probe.hook_name`` (``hook_name`` must agree), else ``hook_name``, else the
+    construction's :data:`CONSTRUCTION_HOOK`; a hook of ``model``."""
     if probe is not None:
         probe_hook = getattr(probe, "hook_name", None)
         if not isinstance(probe_hook, str):
@@ -252,8 +298,14 @@ def patch_mean_responsibility(
         hook_name = CONSTRUCTION_HOOK
     if hook_name not in model.hook_dict:
         raise ValueError(f"model has no hook named {hook_name!r}")
-    seed = as_integer(seed, "seed")
+    return hook_name
 
+
+def _last_position_runs(
+    model: HookedTransformer, tokens_a: Int[Tensor, "batch pos"], tokens_b: Int[Tensor, "batch pos"], hook_name: str
+) -> tuple[Tensor, Float[Tensor, "batch d"]]:
+    """A's raw output at the last position (on the CPU) and B's activation at ``hook_name`` there
+    (float64, CPU); the activation must be ``[batch, pos, d]``."""
     with torch.inference_mode():
         output_a = model(tokens_a.to(model_device(model)))[:, -1].cpu()
         _, cache_b = model.run_with_cache(
@@ -264,36 +316,51 @@ def patch_mean_responsibility(
         raise ValueError(
             f"the activation at {hook_name!r} must be [batch, pos, d], got shape {tuple(activation_b.shape)}"
         )
-    last_b = activation_b[:, -1].to(torch.float64).cpu()  # [B, d]
+    return output_a, activation_b[:, -1].to(torch.float64).cpu()
+
+
+def _interchange(
+    model: HookedTransformer, probe, last_b: Float[Tensor, "batch d"], hook_name: str
+) -> tuple[str, int, Callable[[Tensor], Tensor]]:
+    """The patch: ``(method, rank of the patched subspace, h -> patched h)``. With a probe its
+    column space is swapped for B's; without, the construction's named block is overwritten."""
     width = last_b.shape[1]
-
     if probe is not None:
-        method = "probe"
         basis = _orthonormal_basis(_check_probe(probe, width))
-        rank = basis.shape[1]
-        patched = _run_patched(model, tokens_a, hook_name, _subspace_swap(basis, last_b))
-    else:
-        method = "named_block"
-        block = layout[MEAN_RESPONSIBILITY_BLOCK]
-        if block.stop > width:
-            raise ValueError(
-                f"block {MEAN_RESPONSIBILITY_BLOCK} [{block.start}, {block.stop}) does not fit "
-                f"the activation of width {width} at {hook_name!r}"
-            )
+        return "probe", basis.shape[1], _subspace_swap(basis, last_b)
+    block = _named_block(model)
+    if block.stop > width:
+        raise ValueError(
+            f"block {MEAN_RESPONSIBILITY_BLOCK} [{block.start}, {block.stop}) does not fit "
+            f"the activation of width {width} at {hook_name!r}"
+        )
 
-        def write_block(h: Tensor) -> Tensor:
-            h = h.clone()
-            h[:, block] = last_b[:, block]
-            return h
+    def write_block(h: Tensor) -> Tensor:
+        h = h.clone()
+        h[:, block] = last_b[:, block]
+        return h
 
-        rank = block.stop - block.start
-        patched = _run_patched(model, tokens_a, hook_name, write_block)
+    return "named_block", block.stop - block.start, write_block
+
+
+def _random_basis(width: int, rank: int, seed: int) -> Float[Tensor, "width rank"]:
+    """The control: an orthonormal basis of ``rank`` Gaussian directions (a generator seeded with ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
     random_basis, _ = torch.linalg.qr(torch.randn(width, rank, generator=generator, dtype=torch.float64))
-    random_patched = _run_patched(model, tokens_a, hook_name, _subspace_swap(random_basis, last_b))
+    return random_basis
 
-    counterfactual = counterfactual_prediction(tokens_a, tokens_b, transition, order, beta)
-    unpatched = output_to_probs(output_a, output_type_of(model))
+
+def _patch_result(
+    method: str,
+    hook_name: str,
+    rank: int,
+    beta: float,
+    counterfactual: Float[Tensor, "batch q"],
+    patched: Float[Tensor, "batch q"],
+    unpatched: Float[Tensor, "batch q"],
+    random_patched: Float[Tensor, "batch q"],
+) -> PatchResult:
+    """The :class:`PatchResult` of three runs scored against the counterfactual."""
 
     def mean_kl(output: Tensor) -> float:
         return float(E.kl_divergence(counterfactual, output).mean())

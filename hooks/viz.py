@@ -35,10 +35,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
 
-from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
+from mdlens.hooks._checks import check_model_tokens, check_same_task_models
+from mdlens.hooks.attention import attention_patterns
 from mdlens.hooks.probes import Probe
+from mdlens.models.layout import layer_label
 
-PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 # Decimal places of the pattern values written into the page (the colours cannot show more).
 DIGITS = 6
 # CircuitsVis writes its root as `<div id=... style=.../>`; HTML has no self-closing div, so the
@@ -204,21 +205,20 @@ def _check_layers(model: HookedTransformer, layers: int | list[int] | None, name
     return layers
 
 
-def _patterns(
+def _patterns_by_layer(
     model: HookedTransformer, row: Int[Tensor, "1 pos"], layers: list[int]
 ) -> dict[int, Float[Tensor, "head query key"]]:
-    """``hook_pattern`` of each layer for one sequence, float64 on the CPU (only those hooks cached)."""
-    names = [PATTERN_HOOK.format(layer=layer) for layer in layers]
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(row.to(model_device(model)), names_filter=names, return_type=None)
-    return {layer: cache[name][0].to(torch.float64).cpu() for layer, name in zip(layers, names, strict=True)}
+    """:func:`~mdlens.hooks.attention.attention_patterns` of one sequence, split into its layers."""
+    per_layer = attention_patterns(model, row, layers)[0].split(model.cfg.n_heads)
+    return dict(zip(layers, per_layer, strict=True))
 
 
 def _panel_names(layer: int, n_heads: int, prefix: str = "") -> list[str]:
-    """``L{layer+1}`` for a one-head layer, ``L{layer+1}.H{h}`` per head otherwise."""
+    """The paper's name of each head of block ``layer`` (:func:`~mdlens.models.layout.layer_label`):
+    ``L{layer+1}`` for a one-head layer, ``L{layer+1}.H{h}`` per head otherwise."""
     if n_heads == 1:
-        return [f"{prefix}L{layer + 1}"]
-    return [f"{prefix}L{layer + 1}.H{head}" for head in range(n_heads)]
+        return [f"{prefix}{layer_label(layer)}"]
+    return [f"{prefix}{layer_label(layer, head)}" for head in range(n_heads)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,9 +276,8 @@ def attention_view(
     """
     row, labels = _one_sequence([model], tokens, lags, sequence)
     layers = _check_layers(model, layers)
-    patterns = _patterns(model, row, layers)
-    names = [name for layer in layers for name in _panel_names(layer, patterns[layer].shape[0])]
-    panels = torch.cat([patterns[layer] for layer in layers])
+    panels = attention_patterns(model, row, layers)[0]  # [layer * head, T, T], layer-major
+    names = [name for layer in layers for name in _panel_names(layer, model.cfg.n_heads)]
     caption = (
         f"Attention of {type(model).__name__} on sequence {sequence} (T={row.shape[1]}), "
         f"panels {', '.join(names)}. " + _LABEL_NOTE.format(lags=_LAG_NOTE if lags is not None else "")
@@ -318,8 +317,8 @@ def compare_attention_view(
         reference_layers = layers
     layers = _check_layers(model, layers)
     reference_layers = _check_layers(reference, reference_layers, "reference_layers")
-    model_patterns = _patterns(model, row, layers)
-    reference_patterns = _patterns(reference, row, reference_layers)
+    model_patterns = _patterns_by_layer(model, row, layers)
+    reference_patterns = _patterns_by_layer(reference, row, reference_layers)
 
     panel_names, panels = [], []
     for layer, reference_layer in itertools.zip_longest(layers, reference_layers):

@@ -6,6 +6,7 @@ from responsibilities computed here by hand from pi, never from the module's own
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -15,7 +16,10 @@ from mdlens import MTDTask
 from mdlens.construction import build_md_transformer
 from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks.attention import (
+    AttentionAgreement,
+    HeadAgreement,
     attention_agreement,
+    attention_patterns,
     offset_mass,
     responsibility_tv,
 )
@@ -252,3 +256,65 @@ def test_value_errors(task, construction, uniform_model, tokens):
         responsibility_tv(construction, tokens % 4, torch.full((4, 4), 0.25, dtype=torch.float64), M)
     with pytest.raises(ValueError, match="layer"):
         responsibility_tv(construction, tokens, task.transition, M, layer=3)
+
+
+def test_to_dict_writes_non_finite_numbers_as_none_and_str_names_paper_layers():
+    inf, nan = float("inf"), float("nan")
+    heads = [
+        HeadAgreement(0, 0, 1, 1, tv=0.25, kl=inf, support_mass=0.5, self_mass=0.125, lag_mass=0.75),
+        HeadAgreement(1, 0, 0, 0, tv=nan, kl=0.5, support_mass=1.0, self_mass=0.0, lag_mass=1.0),
+    ]
+    tv_matrix = torch.tensor([[0.5, nan], [0.25, inf]], dtype=torch.float64)
+    result = AttentionAgreement("hungarian", 3, 7, 12, heads, [(0, 0), (1, 0)], [(0, 0), (1, 1)], tv_matrix)
+    expected = {
+        "matching": "hungarian",
+        "order": 3,
+        "n_sequences": 7,
+        "seq_len": 12,
+        "query_positions": "t > m (0-based t >= 3)",
+        "heads": [
+            {
+                "reference_layer": 0,
+                "reference_head": 0,
+                "model_layer": 1,
+                "model_head": 1,
+                "tv": 0.25,
+                "kl": None,
+                "support_mass": 0.5,
+                "self_mass": 0.125,
+                "lag_mass": 0.75,
+            },
+            {
+                "reference_layer": 1,
+                "reference_head": 0,
+                "model_layer": 0,
+                "model_head": 0,
+                "tv": None,
+                "kl": 0.5,
+                "support_mass": 1.0,
+                "self_mass": 0.0,
+                "lag_mass": 1.0,
+            },
+        ],
+        "reference_units": [[0, 0], [1, 0]],
+        "model_units": [[0, 0], [1, 1]],
+        "tv_matrix": [[0.5, None], [0.25, None]],
+    }
+    as_dict = result.to_dict()
+    assert list(as_dict) == list(expected)  # same keys, same order
+    for key, value in expected.items():
+        assert as_dict[key] == value, key
+    assert json.loads(json.dumps(as_dict, allow_nan=False)) == expected
+    rows = str(result).splitlines()
+    assert rows[3].startswith("L1.H0       L2.H1   ") and rows[4].startswith("L2.H0       L1.H0   ")
+
+
+def test_attention_patterns_stack_heads_layer_major(task):
+    model = standard_transformer(vocab_size=Q, n_layers=2, n_heads=2, d_model=8, n_ctx=T, seed=3)
+    row = task.sample(2, 9, generator=torch.Generator().manual_seed(5)).tokens
+    with torch.no_grad():
+        _, cache = model.run_with_cache(row)
+    stacked = attention_patterns(model, row, [1, 0])
+    assert stacked.shape == (2, 4, 9, 9) and stacked.dtype == torch.float64
+    for unit, (layer, head) in enumerate([(1, 0), (1, 1), (0, 0), (0, 1)]):
+        assert torch.equal(stacked[:, unit], cache[f"blocks.{layer}.attn.hook_pattern"][:, head].double())

@@ -6,6 +6,7 @@ patches: never from the module's own output.
 """
 
 import io
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +15,13 @@ from matplotlib.figure import Figure
 
 from mdlens import MTDTask
 from mdlens.construction import build_md_transformer
-from mdlens.hooks.patching import patch_mean_responsibility, patching_heatmap, plot_patching_heatmap
+from mdlens.hooks.patching import (
+    CONSTRUCTION_HOOK,
+    PatchResult,
+    patch_mean_responsibility,
+    patching_heatmap,
+    plot_patching_heatmap,
+)
 from mdlens.models.standard import standard_transformer
 
 Q, M, T = 5, 3, 20
@@ -261,3 +268,34 @@ def test_heatmap_value_errors(construction, pair):
         patching_heatmap(construction, clean, corrupt, hook="mlp_out")
     with pytest.raises(ValueError, match="direction"):
         patching_heatmap(construction, clean, corrupt, direction="sideways")
+
+
+def test_patch_result_to_dict_writes_non_finite_numbers_as_none():
+    probs = torch.full((3, Q), 1.0 / Q, dtype=torch.float64)
+    result = PatchResult(
+        "probe", "blocks.0.hook_resid_post", 2, 1.5, float("inf"), 0.25, float("nan"), 0.125, 0.5, *[probs] * 4
+    )
+    expected = {
+        "method": "probe",
+        "hook_name": "blocks.0.hook_resid_post",
+        "position": "last",
+        "subspace_rank": 2,
+        "beta": 1.5,
+        "n_pairs": 3,
+        "kl_patched": None,
+        "kl_unpatched": 0.25,
+        "kl_random": None,
+        "max_abs_deviation": 0.125,
+        "max_abs_deviation_random": 0.5,
+    }
+    as_dict = result.to_dict()
+    assert list(as_dict) == list(expected)
+    for key, value in expected.items():
+        assert as_dict[key] == value, key
+    assert json.loads(json.dumps(as_dict, allow_nan=False)) == expected
+
+
+def test_the_construction_is_patched_after_the_papers_layer_2(construction):
+    assert CONSTRUCTION_HOOK == "blocks.1.hook_resid_post"
+    written_by_layer_2, block = construction.layout["L2"], construction.layout["L2.mean_responsibility"]
+    assert written_by_layer_2.start <= block.start < block.stop <= written_by_layer_2.stop
