@@ -1,4 +1,4 @@
-"""Experiments that reproduce and extend the paper; each writes JSON + PNG. Benchmarks: ``bench_*``."""
+"""Experiments that reproduce and extend the paper; each writes JSON + PNG. Benchmarks: the ``bench`` package."""
 
 from collections.abc import Iterable, Iterator
 from typing import TypeVar

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 import time
 from collections.abc import Callable
@@ -64,14 +63,11 @@ def _handler(parser: argparse.ArgumentParser, command: Callable[[argparse.Namesp
 
 
 def _benchmark_names() -> list[str]:
-    """Every ``analyses/bench_<name>.py``, by name; each module has a ``main(quick: bool)`` that prints ratios."""
-    import mdlens.analyses as analyses  # the package's __init__ is light: no torch
+    """Every benchmark of ``mdlens.analyses.bench``, by name; each module has a ``main(quick: bool)`` that
+    prints ratios."""
+    from mdlens.analyses.bench import benchmark_names  # the package's __init__ is light: no torch
 
-    return sorted(
-        info.name.removeprefix("bench_")
-        for info in pkgutil.iter_modules(analyses.__path__)
-        if info.name.startswith("bench_")
-    )
+    return benchmark_names()
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -97,7 +93,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     names = [args.only] if args.only else _benchmark_names()
     for name in names:
-        module = f"mdlens.analyses.bench_{name}"
+        module = f"mdlens.analyses.bench.{name}"
         print(f"\n=== {module} ===", flush=True)
         importlib.import_module(module).main(quick=args.quick)
 
@@ -144,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="run the benchmarks in analyses/ and print ratios",
-        description="Run the benchmarks (analyses/bench_*.py) and print their speed ratios.",
+        description="Run the benchmarks (analyses/bench/*.py) and print their speed ratios.",
     )
     bench.add_argument("--only", choices=benchmarks, help=f"run one benchmark: {', '.join(benchmarks)}")
     bench.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")

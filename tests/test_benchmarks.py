@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mdlens.analyses import bench_models
+from mdlens.analyses.bench import models as bench_models
 
 
 @pytest.mark.skipif(not bench_models.has_glibc(), reason="the allocator comparison needs glibc")

@@ -60,8 +60,8 @@ def test_train_help_says_the_cli_builds_the_model_ce_needs(capsys):
 
 def test_bench_and_reproduce_help_list_their_choices(capsys):
     names = _benchmark_names()
-    analyses = Path(__file__).resolve().parents[1] / "analyses"
-    assert names == sorted(path.stem.removeprefix("bench_") for path in analyses.glob("bench_*.py")) and names
+    bench_folder = Path(__file__).resolve().parents[1] / "analyses" / "bench"
+    assert names == sorted(path.stem for path in bench_folder.glob("*.py") if path.stem != "__init__") and names
     bench = " ".join(help_text(["bench"], capsys).split())
     assert "--only {" + ",".join(names) + "}" in bench and ", ".join(names) in bench
     reproduce = help_text(["reproduce"], capsys)

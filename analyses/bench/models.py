@@ -118,7 +118,7 @@ def _cache_ratios_keeping_freed_memory(quick: bool) -> tuple[float, float, float
         return None
     env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.run(
-        [sys.executable, "-m", "mdlens.analyses.bench_models", "--cache-ratios-only", *(["--quick"] if quick else [])],
+        [sys.executable, "-m", "mdlens.analyses.bench.models", "--cache-ratios-only", *(["--quick"] if quick else [])],
         env=env,
         capture_output=True,
         text=True,
