@@ -30,11 +30,12 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from mdlens.checkpoints import build_like
 from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
 from mdlens.hooks.targets import control_target
-from mdlens.models.layout import residual_hook_of
+from mdlens.models.layout import layer_label, residual_hook_of
 from mdlens.validation import check_int
 
 N_FOLDS = 5
@@ -287,7 +288,7 @@ def fit_probe(
 
 def default_hook_names(model: HookedTransformer) -> list[str]:
     """``hook_embed`` then ``blocks.{l}.hook_resid_post`` for every layer: index 0 = embedding."""
-    return ["hook_embed"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    return ["hook_embed"] + [get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
 
 
 @dataclass
@@ -371,7 +372,7 @@ def _short_label(row: str) -> str:
     hook, _, part = row.partition(":")
     if part.startswith("head") and part[4:].isdigit():
         parts = hook.split(".")
-        short = f"L{int(parts[1]) + 1} {parts[-1].removeprefix('hook_')}" if parts[0] == "blocks" else hook
+        short = f"{layer_label(int(parts[1]))} {parts[-1].removeprefix('hook_')}" if parts[0] == "blocks" else hook
         return f"{short} h{part[4:]}"
     if part:
         return part
@@ -379,7 +380,7 @@ def _short_label(row: str) -> str:
         return "embed"
     parts = hook.split(".")
     if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_post":
-        return f"L{int(parts[1]) + 1}"
+        return layer_label(int(parts[1]))
     return hook
 
 
@@ -516,6 +517,23 @@ def probe_model(
         control_seed: seed of the control target's random function.
         seed: the seed of the group split.
     """
+    relative_ridges, tokens, order = _check_probe_inputs(model, tokens, targets, n_folds, test_fraction)
+    readings = _readings(model, tokens, hook_names, blocks)
+    columns = _target_columns(targets, tokens, model.cfg.d_vocab, order, control_seed)
+    partition = _partition_of_groups(tokens.shape[0], n_folds, test_fraction, seed)
+    models = {"model": model}
+    if random_model:
+        models["random"] = build_like(model, seed=control_seed + 1)
+    moments = _accumulate_moments(models, readings, tokens, order, partition, columns, n_folds, batch_size, progress)
+    n_rows = tokens.shape[0] * (tokens.shape[1] - order)
+    return _report_from_moments(model, readings, columns, moments, n_folds, relative_ridges, random_model, n_rows)
+
+
+def _check_probe_inputs(
+    model: HookedTransformer, tokens: Tensor, targets, n_folds: int, test_fraction: float
+) -> tuple[tuple[float, ...], Int[Tensor, "batch pos"], int]:
+    """:func:`probe_model`'s ridge strengths, checked tokens ``[B, T]`` and the order ``m`` the
+    targets show (their NaN positions ``t <= m``)."""
     if not isinstance(targets, dict) or not targets:
         raise ValueError("targets must be a non-empty dict name -> [B, T, k] tensor")
     relative_ridges = _check_probe_settings(n_folds, test_fraction, None)
@@ -523,6 +541,14 @@ def probe_model(
     order = _infer_order(targets, tokens)
     if order < 1:
         raise ValueError("targets must be NaN at positions t <= m (none is): pass mdlens.hooks.targets output")
+    return relative_ridges, tokens, order
+
+
+def _readings(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], hook_names: list[str] | None, blocks: list[str] | None
+) -> list[_Reading]:
+    """The rows of a probe report: every head of every hook (default :func:`default_hook_names`), then
+    each named residual block at the first residual hook that holds it."""
     hook_names = default_hook_names(model) if hook_names is None else list(hook_names)
     layout = getattr(model, "layout", None)
     blocks = list(blocks or [])
@@ -533,14 +559,30 @@ def probe_model(
             raise ValueError(f"no residual block named {name!r} in model.layout; known: {', '.join(layout.names())}")
     heads = _heads_at(model, hook_names, tokens[:1])
     readings = [_Reading(hook, head=head) for hook in hook_names for head in heads[hook]]
-    readings += [_Reading(residual_hook_of(name), layout[name], block=name) for name in blocks]
-    rows = [reading.row for reading in readings]
+    return readings + [_Reading(residual_hook_of(name), layout[name], block=name) for name in blocks]
 
+
+@dataclass(frozen=True)
+class _TargetColumns:
+    """Every target and one control target per width, side by side in ``values`` ``[B, T, total]``;
+    ``columns[name]`` (``"control:{k}"`` for a control) is each one's slice of the last axis."""
+
+    names: list[str]
+    widths: list[int]
+    control_widths: list[int]
+    columns: dict[str, slice]
+    values: Float[Tensor, "batch pos total"]
+
+
+def _target_columns(
+    targets: dict[str, Tensor], tokens: Int[Tensor, "batch pos"], vocab_size: int, order: int, control_seed: int
+) -> _TargetColumns:
+    """The targets and their controls (:func:`mdlens.hooks.targets.control_target`) as one tensor;
+    ``ValueError`` for a target that does not vary over the probed positions."""
     names = list(targets)
     widths = [targets[name].shape[-1] for name in names]
     control_widths = sorted(set(widths))
-    controls = {w: control_target(tokens, model.cfg.d_vocab, order, w, seed=control_seed) for w in control_widths}
-    # All target columns side by side, then one control per width.
+    controls = {w: control_target(tokens, vocab_size, order, w, seed=control_seed) for w in control_widths}
     columns, start = {}, 0
     for name, width in zip(names, widths, strict=True):
         columns[name], start = slice(start, start + width), start + width
@@ -551,18 +593,29 @@ def probe_model(
     )
     for name in names:
         _check_varies(einops.rearrange(all_targets[:, order:, columns[name]], "b t k -> (b t) k"), f"target {name!r}")
+    return _TargetColumns(names, widths, control_widths, columns, all_targets)
 
-    partition = _partition_of_groups(tokens.shape[0], n_folds, test_fraction, seed)
-    models = {"model": model}
-    if random_model:
-        models["random"] = build_like(model, seed=control_seed + 1)
+
+def _accumulate_moments(
+    models: dict[str, HookedTransformer],
+    readings: list[_Reading],
+    tokens: Int[Tensor, "batch pos"],
+    order: int,
+    partition: Int[Tensor, " batch"],
+    targets: _TargetColumns,
+    n_folds: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[tuple[str, int], _Moments]:
+    """One pass over the tokens in chunks: the moments of every (model, reading) against all target
+    columns, at positions ``t > m``, per part of the group split."""
     moments = {(which, i): None for which in models for i in range(len(readings))}
     needed = sorted({reading.hook for reading in readings})
     chunks = range(0, tokens.shape[0], batch_size)
     for start in tqdm(chunks, desc="probing", disable=not progress):
         chunk = tokens[start : start + batch_size]
         chunk_partition = einops.repeat(partition[start : start + batch_size], "b -> (b t)", t=tokens.shape[1] - order)
-        chunk_targets = einops.rearrange(all_targets[start : start + batch_size, order:], "b t k -> (b t) k")
+        chunk_targets = einops.rearrange(targets.values[start : start + batch_size, order:], "b t k -> (b t) k")
         for which, runner in models.items():
             with torch.inference_mode():
                 _, cache = runner.run_with_cache(chunk.to(model_device(runner)), names_filter=needed)
@@ -571,40 +624,55 @@ def probe_model(
                 acts = acts[..., reading.coordinates] if reading.head is None else acts[:, :, reading.head]
                 acts = einops.rearrange(acts.to(torch.float64).cpu(), "b t d -> (b t) d")
                 if moments[(which, i)] is None:
-                    moments[(which, i)] = _Moments(n_folds + 1, acts.shape[1], all_targets.shape[-1])
+                    moments[(which, i)] = _Moments(n_folds + 1, acts.shape[1], targets.values.shape[-1])
                 moments[(which, i)].add(acts, chunk_targets, chunk_partition)
             del cache
+    return moments
+
+
+def _report_from_moments(
+    model: HookedTransformer,
+    readings: list[_Reading],
+    targets: _TargetColumns,
+    moments: dict[tuple[str, int], _Moments],
+    n_folds: int,
+    relative_ridges: tuple[float, ...],
+    random_model: bool,
+    n_rows: int,
+) -> ProbeReport:
+    """Fit every probe from its moments: per reading and target the model's probe (kept), the control
+    target's and the random model's."""
 
     def fit(which: str, i: int, column: str) -> Probe:
-        return _fit_from_moments(moments[(which, i)].columns(columns[column]), n_folds, relative_ridges)
+        return _fit_from_moments(moments[(which, i)].columns(targets.columns[column]), n_folds, relative_ridges)
 
+    names = targets.names
     r2 = {name: [] for name in names}
     random_r2 = {name: [] for name in names} if random_model else None
     control_r2 = {name: [] for name in names}
     probes = {}
-    for i, row in enumerate(rows):
-        control_probes = {w: fit("model", i, f"control:{w}") for w in control_widths}
-        for name, width in zip(names, widths, strict=True):
-            reading = readings[i]
+    for i, reading in enumerate(readings):
+        control_probes = {w: fit("model", i, f"control:{w}") for w in targets.control_widths}
+        for name, width in zip(names, targets.widths, strict=True):
             probe = fit("model", i, name)
             if reading.block is not None:
                 probe = _read_full_width(probe, reading.coordinates, model.cfg.d_model)
             probe.hook_name, probe.target_name = reading.hook, name
             probe.block, probe.head = reading.block, reading.head
-            probes[(row, name)] = probe
+            probes[(reading.row, name)] = probe
             r2[name].append(probe.r2)
             control_r2[name].append(control_probes[width].r2)
             if random_model:
                 random_r2[name].append(fit("random", i, name).r2)
     selectivity = {name: [a - b for a, b in zip(r2[name], control_r2[name], strict=True)] for name in names}
     return ProbeReport(
-        rows=rows,
+        rows=[reading.row for reading in readings],
         targets=names,
         r2=r2,
         random_model_r2=random_r2,
         control_target_r2=control_r2,
         selectivity=selectivity,
-        n_sequences=tokens.shape[0],
-        n_rows=tokens.shape[0] * (tokens.shape[1] - order),
+        n_sequences=targets.values.shape[0],
+        n_rows=n_rows,
         probes=probes,
     )

@@ -5,7 +5,7 @@ import torch
 
 from mdlens import MTDTask
 from mdlens.construction import build_md_transformer
-from mdlens.hooks.probes import fit_probe, probe_model
+from mdlens.hooks.probes import ProbeReport, default_hook_names, fit_probe, probe_model
 from mdlens.hooks.targets import targets
 from mdlens.models import standard_transformer
 
@@ -105,3 +105,28 @@ def test_fit_probe_names_bad_input():
         fit_probe(acts, torch.full((50, 1), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="groups"):
         fit_probe(acts, torch.randn(50, dtype=torch.float64), groups=torch.zeros(50, dtype=torch.int64))
+
+
+def test_report_plot_names_reading_points_by_the_papers_layers():
+    rows = [
+        "hook_embed",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+        "blocks.0.attn.hook_z:head1",
+        "blocks.2.hook_resid_post:L2.mean_responsibility",
+        "blocks.1.attn.hook_result",
+    ]
+    values = {"mean_responsibility": [0.5] * len(rows)}
+    report = ProbeReport(rows, ["mean_responsibility"], values, values, values, values, n_sequences=4, n_rows=8)
+    ticks = [label.get_text() for label in report.plot().axes[0].get_xticklabels()]
+    assert ticks == ["embed", "L1", "L2", "L1 z h1", "L2.mean_responsibility", "blocks.1.attn.hook_result"]
+
+
+def test_default_hook_names_are_the_embedding_then_every_residual_output():
+    model = standard_transformer(vocab_size=4, n_ctx=8, n_layers=3, d_model=8, seed=0)
+    assert default_hook_names(model) == [
+        "hook_embed",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+        "blocks.2.hook_resid_post",
+    ]
