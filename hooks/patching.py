@@ -29,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens import patching as tl_patching
 
 from mdlens import estimators as E
@@ -420,6 +420,31 @@ def patching_heatmap(
 
     ``ValueError`` for a metric whose value is not one number (e.g. a per-sequence vector: reduce it).
     """
+    tokens_clean, tokens_corrupt = _check_heatmap_arguments(
+        model, tokens_clean, tokens_corrupt, metric, hook, direction
+    )
+    device = model_device(model)
+    run_tokens, source_tokens = (
+        (tokens_clean, tokens_corrupt) if direction == "noising" else (tokens_corrupt, tokens_clean)
+    )
+    with torch.inference_mode():
+        output_type = output_type_of(model)
+        clean_probs = output_to_probs(model(tokens_clean.to(device))[:, -1].cpu(), output_type)
+        source_cache = _heatmap_source_cache(model, source_tokens.to(device), hook)
+        if metric is None:
+            metric = _next_token_kl_to(clean_probs, output_type)
+        return _patch_every_cell(model, run_tokens.to(device), source_cache, hook, metric, progress)
+
+
+def _check_heatmap_arguments(
+    model: HookedTransformer,
+    tokens_clean: Tensor,
+    tokens_corrupt: Tensor,
+    metric,
+    hook: str,
+    direction: str,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """:func:`patching_heatmap`'s checked tokens (``[B, T]``, the same shape), hook, direction and metric."""
     tokens_clean = check_model_tokens(model, tokens_clean)
     tokens_corrupt = check_model_tokens(model, tokens_corrupt)
     if tokens_clean.shape != tokens_corrupt.shape:
@@ -433,38 +458,52 @@ def patching_heatmap(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if metric is not None and not callable(metric):
         raise ValueError("metric must be a callable from the model output [B, T, q] to a scalar tensor")
-    device = model_device(model)
-    run_tokens, source_tokens = (
-        (tokens_clean, tokens_corrupt) if direction == "noising" else (tokens_corrupt, tokens_clean)
+    return tokens_clean, tokens_corrupt
+
+
+def _heatmap_source_cache(model: HookedTransformer, source_tokens: Tensor, hook: str) -> ActivationCache:
+    """The source run's ``blocks.*.hook_{hook}`` activations; ``ValueError`` if the model never calls them."""
+    _, source_cache = model.run_with_cache(
+        source_tokens, names_filter=lambda name: name.endswith(f"hook_{hook}"), return_type=None
     )
-    with torch.inference_mode():
-        output_type = output_type_of(model)
-        clean_probs = output_to_probs(model(tokens_clean.to(device))[:, -1].cpu(), output_type)
-        _, source_cache = model.run_with_cache(
-            source_tokens.to(device), names_filter=lambda name: name.endswith(f"hook_{hook}"), return_type=None
+    if f"blocks.0.hook_{hook}" not in source_cache.cache_dict:  # the hook exists but is never called
+        raise ValueError(
+            f"this model computes no blocks.*.hook_{hook} (an attention-only model has no resid_mid or mlp_out)"
         )
-        if f"blocks.0.hook_{hook}" not in source_cache.cache_dict:  # the hook exists but is never called
-            raise ValueError(
-                f"this model computes no blocks.*.hook_{hook} (an attention-only model has no resid_mid or mlp_out)"
-            )
-        if metric is None:
+    return source_cache
 
-            def metric(output: Tensor) -> Tensor:
-                patched_probs = output_to_probs(output[:, -1].cpu(), output_type)
-                return E.kl_divergence(clean_probs, patched_probs).mean()
 
-        n_layers, n_positions = model.cfg.n_layers, run_tokens.shape[1]
-        run_tokens = run_tokens.to(device)
-        heatmap = torch.zeros(n_layers, n_positions, dtype=torch.float64)
-        cells = [(layer, position) for layer in range(n_layers) for position in range(n_positions)]
-        for layer, position in tqdm(cells, desc=f"patching hook_{hook}", disable=not progress):
-            name = f"blocks.{layer}.hook_{hook}"
+def _next_token_kl_to(clean_probs: Float[Tensor, "batch q"], output_type: str) -> Callable[[Tensor], Tensor]:
+    """The default metric: batch mean of ``KL(clean || patched)`` of the last position's next-token distribution."""
 
-            def patch(activation: Tensor, hook, index=(layer, position), source=source_cache[name]) -> Tensor:
-                return tl_patching.layer_pos_patch_setter(activation, list(index), source)
+    def metric(output: Tensor) -> Tensor:
+        patched_probs = output_to_probs(output[:, -1].cpu(), output_type)
+        return E.kl_divergence(clean_probs, patched_probs).mean()
 
-            output = model.run_with_hooks(run_tokens, fwd_hooks=[(name, patch)])
-            heatmap[layer, position] = _metric_value(metric(output))
+    return metric
+
+
+def _patch_every_cell(
+    model: HookedTransformer,
+    run_tokens: Int[Tensor, "batch pos"],
+    source_cache: ActivationCache,
+    hook: str,
+    metric: Callable[[Tensor], Tensor],
+    progress: bool,
+) -> Float[Tensor, "layer pos"]:
+    """One run of ``run_tokens`` per (layer, position), that cell of ``blocks.{l}.hook_{hook}`` taken from
+    the source cache, scored by ``metric``."""
+    n_layers, n_positions = model.cfg.n_layers, run_tokens.shape[1]
+    heatmap = torch.zeros(n_layers, n_positions, dtype=torch.float64)
+    cells = [(layer, position) for layer in range(n_layers) for position in range(n_positions)]
+    for layer, position in tqdm(cells, desc=f"patching hook_{hook}", disable=not progress):
+        name = f"blocks.{layer}.hook_{hook}"
+
+        def patch(activation: Tensor, hook, index=(layer, position), source=source_cache[name]) -> Tensor:
+            return tl_patching.layer_pos_patch_setter(activation, list(index), source)
+
+        output = model.run_with_hooks(run_tokens, fwd_hooks=[(name, patch)])
+        heatmap[layer, position] = _metric_value(metric(output))
     return heatmap
 
 

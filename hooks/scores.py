@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from mdlens.hooks._checks import check_model_tokens, model_device
 
@@ -51,7 +52,7 @@ def key_score_correlation(
         raise ValueError(f"last_key must be an int in ({first_key}, query={query}], got {last_key!r}")
     keys = slice(first_key, last_key + 1)
     quantity = key_quantity[:, keys].to(torch.float64).cpu()
-    names = [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(model.cfg.n_layers)]
+    names = [get_act_name("attn_scores", layer) for layer in range(model.cfg.n_layers)]
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens.to(model_device(model)), names_filter=names)
     result = torch.empty(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)

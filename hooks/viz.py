@@ -419,6 +419,34 @@ def probe_view(
     """
     if not isinstance(probe, Probe):
         raise ValueError(f"probe must be a mdlens.hooks.Probe, got {type(probe).__name__}")
+    tokens = _check_token_ids(tokens)
+    sequence = _check_sequence(sequence, tokens.shape[0])
+    lags = _check_lags(lags, tokens)
+    acts_row, target_row = _probe_rows(probe, acts, target, tokens.shape, sequence)
+    coordinate_names = _check_coordinate_names(coordinate_names, probe.weight.shape[1])
+    if not torch.isfinite(acts_row).all():
+        raise ValueError("acts contain NaN or inf")
+
+    prediction = probe.predict(acts_row)
+    labels = token_labels(tokens[sequence], None if lags is None else lags[sequence])
+    what = probe.target_name or "target"
+    where = probe.hook_name or "the given activations"
+    if probe.block:
+        where += f" (block {probe.block})"
+    caption = (
+        f"Probe for {what} reading {where}: held-out R^2 = {probe.r2:.4f}; on sequence {sequence}, "
+        f"mean |probe - target| = {_mean_abs_error(prediction, target_row):.4g} where the target is defined "
+        "('-' elsewhere). Labels yt=v: token v at position t (1-based)" + (_LAG_NOTE + "." if lags is not None else ".")
+    )
+    table = _probe_table(prediction, target_row, labels, coordinate_names)
+    fragment = f'<p style="{_CAPTION_STYLE}">{html.escape(caption)}</p>\n{table}'
+    title = f"mdlens probe view: {what}, sequence {sequence}"
+    return ProbeView(fragment, title, prediction, target_row, labels, coordinate_names)
+
+
+def _check_token_ids(tokens: Tensor) -> Int[Tensor, "batch pos"]:
+    """Token ids ``[B, T]`` (or ``[T]``) that are integers ``>= 0``; no vocabulary to bound them (a probe
+    view reads no model: the tokens only label the rows)."""
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
         raise ValueError("tokens must be an integer torch.Tensor")
     tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens
@@ -426,10 +454,15 @@ def probe_view(
         raise ValueError(f"tokens must have shape [B, T] or [T], got {tuple(tokens.shape)}")
     if (tokens < 0).any():
         raise ValueError(f"tokens must be >= 0, found {tokens.min().item()}")
-    batch, seq_len = tokens.shape
-    sequence = _check_sequence(sequence, batch)
-    lags = _check_lags(lags, tokens)
+    return tokens
 
+
+def _probe_rows(
+    probe: Probe, acts, target, shape: torch.Size, sequence: int
+) -> tuple[Float[Tensor, "pos d"], Float[Tensor, "pos k"]]:
+    """Row ``sequence`` of the activations the probe reads and of its target, ``[T, d]`` and ``[T, k]``
+    float64, from a cache or a tensor and from a targets dict or a tensor; widths checked against the probe
+    (finiteness is checked by the caller, after the coordinate names)."""
     if isinstance(acts, ActivationCache):
         if probe.hook_name is None:
             raise ValueError("this probe has no hook_name (fit_probe, not probe_model): pass the activations [B, T, d]")
@@ -445,6 +478,7 @@ def probe_view(
                 f"({', '.join(target)}); pass the target tensor"
             )
         target = target[probe.target_name]
+    batch, seq_len = shape
     acts_row = _rows_of(acts, "acts", batch, seq_len, sequence)
     target_row = _rows_of(target, "target", batch, seq_len, sequence)
     d, k = probe.weight.shape
@@ -452,25 +486,13 @@ def probe_view(
         raise ValueError(f"acts have d={acts_row.shape[1]}, the probe reads d={d}")
     if target_row.shape[1] != k:
         raise ValueError(f"target has k={target_row.shape[1]} coordinates, the probe predicts k={k}")
+    return acts_row, target_row
+
+
+def _check_coordinate_names(coordinate_names: list[str] | None, k: int) -> list[str]:
+    """``k`` column names; default ``g=1..g=k`` (the lags, for every mdlens target)."""
     if coordinate_names is None:
-        coordinate_names = [f"g={g}" for g in range(1, k + 1)]
+        return [f"g={g}" for g in range(1, k + 1)]
     if len(coordinate_names) != k:
         raise ValueError(f"coordinate_names has {len(coordinate_names)} names for k={k} coordinates")
-    if not torch.isfinite(acts_row).all():
-        raise ValueError("acts contain NaN or inf")
-
-    prediction = probe.predict(acts_row)
-    labels = token_labels(tokens[sequence], None if lags is None else lags[sequence])
-    what = probe.target_name or "target"
-    where = probe.hook_name or "the given activations"
-    if probe.block:
-        where += f" (block {probe.block})"
-    caption = (
-        f"Probe for {what} reading {where}: held-out R^2 = {probe.r2:.4f}; on sequence {sequence}, "
-        f"mean |probe - target| = {_mean_abs_error(prediction, target_row):.4g} where the target is defined "
-        "('-' elsewhere). Labels yt=v: token v at position t (1-based)" + (_LAG_NOTE + "." if lags is not None else ".")
-    )
-    table = _probe_table(prediction, target_row, labels, list(coordinate_names))
-    fragment = f'<p style="{_CAPTION_STYLE}">{html.escape(caption)}</p>\n{table}'
-    title = f"mdlens probe view: {what}, sequence {sequence}"
-    return ProbeView(fragment, title, prediction, target_row, labels, list(coordinate_names))
+    return list(coordinate_names)
