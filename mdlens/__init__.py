@@ -30,12 +30,15 @@ _SUBMODULES = (
     "estimators",
     "evaluation",
     "hooks",
+    "jsonable",
     "models",
     "predict",
     "pretrained",
     "task",
     "train_cli",
+    "train_config",
     "training",
+    "validation",
 )
 
 __all__ = ["estimators", *sorted(_PUBLIC_NAMES)]

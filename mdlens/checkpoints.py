@@ -40,20 +40,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mdlens.models import DisentangledTransformer, standard_transformer
 from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.dtypes import DTYPES, PLAIN_DTYPES, dtype_name
 from mdlens.models.layout import ResidualLayout
+from mdlens.models.registry import MODEL_KINDS, build_like, build_model, build_plain  # noqa: F401  (build_like: re-exported)
 from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
-from mdlens.task import MTDTask
-from mdlens.validation import check_int
+from mdlens.task import TASK_ARGUMENTS, MTDTask
 
 FORMAT_NAME = "mdlens-checkpoint"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no tokenizer field (the default vocabulary tokenizer)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
-MODEL_KINDS = ("disentangled", "standard", "hooked_transformer")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,14 +149,7 @@ def _cfg_from_json(record: dict) -> HookedTransformerConfig:
 
 
 def _task_to_json(task: MTDTask) -> dict:
-    return {
-        "vocab_size": task.vocab_size,
-        "order": task.order,
-        "alpha": task.alpha,
-        "seed": task.seed,
-        "transition_concentration": task.transition_concentration,
-        "transition": task.transition.tolist(),
-    }
+    return {**task.arguments(), "transition": task.transition.tolist()}
 
 
 def _to_json(value):
@@ -285,41 +276,10 @@ def load_task(directory: str | Path) -> MTDTask | None:
     if record is None:
         return None
     transition = torch.tensor(record["transition"], dtype=torch.float64)
-    task = MTDTask(
-        vocab_size=record["vocab_size"],
-        order=record["order"],
-        alpha=record["alpha"],
-        seed=record["seed"],
-        transition_concentration=record["transition_concentration"],
-    )
+    task = MTDTask(**{name: record[name] for name in TASK_ARGUMENTS})
     if torch.equal(task.transition, transition):
         return task
     return MTDTask(order=record["order"], alpha=record["alpha"], seed=record["seed"], transition=transition)
-
-
-def build_like(model: HookedTransformer, seed: int) -> HookedTransformer:
-    """A freshly initialised model of ``model``'s architecture, seeded by ``seed`` (its weights
-    untrained): the "same probe on a random model" control of :mod:`mdlens.hooks`.
-
-    mdlens-built models are rebuilt from their builder arguments (with a copy of ``model``'s tokenizer);
-    any other ``HookedTransformer`` from a copy of its config with ``seed`` (TransformerLens initialises
-    it). Global random streams are left as they were.
-    """
-    seed = check_int(seed, "seed", 0)
-    kind, args = getattr(model, "mdlens_kind", None), getattr(model, "mdlens_args", None)
-    if kind in MODEL_KINDS and isinstance(args, dict):
-        fresh = _build({"kind": kind, "args": {**args, "seed": seed}})
-        if model.tokenizer is not None:
-            attach_tokenizer(fresh, model.tokenizer)
-    elif isinstance(model, HookedTransformer):
-        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
-            cfg = HookedTransformerConfig.from_dict({**model.cfg.to_dict(), "seed": seed})
-            fresh = HookedTransformer(cfg)
-        fresh.output_type = getattr(model, "output_type", "logits")
-    else:
-        raise ValueError(f"model must be a HookedTransformer, got {type(model).__name__}")
-    device = next(model.parameters()).device
-    return fresh.to(device) if device.type != "cpu" else fresh
 
 
 def _build(config: dict) -> HookedTransformer:
@@ -328,15 +288,5 @@ def _build(config: dict) -> HookedTransformer:
     if config["kind"] == "hooked_transformer":
         cfg = _cfg_from_json(config["args"].get("cfg"))
         record = config.get("tokenizer")
-        tokenizer = tokenizer_from_dict(record) if record is not None else None
-        with preserve_global_rng(), quiet_hooked_transformer_deprecation():
-            return HookedTransformer(cfg, tokenizer=tokenizer)
-    args = dict(config["args"])
-    if args.get("dtype") not in DTYPES:
-        raise ValueError(f"checkpoint dtype {args.get('dtype')!r} is not one of {tuple(DTYPES)}")
-    args["dtype"] = DTYPES[args["dtype"]]
-    try:
-        model = DisentangledTransformer(**args) if config["kind"] == "disentangled" else standard_transformer(**args)
-    except TypeError as error:
-        raise ValueError(f"checkpoint builder arguments do not fit this mdlens: {error}") from error
-    return model  # with the default tokenizer: every MDLensTransformer attaches one when built
+        return build_plain(cfg, tokenizer_from_dict(record) if record is not None else None)
+    return build_model(config["kind"], config["args"])  # every MDLensTransformer attaches its tokenizer

@@ -18,6 +18,10 @@ from torch import Tensor
 from mdlens._random import dirichlet_sample
 from mdlens.validation import as_integer, check_int, check_order, check_positive, check_transition
 
+# The keyword arguments of MTDTask that rebuild a task drawn from its seed (MTDTask.arguments): the
+# task's one spelling (checkpoints record it; mdlens.train_config.TASK_FIELDS maps the flags onto it).
+TASK_ARGUMENTS = ("vocab_size", "order", "alpha", "seed", "transition_concentration")
+
 
 @dataclass(frozen=True)
 class MTDSample:
@@ -74,6 +78,12 @@ class MTDTask:
             rows = torch.full((vocab_size, vocab_size), self.transition_concentration, dtype=torch.float64)
             self.transition = dirichlet_sample(rows, self.generator)
         self.vocab_size = self.transition.shape[0]
+
+    def arguments(self) -> dict:
+        """The ``TASK_ARGUMENTS`` of this task: ``MTDTask(**task.arguments())`` is the same task (the same
+        transition and sampling stream) when it was drawn from its seed; a task built from a given
+        ``transition`` needs that matrix as well."""
+        return {name: getattr(self, name) for name in TASK_ARGUMENTS}
 
     def __repr__(self) -> str:
         return f"MTDTask(vocab_size={self.vocab_size}, order={self.order}, alpha={self.alpha}, seed={self.seed})"

@@ -27,8 +27,9 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mdlens.checkpoints import CONFIG_FILE, load, load_task, save
-from mdlens.models import DisentangledTransformer, standard_transformer
+from mdlens.models import DisentangledTransformer
 from mdlens.models.growth import grow
+from mdlens.models.registry import build_for_task
 from mdlens.task import MTDTask
 from mdlens.train_config import (  # noqa: F401  (re-exported: the command's fields and flags)
     RunConfig,
@@ -37,8 +38,10 @@ from mdlens.train_config import (  # noqa: F401  (re-exported: the command's fie
     command_fields,
     flag_name,
     make_configs,
+    output_for_loss,
     read_config_file,
     resolve_configs,
+    task_arguments,
 )
 from mdlens.training import TrainConfig, check_train_inputs, train
 
@@ -50,22 +53,18 @@ class CommandLineError(ValueError):
 
 
 def build_model(run: RunConfig, config: TrainConfig) -> HookedTransformer:
-    """The untrained float32 model the configs describe, initialised from ``config.seed``."""
-    if run.model == "standard":
-        # A standard model outputs logits; "mse" is then taken on their softmax.
-        return standard_transformer(
-            run.vocab, config.seq_len, n_layers=run.layers, d_model=run.d_model, seed=config.seed, output="logits"
-        )
-    # The paper's disentangled readout is a probability vector trained with MSE; with "ce" it is read
-    # as logits instead (softmax), so that cross-entropy has something to take the log of.
-    return DisentangledTransformer(
+    """The untrained float32 model the configs describe, initialised from ``config.seed``, with the
+    readout its loss trains (:func:`mdlens.train_config.output_for_loss`)."""
+    options = {"d_model": run.d_model} if run.model == "standard" else {}
+    return build_for_task(
+        run.model,
         run.vocab,
+        run.order,
         config.seq_len,
         n_layers=run.layers,
-        window=run.order + 1,
         seed=config.seed,
-        order=run.order,
-        output="logits" if config.loss == "ce" else "probs",
+        output=output_for_loss(run.model, config.loss),
+        **options,
     )
 
 
@@ -103,7 +102,7 @@ def prepare(run: RunConfig, config: TrainConfig) -> tuple[MTDTask, HookedTransfo
     """Everything else before the first step: the task and the (grown) model, checked against the
     config (:func:`mdlens.training.check_train_inputs`). A ``ValueError`` here is the user's to fix too."""
     try:
-        task = MTDTask(vocab_size=run.vocab, order=run.order, alpha=run.alpha, seed=run.task_seed)
+        task = MTDTask(**task_arguments(run))
         model = build_model(run, config)
         if run.init_from is not None:
             grow_from(model, task, run.init_from, run.new_layers)

@@ -155,8 +155,20 @@ class TrainConfig:
 
 
 # What ``mdlens train`` builds (mdlens.train_cli.build_model): the paper's disentangled transformer
-# or a standard one.
+# or a standard one (the model kinds of mdlens.models.registry that are built for a task).
 ARCHITECTURES = ("disentangled", "standard")
+
+
+def output_for_loss(model: str, loss: str) -> str:
+    """The readout a model of architecture ``model`` is trained with under ``loss``: ``"logits"`` for
+    ``"ce"`` (cross-entropy needs something to take the log of); for ``"mse"`` the paper's disentangled
+    readout, the probability vector itself (``"probs"``), and a standard model's logits (MSE is then
+    taken on their softmax)."""
+    if model not in ARCHITECTURES:
+        raise ValueError(f"model must be one of {ARCHITECTURES}, got {model!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return "probs" if model == "disentangled" and loss == "mse" else "logits"
 
 
 @dataclass
@@ -210,6 +222,27 @@ class RunConfig:
 
             if self.new_layers not in NEW_LAYER_RULES:
                 raise ValueError(f"--new-layers must be one of {NEW_LAYER_RULES}, got {self.new_layers!r}")
+
+
+# The task's fields of RunConfig (flag names) -> the MTDTask arguments they set: the one translation
+# between the command line's spelling of the task and the task's own (mdlens.task.TASK_ARGUMENTS).
+TASK_FIELDS = {"vocab": "vocab_size", "order": "order", "alpha": "alpha", "task_seed": "seed"}
+
+
+def task_arguments(run: RunConfig) -> dict:
+    """The ``MTDTask`` keyword arguments ``run`` describes: ``MTDTask(**task_arguments(run))``."""
+    return {argument: getattr(run, name) for name, argument in TASK_FIELDS.items()}
+
+
+def task_fields(arguments: dict) -> dict:
+    """The :class:`RunConfig` fields (``mdlens train --config`` keys) of a task given by its ``MTDTask``
+    keyword arguments ``vocab_size``, ``order``, ``alpha`` and ``seed`` (others are a ``ValueError``:
+    the command cannot set them)."""
+    names = {argument: name for name, argument in TASK_FIELDS.items()}
+    unknown = sorted(set(arguments) - set(names))
+    if unknown:
+        raise ValueError(f"mdlens train sets the task's {sorted(names)}, not {unknown}")
+    return {names[argument]: value for argument, value in arguments.items()}
 
 
 def command_fields() -> list[Field]:

@@ -122,8 +122,8 @@ def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
     one-step MD's KL at the construction's step, recomputed here from the estimators."""
     from mdlens import estimators as E
     from mdlens.analyses import trained
-    from mdlens.analyses.estimators import sample_batches
     from mdlens.construction import build_md_transformer
+    from mdlens.evaluation import sample_batches
 
     task = MTDTask(vocab_size=5, order=3, alpha=1.0, seed=0)
     seq_len, eta = 16, 0.05
@@ -132,8 +132,9 @@ def test_trained_analysis_scores_a_model_like_the_estimators(tmp_path):
     (root / "MANIFEST.json").write_text(
         json.dumps({"disentangled-3l": {"command": "built", "wall_clock_s": 1.0, "steps": 1, "samples": 1}})
     )
-    report = trained.run(tmp_path / "out", quick=True, root=root)
-    assert {p.rsplit("/", 1)[-1] for p in report["files"]} == {
+    result = trained.run(tmp_path / "out", quick=True, root=root)
+    report = result.report
+    assert {p.rsplit("/", 1)[-1] for p in result.files} == {
         "trained.json",
         "trained_kl_vs_length.png",
         "trained_kl_ratio_to_md1.png",

@@ -6,6 +6,9 @@
   (concatenated residual, single score matrix, relative-position terms) as a subclass.
 - :class:`ResidualLayout`: the named blocks of a disentangled residual stream.
 - :func:`grow`: a trained disentangled model copied into a deeper one with the same function.
+- :func:`build_model` / :func:`build_for_task` / :func:`build_like` (``mdlens.models.registry``): the
+  model kinds (``MODEL_KINDS``) and the one way to build each: from recorded builder arguments, for a
+  task's training run, or as a fresh copy of a model's architecture.
 - :func:`attach_tokenizer` / :func:`vocabulary_tokenizer`: the offline tokenizer every mdlens model
   carries (token ids as decimal strings: ``model.to_tokens("3 1 4")``, ``model.to_str_tokens``).
 - :func:`composition_scores`: Elhage et al.'s composition scores including the relative-position terms.
@@ -36,10 +39,12 @@ from mdlens.models.disentangled import (
 )
 from mdlens.models.growth import NEW_LAYER_RULES, grow
 from mdlens.models.layout import ResidualBlock, ResidualLayout
+from mdlens.models.registry import MODEL_KINDS, build_for_task, build_like, build_model
 from mdlens.models.standard import StandardTransformer, standard_transformer
 from mdlens.models.tokenizer import attach_tokenizer, vocabulary_tokenizer
 
 __all__ = [
+    "MODEL_KINDS",
     "NEW_LAYER_RULES",
     "CompositionScores",
     "DisentangledActivationCache",
@@ -51,6 +56,9 @@ __all__ = [
     "StandardTransformer",
     "act_name",
     "attach_tokenizer",
+    "build_for_task",
+    "build_like",
+    "build_model",
     "composition_scores",
     "disentangled_transformer",
     "grow",
