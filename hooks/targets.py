@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mdlens import estimators as E
-from mdlens.validation import check_order, check_positive, check_tokens, check_transition
+from mdlens.validation import check_int, check_order, check_positive, check_tokens, check_transition
 
 CONTROL_TABLE_ROWS = 2**20
 
@@ -106,8 +106,7 @@ def control_target(
     """
     order = check_order(order)
     tokens = check_tokens(tokens, vocab_size, order)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    width = check_int(width, "width", 1)
     # One row per window; past CONTROL_TABLE_ROWS windows share rows by a hash (still a fixed
     # random function of the window, only a coarser one).
     n_rows = min(vocab_size ** (order + 1), CONTROL_TABLE_ROWS)

@@ -1,5 +1,6 @@
 """mdlens.hooks.targets: every position's quantity equals the estimator run on that prefix alone."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,17 @@ def test_control_target_is_a_fixed_function_of_the_last_m_plus_1_tokens():
     assert not torch.equal(control[0, 3], control[0, 4])  # another window, another value
     torch.testing.assert_close(control, control_target(tokens, 4, 3, width=2, seed=5), rtol=0, atol=0, equal_nan=True)
     assert not torch.equal(control[:, 3:], control_target(tokens, 4, 3, width=2, seed=6)[:, 3:])
+
+
+@pytest.mark.parametrize("width", [0, True, 2.0, torch.tensor(1.5)])
+def test_control_target_width_is_a_count(width):
+    tokens = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    with pytest.raises(ValueError, match="width must be an int >= 1"):
+        control_target(tokens, 4, 3, width=width)
+
+
+def test_control_target_width_may_be_any_integral_number():
+    tokens = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    expected = control_target(tokens, 4, 3, width=3, seed=1)
+    for width in (torch.tensor(3), np.int64(3)):
+        torch.testing.assert_close(control_target(tokens, 4, 3, width=width, seed=1), expected, equal_nan=True)
