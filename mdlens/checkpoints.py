@@ -8,8 +8,8 @@ A checkpoint is a directory with two files:
   config (for reading; the model is rebuilt from the builder arguments), ``output_type``, the
   residual layout with its names (a construction's aliases included), construction parameters
   (``model.md_params``) when present, the task (transition, order, alpha, seed) when given, the
-  model's tokenizer (:func:`mdlens.models.tokenizer.tokenizer_to_dict`; ``null`` for the default
-  vocabulary tokenizer) and the SHA-256 of the weights file.
+  model's tokenizer (:func:`mdlens.models.tokenizer.tokenizer_to_dict`; ``null`` for a model without
+  one, which only a plain ``HookedTransformer`` can be) and the SHA-256 of the weights file.
 
 A plain ``HookedTransformer`` that mdlens did not build (a user's own, from a
 ``HookedTransformerConfig``) is saved the same way with kind ``"hooked_transformer"``: its builder
