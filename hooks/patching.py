@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens import patching as tl_patching
+from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
 from mdlens.hooks._checks import check_model_tokens, model_device
@@ -466,7 +467,7 @@ def _heatmap_source_cache(model: HookedTransformer, source_tokens: Tensor, hook:
     _, source_cache = model.run_with_cache(
         source_tokens, names_filter=lambda name: name.endswith(f"hook_{hook}"), return_type=None
     )
-    if f"blocks.0.hook_{hook}" not in source_cache.cache_dict:  # the hook exists but is never called
+    if get_act_name(hook, 0) not in source_cache.cache_dict:  # the hook exists but is never called
         raise ValueError(
             f"this model computes no blocks.*.hook_{hook} (an attention-only model has no resid_mid or mlp_out)"
         )
@@ -497,7 +498,7 @@ def _patch_every_cell(
     heatmap = torch.zeros(n_layers, n_positions, dtype=torch.float64)
     cells = [(layer, position) for layer in range(n_layers) for position in range(n_positions)]
     for layer, position in tqdm(cells, desc=f"patching hook_{hook}", disable=not progress):
-        name = f"blocks.{layer}.hook_{hook}"
+        name = get_act_name(hook, layer)
 
         def patch(activation: Tensor, hook, index=(layer, position), source=source_cache[name]) -> Tensor:
             return tl_patching.layer_pos_patch_setter(activation, list(index), source)
