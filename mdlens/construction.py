@@ -51,7 +51,7 @@ from torch import Tensor
 
 from mdlens import estimators as E
 from mdlens.models.disentangled import MAX_LAYERS, DisentangledTransformer
-from mdlens.models.layout import ResidualBlock
+from mdlens.models.layout import ResidualBlock, paper_layer
 from mdlens.validation import check_int, check_order, check_positive, check_transition
 
 # Score added to a key that must get zero attention. It only ever meets scores in
@@ -141,6 +141,38 @@ def build_mdk_transformer(
     pi = check_transition(transition)
     m = check_order(order)
     seq_len = _check_seq_len(seq_len, m)
+    steps, scale = _check_steps_and_scales(steps, scales)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    q = pi.shape[0]
+
+    n_layers = 2 * steps + 1
+    model = DisentangledTransformer(q, seq_len, n_layers=n_layers, window=m + 1, dtype=dtype, order=m, output="probs")
+    layout = model.layout.with_aliases(_aliases(model.layout, m, steps))
+    with torch.no_grad():
+        # Start from a blank slate: every trainable term zero, then set what the construction uses.
+        layers = {paper_layer(index): _zeroed(block.attn) for index, block in enumerate(model.blocks)}  # 1-based
+        _write_responsibility_layers(layers, layout, pi, m, seq_len, dtype)
+        for step in range(1, steps + 1):
+            _write_step_layers(layers, layout, step, scale, m, seq_len, dtype)
+        # Readout: p(v) = sum_g lambda_S(g) pi(y_{t+1-g}, v) = (L{2S+1}.lagged_tokens) @ pi.
+        model.unembed.W_U.zero_()
+        model.unembed.W_U[layout[f"L{n_layers}.lagged_tokens"]] = pi.to(dtype)
+
+    model.layout = layout
+    model.md_params = {
+        "transition": pi.clone(),
+        "order": m,
+        "seq_len": seq_len,
+        "steps": steps,
+        "scales": list(scale.values()),
+    }
+    return model
+
+
+def _check_steps_and_scales(steps: int, scales) -> tuple[int, dict[str, float]]:
+    """The number of MD steps (``1..MAX_STEPS``) and its ``3 steps - 2`` scales by name
+    (:func:`mdlens.estimators.causal_md_scale_names`), checked to keep every score above the mask."""
     steps = check_int(steps, "steps", 1)
     if steps > MAX_STEPS:
         raise ValueError(f"steps must be at most {MAX_STEPS} (2 steps + 1 <= {MAX_LAYERS} layers), got {steps}")
@@ -152,72 +184,62 @@ def build_mdk_transformer(
         )
     scale = dict(zip(scale_names, values.tolist(), strict=True))
     _check_scores_stay_above_mask(scale, steps)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    q = pi.shape[0]
+    return steps, scale
 
-    n_layers = 2 * steps + 1
-    model = DisentangledTransformer(q, seq_len, n_layers=n_layers, window=m + 1, dtype=dtype, order=m, output="probs")
-    layout = model.layout.with_aliases(_aliases(model.layout, m, steps))
+
+def _zeroed(attn):
+    """``attn`` (a ``DisentangledAttention``) with every trainable term set to zero."""
+    for param in (attn.W_Q, attn.rel_score, attn.key_pos_score, attn.rel_query, attn.rel_value):
+        param.zero_()
+    return attn
+
+
+def _masked_unless(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where allowed, MASK_SCORE elsewhere, in the model's dtype."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, MASK_SCORE)
+
+
+def _write_responsibility_layers(layers: dict, layout, pi: Tensor, m: int, seq_len: int, dtype: torch.dtype) -> None:
+    """Layers 1 and 2 (``layers`` by the paper's 1-based number): the responsibilities ``gamma_t`` and
+    their prefix mean ``g0``."""
+    positions = torch.arange(seq_len)  # key_pos_score index j; rel_score index o = i - j
+    # Layer 1: score(i, j) = h_i W_A h_j^T = W_A[y_i, y_j] = log pi(y_j, y_i), so W_A = (log pi)^T.
+    tokens = layout["tokens"]
+    log_pi = torch.where(pi > 0, torch.log(pi), torch.full_like(pi, LOG_ZERO))
+    layers[1].W_Q[0, tokens, tokens] = log_pi.T.to(dtype)
+    # Keys at offsets 1..m only (offset 0, the query itself, and offsets > m are masked).
+    layers[1].rel_score.copy_(_masked_unless((positions >= 1) & (positions <= m), dtype))
+    # Value RPE r(o) = e_o: coordinate o of L1.rel receives sum_j A_ij [i - j = o] = gamma_i(o).
+    layers[1].rel_value.copy_(torch.eye(m + 1, dtype=dtype))
+
+    # Layer 2: mask the keys at positions 1..m (0-based 0..m-1), no other score: uniform over m+1..t.
+    layers[2].key_pos_score.copy_(_masked_unless(positions >= m, dtype))
+
+
+def _write_step_layers(
+    layers: dict, layout, step: int, scale: dict[str, float], m: int, seq_len: int, dtype: torch.dtype
+) -> None:
+    """The layers of MD step ``step``: layer ``2 step`` (from step 2 on: the step mean ``h_{step-1}``)
+    and layer ``2 step + 1`` (the lag weights ``lambda_step`` and the lagged tokens they mix)."""
     positions = torch.arange(seq_len)  # key_pos_score index j; rel_score index o = i - j
     lag_offsets = torch.eye(m, dtype=dtype)  # lag g -> relative offset g - 1 (a readout's rel_query columns)
-
-    def masked_unless(allowed: Tensor) -> Tensor:
-        """0 where allowed, MASK_SCORE elsewhere, in the model's dtype."""
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, MASK_SCORE)
-
-    with torch.no_grad():
-        # Start from a blank slate: every trainable term zero, then set what the construction uses.
-        for block in model.blocks:
-            attn = block.attn
-            for param in (attn.W_Q, attn.rel_score, attn.key_pos_score, attn.rel_query, attn.rel_value):
-                param.zero_()
-        layers = {index + 1: block.attn for index, block in enumerate(model.blocks)}  # 1-based, as the paper
-
-        # Layer 1: score(i, j) = h_i W_A h_j^T = W_A[y_i, y_j] = log pi(y_j, y_i), so W_A = (log pi)^T.
-        tokens = layout["tokens"]
-        log_pi = torch.where(pi > 0, torch.log(pi), torch.full_like(pi, LOG_ZERO))
-        layers[1].W_Q[0, tokens, tokens] = log_pi.T.to(dtype)
-        # Keys at offsets 1..m only (offset 0, the query itself, and offsets > m are masked).
-        layers[1].rel_score.copy_(masked_unless((positions >= 1) & (positions <= m)))
-        # Value RPE r(o) = e_o: coordinate o of L1.rel receives sum_j A_ij [i - j = o] = gamma_i(o).
-        layers[1].rel_value.copy_(torch.eye(m + 1, dtype=dtype))
-
-        # Layer 2: mask the keys at positions 1..m (0-based 0..m-1), no other score: uniform over m+1..t.
-        layers[2].key_pos_score.copy_(masked_unless(positions >= m))
-
-        for step in range(1, steps + 1):
-            if step >= 2:
-                # Layer 2s: keys m+1..t, content score -d_s <lambda_{s-1}(query), gamma_k(key)>.
-                attend = layers[2 * step]
-                attend.key_pos_score.copy_(masked_unless(positions >= m))
-                last_estimate = layout[f"L{2 * step - 1}.lambda{step - 1}"]
-                key_score = -scale[f"d{step}"] * torch.eye(m, dtype=dtype)
-                attend.W_Q[0, last_estimate, layout["L1.responsibility"]] = key_score
-            # Layer 2s+1: keys at offsets 0..m-1 (lags g = 1..m), the lag score of lag g at offset g - 1.
-            readout = layers[2 * step + 1]
-            readout.rel_score.copy_(masked_unless(positions < m))
-            lag_scale = scale["a"] if step == 1 else scale[f"b{step}"]
-            readout.rel_query[layout["L2.mean_responsibility"], :m] = lag_scale * lag_offsets
-            for earlier in range(2, step + 1):  # + c_r h_{r-1}, r = 2..s
-                step_mean = layout[f"L{2 * earlier}.{E.STEP_MEAN_NAMES[earlier]}"]
-                readout.rel_query[step_mean, :m] = scale[f"c{earlier}"] * lag_offsets
-            # Value RPE r(o) = e_o: coordinate g - 1 of L{2s+1}.rel receives lambda_s(g).
-            readout.rel_value.copy_(torch.eye(m + 1, dtype=dtype))
-
-        # Readout: p(v) = sum_g lambda_S(g) pi(y_{t+1-g}, v) = (L{2S+1}.lagged_tokens) @ pi.
-        model.unembed.W_U.zero_()
-        model.unembed.W_U[layout[f"L{n_layers}.lagged_tokens"]] = pi.to(dtype)
-
-    model.layout = layout
-    model.md_params = {
-        "transition": pi.clone(),
-        "order": m,
-        "seq_len": seq_len,
-        "steps": steps,
-        "scales": values.tolist(),
-    }
-    return model
+    if step >= 2:
+        # Layer 2s: keys m+1..t, content score -d_s <lambda_{s-1}(query), gamma_k(key)>.
+        attend = layers[2 * step]
+        attend.key_pos_score.copy_(_masked_unless(positions >= m, dtype))
+        last_estimate = layout[f"L{2 * step - 1}.lambda{step - 1}"]
+        key_score = -scale[f"d{step}"] * torch.eye(m, dtype=dtype)
+        attend.W_Q[0, last_estimate, layout["L1.responsibility"]] = key_score
+    # Layer 2s+1: keys at offsets 0..m-1 (lags g = 1..m), the lag score of lag g at offset g - 1.
+    readout = layers[2 * step + 1]
+    readout.rel_score.copy_(_masked_unless(positions < m, dtype))
+    lag_scale = scale["a"] if step == 1 else scale[f"b{step}"]
+    readout.rel_query[layout["L2.mean_responsibility"], :m] = lag_scale * lag_offsets
+    for earlier in range(2, step + 1):  # + c_r h_{r-1}, r = 2..s
+        step_mean = layout[f"L{2 * earlier}.{E.STEP_MEAN_NAMES[earlier]}"]
+        readout.rel_query[step_mean, :m] = scale[f"c{earlier}"] * lag_offsets
+    # Value RPE r(o) = e_o: coordinate g - 1 of L{2s+1}.rel receives lambda_s(g).
+    readout.rel_value.copy_(torch.eye(m + 1, dtype=dtype))
 
 
 def _check_seq_len(seq_len: int, order: int) -> int:

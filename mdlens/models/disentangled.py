@@ -82,7 +82,7 @@ from mdlens import estimators as E
 from mdlens.models.base import MDLensTransformer
 from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.dtypes import dtype_name, resolve_dtype
-from mdlens.models.layout import ResidualLayout
+from mdlens.models.layout import ResidualLayout, block_index_of, paper_layer
 from mdlens.models.outputs import check_output_type
 from mdlens.validation import check_int, check_order
 
@@ -187,7 +187,7 @@ class DisentangledAttention(Attention):
     """
 
     def __init__(self, cfg: HookedTransformerConfig, layer: int, read_width: int, window: int):
-        super().__init__(cfg, "global", layer - 1)
+        super().__init__(cfg, "global", block_index_of(layer))  # TL numbers its blocks from 0
         d_model, d_head, dtype = cfg.d_model, cfg.d_head, cfg.dtype
         if d_head != d_model + window:
             raise ValueError(f"d_head must be d_model + window, got {d_head} != {d_model} + {window}")
@@ -398,7 +398,7 @@ class DisentangledTransformer(MDLensTransformer):
             super().__init__(cfg, output_type=output, move_to_device=False)
         self.embed, self.pos_embed = FrozenEmbed(cfg), FrozenPosEmbed(cfg)  # weights set below
         for index, block in enumerate(self.blocks):
-            block.attn = DisentangledAttention(cfg, index + 1, widths[index], window)
+            block.attn = DisentangledAttention(cfg, paper_layer(index), widths[index], window)
 
         self.window = window
         self.order = order
@@ -491,7 +491,7 @@ class DisentangledTransformer(MDLensTransformer):
         """``W_A`` of layer ``layer`` (1-based) on the coordinates it reads, ``[D_{l-1}, D_{l-1}]``."""
         if not 1 <= layer <= self.cfg.n_layers:
             raise ValueError(f"layer must be in 1..{self.cfg.n_layers}, got {layer}")
-        return self.blocks[layer - 1].attn.W_A
+        return self.blocks[block_index_of(layer)].attn.W_A
 
     @classmethod
     def from_task(cls, task, n_ctx: int, n_layers: int = 3, window: int | None = None, **kwargs):
