@@ -360,64 +360,24 @@ class DisentangledTransformer(MDLensTransformer):
         order: int | None = None,
         output: str = "probs",
     ):
-        vocab_size = check_int(vocab_size, "vocab_size", 2)
-        n_ctx = check_int(n_ctx, "n_ctx", 2)
-        n_layers = check_int(n_layers, "n_layers", 1)
-        window = check_int(window, "window", 1)
-        seed = check_int(seed, "seed", 0)
-        order = None if order is None else check_order(order)
-        if n_layers > MAX_LAYERS:
-            raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
-        dtype = resolve_dtype(dtype)
-        if not (isinstance(init_std, (int, float)) and init_std >= 0):
-            raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
-        check_output_type(output)
-
+        args = _checked_arguments(vocab_size, n_ctx, n_layers, window, seed, dtype, init_std, order, output)
+        vocab_size, n_layers, window = args["vocab_size"], args["n_layers"], args["window"]
         widths = residual_widths(vocab_size, n_layers, window)
-        d_model = widths[-1]
         with preserve_global_rng(), quiet_hooked_transformer_deprecation():
-            cfg = HookedTransformerConfig(
-                n_layers=n_layers,
-                d_model=d_model,
-                n_ctx=n_ctx,
-                d_head=d_model + window,
-                n_heads=1,
-                d_vocab=vocab_size,
-                d_vocab_out=vocab_size,
-                attn_only=True,
-                normalization_type=None,
-                use_attn_scale=False,
-                act_fn=None,
-                positional_embedding_type="standard",
-                default_prepend_bos=False,
-                init_weights=False,  # every weight is set below, from a private generator
-                seed=seed,
-                dtype=dtype,
-                device=device,
-            )
+            cfg = _config(args, widths[-1], device)
             super().__init__(cfg, output_type=output, move_to_device=False)
         self.embed, self.pos_embed = FrozenEmbed(cfg), FrozenPosEmbed(cfg)  # weights set below
         for index, block in enumerate(self.blocks):
             block.attn = DisentangledAttention(cfg, paper_layer(index), widths[index], window)
 
         self.window = window
-        self.order = order
+        self.order = args["order"]
         self.residual_widths = widths
         self.layout = ResidualLayout.disentangled(vocab_size, n_layers, window)
         # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
         self.mdlens_kind = "disentangled"
-        self.mdlens_args = {
-            "vocab_size": vocab_size,
-            "n_ctx": n_ctx,
-            "n_layers": n_layers,
-            "window": window,
-            "seed": seed,
-            "dtype": dtype_name(dtype),
-            "init_std": float(init_std),
-            "order": order,
-            "output": output,
-        }
-        self._init_disentangled_weights(seed, float(init_std))
+        self.mdlens_args = args
+        self._init_disentangled_weights(args["seed"], args["init_std"])
         self.to(device, print_details=False)
         self.setup()  # give the new HookPoints their names
 
@@ -505,6 +465,59 @@ class DisentangledTransformer(MDLensTransformer):
             order=order,
             **kwargs,
         )
+
+
+def _checked_arguments(vocab_size, n_ctx, n_layers, window, seed, dtype, init_std, order, output) -> dict:
+    """:class:`DisentangledTransformer`'s arguments checked, as ``mdlens_args`` records them (Python ints,
+    the dtype by name, ``init_std`` as a float); ``ValueError`` naming the first bad one."""
+    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    n_ctx = check_int(n_ctx, "n_ctx", 2)
+    n_layers = check_int(n_layers, "n_layers", 1)
+    window = check_int(window, "window", 1)
+    seed = check_int(seed, "seed", 0)
+    order = None if order is None else check_order(order)
+    if n_layers > MAX_LAYERS:
+        raise ValueError(f"n_layers must be at most {MAX_LAYERS} (the residual doubles per layer), got {n_layers}")
+    dtype = resolve_dtype(dtype)
+    if not (isinstance(init_std, (int, float)) and init_std >= 0):
+        raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
+    check_output_type(output)
+    return {
+        "vocab_size": vocab_size,
+        "n_ctx": n_ctx,
+        "n_layers": n_layers,
+        "window": window,
+        "seed": seed,
+        "dtype": dtype_name(dtype),
+        "init_std": float(init_std),
+        "order": order,
+        "output": output,
+    }
+
+
+def _config(args: dict, d_model: int, device: str) -> HookedTransformerConfig:
+    """The TransformerLens config of the disentangled model ``args`` (:func:`_checked_arguments`)
+    describes, with the final residual width ``d_model``: one head whose ``d_head`` also holds the
+    window, attention only, no LayerNorm, no score scaling, the weights left to mdlens."""
+    return HookedTransformerConfig(
+        n_layers=args["n_layers"],
+        d_model=d_model,
+        n_ctx=args["n_ctx"],
+        d_head=d_model + args["window"],
+        n_heads=1,
+        d_vocab=args["vocab_size"],
+        d_vocab_out=args["vocab_size"],
+        attn_only=True,
+        normalization_type=None,
+        use_attn_scale=False,
+        act_fn=None,
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        init_weights=False,  # every weight is set by DisentangledTransformer, from a private generator
+        seed=args["seed"],
+        dtype=resolve_dtype(args["dtype"]),
+        device=device,
+    )
 
 
 def disentangled_transformer(

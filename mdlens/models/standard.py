@@ -67,6 +67,25 @@ def standard_transformer(
     ``model.mdlens_args`` holds these arguments (JSON-friendly, dtype by name):
     ``standard_transformer(**model.mdlens_args)`` builds the same model.
     """
+    args = _checked_arguments(
+        vocab_size, n_ctx, n_layers, d_model, n_heads, d_mlp, attn_only, normalization, positions, seed, dtype, output
+    )
+    args["act_fn"] = act_fn  # TransformerLens checks it
+    # TransformerLens reseeds the global generators with cfg.seed (in the config and in
+    # init_weights); preserve them so building a model leaves the caller's random streams alone.
+    with preserve_global_rng(), quiet_hooked_transformer_deprecation():
+        model = StandardTransformer(_config(args, device), output_type=output)
+    # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
+    model.mdlens_kind = "standard"
+    model.mdlens_args = args
+    return model
+
+
+def _checked_arguments(
+    vocab_size, n_ctx, n_layers, d_model, n_heads, d_mlp, attn_only, normalization, positions, seed, dtype, output
+) -> dict:
+    """:func:`standard_transformer`'s arguments checked, as ``mdlens_args`` records them (Python ints,
+    ``d_mlp`` defaulting to ``4 d_model``, the dtype by name); ``ValueError`` naming the first bad one."""
     vocab_size = check_int(vocab_size, "vocab_size", 2)
     n_ctx = check_int(n_ctx, "n_ctx", 2)
     n_layers = check_int(n_layers, "n_layers", 1)
@@ -84,36 +103,9 @@ def standard_transformer(
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     dtype = resolve_dtype(dtype)
     check_output_type(output)
-    d_head = d_model // n_heads
-    if positions == "rotary" and d_head % 2:
-        raise ValueError(f"rotary positions need an even d_head, got {d_head}")
-
-    # TransformerLens reseeds the global generators with cfg.seed (in the config and in
-    # init_weights); preserve them so building a model leaves the caller's random streams alone.
-    with preserve_global_rng(), quiet_hooked_transformer_deprecation():
-        cfg = HookedTransformerConfig(
-            n_layers=n_layers,
-            d_model=d_model,
-            n_ctx=n_ctx,
-            d_head=d_head,
-            n_heads=n_heads,
-            d_mlp=None if attn_only else d_mlp,
-            act_fn=None if attn_only else act_fn,
-            attn_only=attn_only,
-            d_vocab=vocab_size,
-            d_vocab_out=vocab_size,
-            normalization_type=normalization,
-            positional_embedding_type=positions,
-            rotary_dim=d_head if positions == "rotary" else None,
-            default_prepend_bos=False,
-            seed=seed,
-            dtype=dtype,
-            device=device,
-        )
-        model = StandardTransformer(cfg, output_type=output)
-    # What mdlens.save records so that mdlens.load can rebuild this exact architecture.
-    model.mdlens_kind = "standard"
-    model.mdlens_args = {
+    if positions == "rotary" and (d_model // n_heads) % 2:
+        raise ValueError(f"rotary positions need an even d_head, got {d_model // n_heads}")
+    return {
         "vocab_size": vocab_size,
         "n_ctx": n_ctx,
         "n_layers": n_layers,
@@ -126,6 +118,29 @@ def standard_transformer(
         "seed": seed,
         "dtype": dtype_name(dtype),
         "output": output,
-        "act_fn": act_fn,
     }
-    return model
+
+
+def _config(args: dict, device: str) -> HookedTransformerConfig:
+    """The TransformerLens config of the standard model ``args`` (:func:`_checked_arguments`) describes."""
+    d_head = args["d_model"] // args["n_heads"]
+    attn_only, positions = args["attn_only"], args["positions"]
+    return HookedTransformerConfig(
+        n_layers=args["n_layers"],
+        d_model=args["d_model"],
+        n_ctx=args["n_ctx"],
+        d_head=d_head,
+        n_heads=args["n_heads"],
+        d_mlp=None if attn_only else args["d_mlp"],
+        act_fn=None if attn_only else args["act_fn"],
+        attn_only=attn_only,
+        d_vocab=args["vocab_size"],
+        d_vocab_out=args["vocab_size"],
+        normalization_type=args["normalization"],
+        positional_embedding_type=positions,
+        rotary_dim=d_head if positions == "rotary" else None,
+        default_prepend_bos=False,
+        seed=args["seed"],
+        dtype=resolve_dtype(args["dtype"]),
+        device=device,
+    )
