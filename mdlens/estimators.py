@@ -349,6 +349,13 @@ def causal_md_steps(
     gamma = interventions.get("responsibilities")
     if gamma is None:
         gamma = responsibilities(tokens, transition, order)  # [B, N, m], row k = m+1..T
+    return _causal_md_steps_from(gamma, scales, steps, interventions)
+
+
+def _causal_md_steps_from(
+    gamma: Tensor, scales: Tensor, steps: int, interventions: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """:func:`causal_md_steps` from the responsibilities ``gamma`` ``[B, N, m]`` (arguments checked)."""
 
     def value(name: str, computed: Tensor) -> Tensor:
         return interventions.get(name, computed)
@@ -487,15 +494,13 @@ def fit_causal_md_scales(
     ``3 S - 2`` entries). Returns ``{"scales": [..], "tuning_kl": float}``."""
     tokens, transition, order = _checked_inputs(tokens, transition, order)
     starts = [check_causal_scales(start)[0] for start in starts]
-    return fit_scales_by_kl(
-        tokens,
-        transition,
-        target_probs,
-        lambda scales: causal_md_weights(tokens, transition, order, scales),
-        starts,
-        adam_steps,
-        lr,
-    )
+    gamma = responsibilities(tokens, transition, order)  # read once: the scales do not change it
+
+    def weights_of(scales: Tensor) -> Tensor:  # causal_md_weights(tokens, transition, order, scales)
+        scales, steps = check_causal_scales(scales)
+        return _causal_md_steps_from(gamma, scales, steps, {})[f"lambda{steps}"]
+
+    return fit_scales_by_kl(tokens, transition, target_probs, weights_of, starts, adam_steps, lr)
 
 
 def fit_md_step_sizes(
