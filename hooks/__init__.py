@@ -43,6 +43,7 @@ from mdlens.hooks.behaviour import (
     input_jacobian,
     sensitivity_alignment,
 )
+from mdlens.hooks.construction_comparison import ConstructionComparison, compare_with_construction, own_step
 from mdlens.hooks.heads import lag_detection_pattern, lag_head_scores
 from mdlens.hooks.patching import (
     PatchResult,
@@ -78,6 +79,7 @@ __all__ = [
     "Alignment",
     "AlignmentScan",
     "AttentionAgreement",
+    "ConstructionComparison",
     "HeadView",
     "ImplicitWeights",
     "MDCausalModel",
@@ -92,6 +94,7 @@ __all__ = [
     "attention_view",
     "closest_mtd_weights",
     "compare_attention_view",
+    "compare_with_construction",
     "control_target",
     "counterfactual_prediction",
     "fit_probe",
@@ -105,6 +108,7 @@ __all__ = [
     "learned_transition",
     "learned_transition_kl",
     "offset_mass",
+    "own_step",
     "patch_mean_responsibility",
     "patching_heatmap",
     "plot_patching_heatmap",
