@@ -1,6 +1,9 @@
 """Experiments that reproduce and extend the paper; each writes JSON + PNG. Benchmarks: the ``bench`` package."""
 
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -20,3 +23,34 @@ def progress(items: Iterable[_Item], stage: str, name: str = "T") -> Iterator[_I
     for item in bar:
         bar.set_postfix_str(f"{name}={item}")
         yield item
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What an analysis's ``run()`` returns: ``report``, the content of the JSON file it wrote (the
+    summary ``REPORT.md`` is built from), and ``files``, every file it wrote (JSON, PNG, HTML)."""
+
+    report: dict
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """The start of an analysis's ``run()``: its output folder (created), its sizes and its clock."""
+
+    out_dir: Path
+    sizes: dict
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.started
+
+
+def start_run(out_dir: str | Path, quick: bool, full: dict, quick_sizes: dict) -> RunStart:
+    """The preamble every ``run()`` shares: start the clock, create ``out_dir``, pick ``quick_sizes``
+    under ``--quick`` and ``full`` otherwise."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return RunStart(out_dir, quick_sizes if quick else full, started)

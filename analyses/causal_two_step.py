@@ -44,7 +44,6 @@ Run with ``mdlens reproduce two-step --out DIR``: writes ``two_step.json`` and `
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import matplotlib.ticker
@@ -55,9 +54,10 @@ from torch import Tensor
 import mdlens
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens.analyses import TASK, plotting, progress
+from mdlens.analyses import TASK, AnalysisResult, plotting, progress, start_run
 from mdlens.construction import build_md_transformer, build_mdk_transformer, build_tuned_mdk_transformer
 from mdlens.evaluation import exact_bayes_weights, sample_batches, tuned_md
+from mdlens.models.layout import paper_layer
 from mdlens.predict import model_outputs
 
 FULL = {
@@ -135,8 +135,7 @@ def variant_statistics(
     responsibilities ``g0(k)``, each ``[batch, T-m, m]``."""
     lag_probs = E.lag_likelihoods(tokens, transition, order)  # P[b, k, g], [batch, T-m, m]
     gamma = lag_probs / lag_probs.sum(dim=-1, keepdim=True)
-    rows = torch.arange(1, lag_probs.shape[1] + 1, dtype=lag_probs.dtype)
-    return lag_probs, gamma.cumsum(dim=1) / rows[None, :, None]  # g0(k)
+    return lag_probs, E.prefix_mean_responsibility(gamma)  # g0(k)
 
 
 def fit_scales(
@@ -181,11 +180,11 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         row["eta"][name] = eta
         row["kl"][name] = eval_weights_kl(E.md_weights(evaluation.tokens, pi, m, eta, steps))
     # Tuned MD1 and MD2 as starts too (final-grad at the MD2 start is two-step MD exactly).
-    context = seq_len - m
     eta1, eta2 = row["eta"]["md1_tuned"], row["eta"]["md2_tuned"]
+    beta1, beta2 = E.beta_from_eta(eta1, m, seq_len), E.beta_from_eta(eta2, m, seq_len)
     starts = [
-        (eta1 * m * context, eta1 * m * context, 0.0, 0.0),
-        (eta2 * m * context, eta2 * m * context, eta2 * context, 0.0),
+        (beta1, beta1, 0.0, 0.0),
+        (beta2, beta2, eta2 * (seq_len - m), 0.0),  # c = eta (T - m): the second step's scale
         *STARTS,
     ]
     for variant in VARIANTS:
@@ -196,12 +195,27 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         with torch.no_grad():
             row["kl"][variant] = eval_weights_kl(two_step_weights(evaluation.tokens, pi, m, variant, *scales))
 
-    # The constructions: scales fitted on the tuning batch, the model run on the evaluation batch.
-    # attend-final is the 2-step construction's estimator; the 3-step fit also starts from the 2-step
-    # fit with a third step that changes nothing (b3 = b2, c3 = d3 = 0), so it never tunes worse. Each
-    # model (5 or 7 layers, d_model up to ~1150) runs on the first n_model_check sequences only: its KL
-    # on the whole batch is its estimator's, which those sequences show it equals
-    # (construction_max_abs_diff; the tests check it at every position to 1e-12).
+    fitted = add_constructions(row, tune, evaluation, pi, m, sizes, eval_kl)
+    row["scales"]["attend-final"] = fitted[2]
+    row["kl"]["attend-final"] = row["kl"]["causal_md2"]
+    # The evaluation batch is trained's at this length: its exact Bayes is computed once for both.
+    row["kl"]["bayes_exact"] = eval_weights_kl(exact_bayes_weights(evaluation.tokens, pi, m, alpha=task.alpha))
+    row["ratio_to_md2"] = {name: kl / row["kl"]["md2_tuned"] for name, kl in row["kl"].items()}
+    row["ratio_to_md3"] = {name: kl / row["kl"]["md3_tuned"] for name, kl in row["kl"].items()}
+    row["ratio_to_bayes"] = {name: kl / row["kl"]["bayes_exact"] for name, kl in row["kl"].items()}
+    return row
+
+
+def add_constructions(row: dict, tune, evaluation, pi: Tensor, m: int, sizes: dict, eval_kl) -> dict[int, list[float]]:
+    """The tuned 2- and 3-step constructions at ``row``'s length, added to ``row`` (their KLs, scales
+    and check against their estimators); returns their fitted scales by number of steps.
+
+    Scales are fitted on the tuning batch, the model is run on the evaluation batch. attend-final is
+    the 2-step construction's estimator; the 3-step fit also starts from the 2-step fit with a third
+    step that changes nothing (b3 = b2, c3 = d3 = 0), so it never tunes worse. Each model (5 or 7
+    layers, d_model up to ~1150) runs on the first n_model_check sequences only: its KL on the whole
+    batch is its estimator's, which those sequences show it equals (construction_max_abs_diff; the
+    tests check it at every position to 1e-12)."""
     row["construction_max_abs_diff"], row["construction_model_sequences"] = {}, {}
     fitted: dict[int, list[float]] = {}
     for steps in (2, 3):
@@ -221,14 +235,7 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
         row["scales"][name] = fitted[steps]
         row["construction_max_abs_diff"][name] = (predicted - estimator[:n_model]).abs().max().item()
         row["construction_model_sequences"][name] = n_model
-    row["scales"]["attend-final"] = fitted[2]
-    row["kl"]["attend-final"] = row["kl"]["causal_md2"]
-    # The evaluation batch is trained's at this length: its exact Bayes is computed once for both.
-    row["kl"]["bayes_exact"] = eval_weights_kl(exact_bayes_weights(evaluation.tokens, pi, m, alpha=task.alpha))
-    row["ratio_to_md2"] = {name: kl / row["kl"]["md2_tuned"] for name, kl in row["kl"].items()}
-    row["ratio_to_md3"] = {name: kl / row["kl"]["md3_tuned"] for name, kl in row["kl"].items()}
-    row["ratio_to_bayes"] = {name: kl / row["kl"]["bayes_exact"] for name, kl in row["kl"].items()}
-    return row
+    return fitted
 
 
 def three_step_table(results: list[dict]) -> list[dict]:
@@ -317,7 +324,9 @@ def compare_lines(comparison: dict) -> list[str]:
     """The comparison with the trained model, as summary lines."""
     lines = [f"{comparison['model']} against the tuned 2-step construction at T={comparison['seq_len']}:"]
     for (ref, ours), tv in zip(comparison["attention"]["pairs"], comparison["attention"]["tv"], strict=True):
-        lines.append(f"  construction layer {ref[0] + 1} ~ model layer {ours[0] + 1}: attention TV {tv:.3f}")
+        lines.append(
+            f"  construction layer {paper_layer(ref[0])} ~ model layer {paper_layer(ours[0])}: attention TV {tv:.3f}"
+        )
     probes = comparison["probes"]
     for name in ("responsibility", "mean_responsibility", "lambda1", "second_step_mean", "lambda2"):
         r2 = "  ".join(f"{value:6.3f}" for value in probes["r2"][name])
@@ -366,12 +375,10 @@ def plot_ratios(results: list[dict], path: Path) -> Path:
         return plotting.save_figure(fig, path)
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False) -> AnalysisResult:
     """Run the analysis; writes ``two_step.json`` and ``two_step.png`` to ``out_dir``."""
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK if quick else FULL
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     task = MTDTask(**TASK)
     results = [evaluate_length(task, seq_len, sizes) for seq_len in progress(sizes["lengths"], "two-step")]
     comparison = compare_trained(task, results[-1], sizes)
@@ -381,11 +388,11 @@ def run(out_dir: Path, quick: bool = False) -> dict:
         "three_step": three_step_table(results),
         "trained_comparison": comparison,
         "summary": summary_lines(results) + compare_lines(comparison),
-        "wall_clock_s": time.perf_counter() - start,
+        "wall_clock_s": run_start.seconds(),
     }
     json_path = out_dir / "two_step.json"
     json_path.write_text(json.dumps(report, indent=1))
     png_path = plot_ratios(results, out_dir / "two_step.png")
     print("\n".join(report["summary"]))
     report["files"] = [str(json_path), str(png_path)]
-    return report
+    return AnalysisResult(report, report["files"])

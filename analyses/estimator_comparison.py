@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import TASK, plotting, progress
+from mdlens.analyses import TASK, AnalysisResult, plotting, progress, start_run
 from mdlens.evaluation import batch_seeds, mean_and_se, sample_batches  # shared with the other analyses
 from mdlens.step_size_laws import fit_step_sizes
 
@@ -67,6 +67,25 @@ METHOD_LABELS = {
 }
 
 
+def fixed_eta_of(order: int) -> float:
+    """Theorem 1's step ``1/(m+1)``: ``md1_fixed``'s."""
+    return 1.0 / (order + 1)
+
+
+def tune_steps(tune, pi: Tensor, m: int, seconds: dict[str, float]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Every tuned method's step size, on the tuning batch only, and each method's KL there (the fixed
+    step's too); the time of each tuning goes into ``seconds``."""
+    tuned: dict[str, dict] = {}
+    for name, steps in TUNED_STEPS.items():
+        start = time.perf_counter()
+        tuned[name] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)
+        seconds[f"tune_{name}"] = time.perf_counter() - start
+    fixed_on_tune = E.predictive(tune.tokens, pi, E.md_weights(tune.tokens, pi, m, fixed_eta_of(m)))
+    tuning_kl = {name: t["tuning_kl"] for name, t in tuned.items()}
+    tuning_kl["md1_fixed"] = E.kl_divergence(tune.next_probs, fixed_on_tune).mean().item()
+    return tuned, tuning_kl
+
+
 def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
     """Every estimator at one length: tune on one batch, score mean KL on a fresh one."""
     pi, m = task.transition, task.order
@@ -74,16 +93,8 @@ def evaluate_length(task: MTDTask, seq_len: int, sizes: dict) -> dict:
     tokens, target = evaluation.tokens, evaluation.next_probs
     seconds: dict[str, float] = {}
 
-    # Step sizes, on the tuning batch only.
-    tuned: dict[str, dict] = {}
-    for name, steps in TUNED_STEPS.items():
-        start = time.perf_counter()
-        tuned[name] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps)
-        seconds[f"tune_{name}"] = time.perf_counter() - start
-    fixed_eta = 1.0 / (m + 1)
-    fixed_on_tune = E.predictive(tune.tokens, pi, E.md_weights(tune.tokens, pi, m, fixed_eta))
-    tuning_kl = {name: t["tuning_kl"] for name, t in tuned.items()}
-    tuning_kl["md1_fixed"] = E.kl_divergence(tune.next_probs, fixed_on_tune).mean().item()
+    tuned, tuning_kl = tune_steps(tune, pi, m, seconds)
+    fixed_eta = fixed_eta_of(m)
 
     not_converged: list[int] = []  # MLE sequences whose EM stopped at max_iter (reported, see below)
     gibbs_generator = torch.Generator().manual_seed(batch_seeds(seq_len)["gibbs"])
@@ -256,12 +267,10 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
+def run(out_dir: Path, quick: bool = False) -> AnalysisResult:
     """Run the analysis, write ``estimators.json`` and three PNGs to ``out_dir``, print a summary."""
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK if quick else FULL
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     task = MTDTask(**TASK)
     torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
 
@@ -302,11 +311,11 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     ]
     json_path = out_dir / "estimators.json"
     report["timings"] = {
-        "total_seconds": time.perf_counter() - start,
+        "total_seconds": run_start.seconds(),
         "per_method_seconds": {name: sum(r["seconds"][name] for r in results) for name in results[0]["seconds"]},
     }
     report["files"] = [str(json_path), *map(str, files)]
     report["summary"] = summary_lines(report)
     json_path.write_text(json.dumps(report, indent=1))
     print("\n".join(report["summary"]))
-    return report
+    return AnalysisResult(report, report["files"])

@@ -39,11 +39,12 @@ import torch
 
 from mdlens import estimators as E
 from mdlens import hooks
-from mdlens.analyses import plotting, progress
+from mdlens.analyses import AnalysisResult, plotting, progress, start_run
 from mdlens.construction import build_md_transformer
-from mdlens.evaluation import effective_eta
-from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
+from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL
+from mdlens.jsonable import json_ready
 from mdlens.models import DisentangledTransformer
+from mdlens.models.layout import layer_label, paper_layer, resid_post_of_layer
 from mdlens.pretrained import load_all_pretrained
 
 FULL = {
@@ -94,105 +95,115 @@ def _sample(task, batch: int, seq_len: int, seed: int):
     return task.sample(batch, seq_len, generator=torch.Generator().manual_seed(seed))
 
 
-def _json_ready(value):
-    """Tensors to lists and non-finite floats to None, recursively (JSON has no NaN)."""
-    if isinstance(value, torch.Tensor):
-        return _json_ready(value.tolist())
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 # Where the construction keeps the mean responsibility: the residual after layer 2. Patching a
 # probe's subspace there reaches every later layer (patching the final residual would only reach
 # the unembedding).
-PATCH_HOOK = "blocks.1.hook_resid_post"
+PATCH_HOOK = resid_post_of_layer(2)
+# The construction's named blocks of the probed quantities (probed beside every reading point); a
+# model whose layout names them is patched through its named block, any other through a probe.
+NAMED_BLOCKS = ("L1.responsibility", "L2.mean_responsibility", "L3.lag_weights")
 
 
-def measure_model(name: str, model, task, data: dict, sizes: dict, construction) -> dict:
-    """Every mechanism measurement of one model (module docstring)."""
+def named_blocks(model) -> list[str] | None:
+    """``NAMED_BLOCKS`` when ``model``'s residual layout names them all (the construction), else None."""
+    layout = getattr(model, "layout", None)
+    return list(NAMED_BLOCKS) if layout is not None and all(name in layout for name in NAMED_BLOCKS) else None
+
+
+def measure_model(model, task, data: dict, sizes: dict) -> dict:
+    """Every mechanism measurement of one model (module docstring), against the construction with its own step."""
     pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
-    eta = construction.md_params["eta"] if name == CONSTRUCTION else effective_eta(model, data["tune"].tokens, pi, m)
-    beta = eta * m * (seq_len - m)
-    own_construction = construction if name == CONSTRUCTION else build_md_transformer(pi, m, seq_len, eta)
+    eta = hooks.own_step(model, data["tune"].tokens, pi, m)
+    beta = E.beta_from_eta(eta, m, seq_len)
     result: dict = {"eta": eta, "beta": beta, "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads}
+    report = probe_report(model, data, pi, m, beta)
+    result.update(probe_results(report, named_blocks(model) is not None))
+    # Layer order kept: a deeper model's match for construction layer l+1 lies above its match for l.
+    comparison = hooks.compare_with_construction(model, data["attention"].tokens, pi, m, eta=eta, matching="ordered")
+    result.update(comparison_results(comparison))
+    own_construction = comparison.construction
+    result["weight_alignment"] = hooks.weight_alignment(
+        model, own_construction, tokens=data["patch_a"].tokens[:64], transition=pi, order=m
+    )
+    result.update(behaviour_results(model, own_construction, data, pi, m))
+    result.update(patching_results(model, report, data, pi, m, beta))
+    result["two_step_score_correlation"] = two_step_score_correlation(model, data, pi, m, seq_len)
+    return result
 
-    # Probes, with both controls. md2 uses tuned two-step MD's scale (the two-step reference).
+
+def probe_report(model, data: dict, pi, m: int, beta: float):
+    """Probes of ``PROBE_TARGETS`` at every reading point (and the named blocks), with both controls.
+    md2 uses tuned two-step MD's scale (the two-step reference); Bayes is the same for every model."""
     probe_tokens = data["probe"].tokens
     values = hooks.targets(probe_tokens, pi, m, beta=beta, beta2=data["beta_md2"], include_bayes=False)
-    values["bayes_weights"] = data["probe_bayes"]  # the same for every model: computed once
+    values["bayes_weights"] = data["probe_bayes"]
     values = {key: values[key] for key in PROBE_TARGETS}
-    blocks = ["L1.responsibility", "L2.mean_responsibility", "L3.lag_weights"] if name == CONSTRUCTION else None
-    report = hooks.probe_model(model, probe_tokens, values, blocks=blocks)
+    return hooks.probe_model(model, probe_tokens, values, blocks=named_blocks(model))
+
+
+def probe_results(report, with_blocks: bool) -> dict:
+    """The probe report's reading points (embedding, then every layer) and, with named blocks, their R^2."""
     layer_rows = [row for row in report.rows if ":" not in row]
-    result["probe_rows"] = layer_rows
-    result["probe_r2"] = {t: report.r2[t][: len(layer_rows)] for t in report.targets}
-    result["probe_control_r2"] = {t: report.control_target_r2[t][: len(layer_rows)] for t in report.targets}
-    result["probe_random_model_r2"] = {t: report.random_model_r2[t][: len(layer_rows)] for t in report.targets}
-    result["probe_selectivity"] = {t: report.selectivity[t][: len(layer_rows)] for t in report.targets}
-    if blocks:
+    n = len(layer_rows)
+    result = {
+        "probe_rows": layer_rows,
+        "probe_r2": {t: report.r2[t][:n] for t in report.targets},
+        "probe_control_r2": {t: report.control_target_r2[t][:n] for t in report.targets},
+        "probe_random_model_r2": {t: report.random_model_r2[t][:n] for t in report.targets},
+        "probe_selectivity": {t: report.selectivity[t][:n] for t in report.targets},
+    }
+    if with_blocks:
         result["probe_named_blocks"] = {
             row.partition(":")[2]: {t: report.r2[t][i] for t in report.targets}
             for i, row in enumerate(report.rows)
             if ":" in row
         }
+    return result
 
-    # Attention against the construction with the model's own step; layer 1 against the responsibilities.
-    attention_tokens = data["attention"].tokens
-    # Layer order kept: a deeper model's match for construction layer l+1 lies above its match for l.
-    agreement = hooks.attention_agreement(model, own_construction, attention_tokens, order=m, matching="ordered")
-    result["attention"] = agreement.to_dict()
-    result["pattern_tv"] = agreement.tv
-    # Layer 1 (blocks.0) against the responsibilities: the best of its heads.
-    result["responsibility_tv"] = min(
-        hooks.responsibility_tv(model, attention_tokens, pi, m, layer=0, head=head) for head in range(model.cfg.n_heads)
-    )
-    result["layer1_offset_mass"] = hooks.offset_mass(model, attention_tokens, m, layer=0)
 
-    # Weights.
-    if isinstance(model, DisentangledTransformer):
-        result["score_block_correlation"] = hooks.score_block_correlation(model, pi)
-        result["token_score_block"] = hooks.token_score_block(model)
-        # The paper's own form: KL(pi || softmax of layer 1's W_A), every reading of that sentence.
-        result["softmax_transition_kl"] = softmax_transition_kl(model, pi)
-        try:
-            learned = hooks.learned_transition(model)
-            result["learned_transition"] = learned
-            result["learned_transition_kl"] = float(E.kl_divergence(pi, learned).mean())
-            result["learned_transition_reason"] = None
-        except ValueError as error:
-            result["learned_transition"] = None
-            result["learned_transition_kl"] = None
-            result["learned_transition_reason"] = str(error)
-    else:
-        result["learned_transition"] = None
-        result["learned_transition_kl"] = None
-        result["learned_transition_reason"] = "not a disentangled model: no single token-token score matrix to read"
-        result["softmax_transition_kl"] = None
-    result["weight_alignment"] = hooks.weight_alignment(
-        model, own_construction, tokens=data["patch_a"].tokens[:64], transition=pi, order=m
-    )
+def comparison_results(comparison: hooks.ConstructionComparison) -> dict:
+    """Attention against the construction with the model's own step, layer 1 (the best of its heads)
+    against the responsibilities and by offset, and what layer 1's scores store (disentangled models)."""
+    result = {
+        "attention": comparison.attention.to_dict(),
+        "pattern_tv": comparison.attention.tv,
+        "responsibility_tv": min(comparison.responsibility_tv),
+        "layer1_offset_mass": comparison.offset_mass,
+    }
+    if comparison.score_block_correlation is not None:
+        result["score_block_correlation"] = comparison.score_block_correlation
+        result["token_score_block"] = comparison.token_score_block
+    return result | {
+        "softmax_transition_kl": comparison.softmax_transition_kl,
+        "learned_transition": comparison.learned_transition,
+        "learned_transition_kl": comparison.learned_transition_kl,
+        "learned_transition_reason": comparison.learned_transition_reason,
+    }
 
-    # Behaviour: input sensitivity and implicit weights per length.
+
+def behaviour_results(model, own_construction, data: dict, pi, m: int) -> dict:
+    """Input sensitivity against the construction, and the implicit weights at every length."""
     sensitivity = hooks.sensitivity_alignment(model, own_construction, data["sensitivity"].tokens)
-    result["sensitivity"] = {key: value for key, value in sensitivity.items() if not isinstance(value, torch.Tensor)}
-    result["sensitivity_cosine"] = sensitivity["cosine"]
-    result["implicit_weights"] = {}
+    result = {
+        "sensitivity": {key: value for key, value in sensitivity.items() if not isinstance(value, torch.Tensor)},
+        "sensitivity_cosine": sensitivity["cosine"],
+        "implicit_weights": {},
+    }
     for length, (sample, references) in data["implicit"].items():
-        if length > model.cfg.n_ctx:
-            continue
-        result["implicit_weights"][length] = hooks.implicit_weights_distances(model, sample.tokens, pi, m, references)
+        if length <= model.cfg.n_ctx:
+            result["implicit_weights"][length] = hooks.implicit_weights_distances(
+                model, sample.tokens, pi, m, references
+            )
+    return result
 
-    # Patching: the construction through its named block, other models through the probe's subspace.
+
+def patching_results(model, report, data: dict, pi, m: int, beta: float) -> dict:
+    """B's mean responsibility written into A's run: through the named block where the model has one,
+    else through the probe's subspace after layer 2 and where the probe is most selective; the heatmap."""
     tokens_a, tokens_b = data["patch_a"].tokens, data["patch_b"].tokens
-    probe = None if name == CONSTRUCTION else report.probes[(PATCH_HOOK, "mean_responsibility")]
+    probe = None if named_blocks(model) else report.probes[(PATCH_HOOK, "mean_responsibility")]
     patch = hooks.patch_mean_responsibility(model, tokens_a, tokens_b, pi, m, beta=beta, probe=probe)
-    result["patching"] = patch.to_dict()
-    result["patching_agreement"] = patch.max_abs_deviation
+    result = {"patching": patch.to_dict(), "patching_agreement": patch.max_abs_deviation}
     if probe is not None:
         # Also where the model holds the mean responsibility best (the most selective probe, after
         # layer 1): for a model that forms it later than layer 2, e.g. standard-3l. A disentangled
@@ -209,16 +220,17 @@ def measure_model(name: str, model, task, data: dict, sizes: dict, construction)
             result["patching_most_selective"] = result["patching"]
     heatmap_clean, heatmap_corrupt = data["heatmap_clean"].tokens, data["heatmap_corrupt"].tokens
     result["patching_heatmap"] = hooks.patching_heatmap(model, heatmap_clean, heatmap_corrupt)
-
-    # Two-step: correlation of each layer's last-position scores with -<lambda1, gamma_k> over keys k > m.
-    lambda1 = E.md_weights(probe_tokens[:128], pi, m, data["eta_md1"])  # [B, m], the final first step
-    gamma = E.responsibilities(probe_tokens[:128], pi, m)  # [B, T-m, m]
-    key_quantity = torch.full(probe_tokens[:128].shape, float("nan"), dtype=torch.float64)
-    key_quantity[:, m:] = -torch.einsum("bg,bkg->bk", lambda1, gamma)
-    result["two_step_score_correlation"] = hooks.key_score_correlation(
-        model, probe_tokens[:128], key_quantity, first_key=m, last_key=seq_len - 2
-    )
     return result
+
+
+def two_step_score_correlation(model, data: dict, pi, m: int, seq_len: int) -> list:
+    """Correlation of each layer's last-position scores with ``-<lambda1, gamma_k>`` over keys ``k > m``."""
+    tokens = data["probe"].tokens[:128]
+    lambda1 = E.md_weights(tokens, pi, m, data["eta_md1"])  # [B, m], the final first step
+    gamma = E.responsibilities(tokens, pi, m)  # [B, T-m, m]
+    key_quantity = torch.full(tokens.shape, float("nan"), dtype=torch.float64)
+    key_quantity[:, m:] = -torch.einsum("bg,bkg->bk", lambda1, gamma)
+    return hooks.key_score_correlation(model, tokens, key_quantity, first_key=m, last_key=seq_len - 2)
 
 
 def prepare_data(task, sizes: dict) -> dict:
@@ -237,7 +249,7 @@ def prepare_data(task, sizes: dict) -> dict:
     tune = data["tune"]
     data["eta_md1"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=1)["eta"]
     data["eta_md2"] = E.tune_eta_refined(tune.tokens, pi, m, tune.next_probs, steps=2)["eta"]
-    data["beta_md2"] = data["eta_md2"] * m * (seq_len - m)
+    data["beta_md2"] = E.beta_from_eta(data["eta_md2"], m, seq_len)
     data["probe_bayes"] = hooks.targets(data["probe"].tokens, pi, m, alpha=task.alpha)["bayes_weights"]
     data["implicit"] = {}
     for length in progress(sizes["lengths"], "mechanisms (references)"):
@@ -284,7 +296,7 @@ def plot_probes(results: dict, path: Path) -> Path:
         for row, name in enumerate(names):
             r = results[name]
             x = list(range(len(r["probe_rows"])))
-            labels = ["emb"] + [f"L{i}" for i in range(1, len(x))]
+            labels = ["emb"] + [layer_label(block) for block in range(len(x) - 1)]  # rows: embed, resid_post
             for col, target in enumerate(PROBE_TARGETS):
                 ax = axes[row][col]
                 ax.plot(x, r["probe_r2"][target], "o-", color=MODEL_COLOURS.get(name, "tab:blue"), label="model")
@@ -314,7 +326,7 @@ def plot_attention(results: dict, path: Path) -> Path:
             for head, tv in zip(results[name]["attention"]["heads"], tvs, strict=True):  # which model layer was matched
                 if head["model_layer"] != head["reference_layer"]:
                     left.annotate(
-                        f"L{head['model_layer'] + 1}",
+                        layer_label(head["model_layer"]),
                         (head["reference_layer"] + 1, tv),
                         fontsize=7,
                         xytext=(4, 4),
@@ -436,7 +448,7 @@ def plot_attention_maps(models: dict, tokens: torch.Tensor, order: int, path: Pa
                 ax.set_xticks(range(tokens.numel()), labels, fontsize=6)
                 ax.set_yticks(range(tokens.numel()), labels, fontsize=6)
                 if row == 0 or col >= 3:
-                    ax.set_title(f"layer {col + 1}", fontsize=8)
+                    ax.set_title(f"layer {paper_layer(col)}", fontsize=8)
                 if col == 0:
                     ax.set_ylabel(f"{name}\nquery position", fontsize=8)
                 if row == len(patterns) - 1:
@@ -521,12 +533,10 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> dict:
+def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> AnalysisResult:
     """Measure the construction and every shipped model; write ``mechanisms.json``, PNGs, a summary."""
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK if quick else FULL
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     models, task = load_all_pretrained(root)
     pi, m = task.transition, task.order
     data = prepare_data(task, sizes)
@@ -536,7 +546,7 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     results, timings = {}, {}
     for name in progress(all_models, "mechanisms", name="model"):
         model, model_start = all_models[name], time.perf_counter()
-        results[name] = _json_ready(measure_model(name, model, task, data, sizes, construction))
+        results[name] = json_ready(measure_model(model, task, data, sizes))
         timings[name] = time.perf_counter() - model_start
 
     report = {
@@ -575,9 +585,9 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         )
         files.append(view.save(out_dir / f"heads_{name}_vs_construction.html"))
     json_path = out_dir / "mechanisms.json"
-    report["timings"]["total_seconds"] = time.perf_counter() - start
+    report["timings"]["total_seconds"] = run_start.seconds()
     report["files"] = [str(json_path), *map(str, files)]
     report["summary"] = summary_lines(report)
-    json_path.write_text(json.dumps(_json_ready(report), indent=1))
+    json_path.write_text(json.dumps(json_ready(report), indent=1))
     print("\n".join(report["summary"]))
-    return report
+    return AnalysisResult(report, report["files"])

@@ -12,30 +12,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ANALYSES = ("estimators", "trained", "two-step", "step-sizes", "mechanisms", "alignment")
-JSON_FILES = {
-    "estimators": "estimators.json",
-    "trained": "trained.json",
-    "two-step": "two_step.json",
-    "step-sizes": "step_sizes.json",
-    "mechanisms": "mechanisms.json",
-    "alignment": "alignment.json",
-}
+from mdlens.analyses import AnalysisResult
+from mdlens.cli import REPRODUCTIONS
+from mdlens.models.layout import paper_layer, resid_post_of_layer
+
 # Where `make demo` writes the executed notebooks as HTML, under the report's directory.
 NOTEBOOKS_DIR = "notebooks"
 
 
-def _load(out_dir: Path) -> dict:
-    data = {}
-    for name in ANALYSES:
-        path = out_dir / name / JSON_FILES[name]
+def read_results(out_dir: Path) -> dict[str, AnalysisResult]:
+    """What every stage of ``reproduce all`` wrote into ``out_dir / <stage>`` (the CLI's stage table),
+    read back from its JSON file, in the order the stages run."""
+    results = {}
+    for name, stage in REPRODUCTIONS.items():
+        if not stage.in_all or stage.json_file is None:
+            continue
+        path = out_dir / name / stage.json_file
         if not path.exists():
             raise ValueError(
                 f"{path} is missing: run `mdlens reproduce {name} --out {out_dir / name}` first "
                 f"(or `mdlens reproduce all --out {out_dir}`)"
             )
-        data[name] = json.loads(path.read_text())
-    return data
+        report = json.loads(path.read_text())
+        results[name] = AnalysisResult(report, report.get("files", []))
+    return results
 
 
 def _figure(lines: list[str], out_dir: Path, path: str, title: str, sentences: str) -> None:
@@ -183,12 +183,21 @@ def step_size_section(lines: list[str], out_dir: Path, data: dict) -> None:
 
 
 def mechanism_section(lines: list[str], out_dir: Path, data: dict) -> None:
-    models = data["models"]
     lines += ["## Inside the models (`mdlens.hooks`)", ""]
-    trained = [name for name in models if name != "construction"]
+    probe_and_attention_figures(lines, out_dir, data["models"])
+    weight_and_behaviour_figures(lines, out_dir, data)
+
+
+def _per_model(models: dict, formatter) -> str:
+    """``formatter``'s text for every trained model (not the construction), ``"; "``-separated."""
+    return "; ".join(f"{name} {formatter(result)}" for name, result in models.items() if name != "construction")
+
+
+def probe_and_attention_figures(lines: list[str], out_dir: Path, models: dict) -> None:
+    """The probes, attention maps and attention agreement of the mechanisms analysis."""
 
     def per_model(formatter) -> str:
-        return "; ".join(f"{name} {formatter(models[name])}" for name in trained)
+        return _per_model(models, formatter)
 
     _figure(
         lines,
@@ -198,12 +207,9 @@ def mechanism_section(lines: list[str], out_dir: Path, data: dict) -> None:
         "Held-out R^2 of ridge probes for each algorithmic quantity at every layer, with a random-init model "
         "(grey) and a control target (red). The construction holds the responsibility after layer 1 and the "
         "mean responsibility after layer 2 exactly (R^2 "
-        f"{models['construction']['probe_r2']['mean_responsibility'][2]:.3f}); mean responsibility at layer 2: "
+        f"{after_layer(models['construction'], 'probe_r2', 2):.3f}); mean responsibility at layer 2: "
         + per_model(
-            lambda r: (
-                f"{r['probe_r2']['mean_responsibility'][2]:.2f} "
-                f"(control {r['probe_control_r2']['mean_responsibility'][2]:.2f})"
-            )
+            lambda r: f"{after_layer(r, 'probe_r2', 2):.2f} (control {after_layer(r, 'probe_control_r2', 2):.2f})"
         )
         + ".",
     )
@@ -225,6 +231,15 @@ def mechanism_section(lines: list[str], out_dir: Path, data: dict) -> None:
         "(layers 1/2/3): " + per_model(lambda r: "/".join(f"{v:.2f}" for v in r["pattern_tv"])) + "; right: "
         "layer 1's mass by offset.",
     )
+
+
+def weight_and_behaviour_figures(lines: list[str], out_dir: Path, data: dict) -> None:
+    """The learned transition (with the paper-form table), implicit weights and patching heatmaps."""
+    models = data["models"]
+
+    def per_model(formatter) -> str:
+        return _per_model(models, formatter)
+
     _figure(
         lines,
         out_dir,
@@ -271,9 +286,16 @@ def mechanism_section(lines: list[str], out_dir: Path, data: dict) -> None:
     )
 
 
+def after_layer(result: dict, table: str, layer: int, target: str = "mean_responsibility") -> float:
+    """A mechanisms probe ``table``'s (``probe_r2``, ``probe_control_r2``, ...) value for ``target`` at
+    the reading point after the paper's layer ``layer`` (that layer's ``resid_post``)."""
+    return result[table][target][result["probe_rows"].index(resid_post_of_layer(layer))]
+
+
 def _largest_entry(heatmap: list[list[float]]) -> str:
-    value, layer, position = max((v, i, p) for i, row in enumerate(heatmap) for p, v in enumerate(row) if v is not None)
-    return f"{value:.3f} at layer {layer + 1}, position {position + 1} of {len(heatmap[0])}"
+    """The heatmap's largest entry (rows: TransformerLens blocks, patched at ``resid_pre``; columns: positions)."""
+    value, block, position = max((v, i, p) for i, row in enumerate(heatmap) for p, v in enumerate(row) if v is not None)
+    return f"{value:.3f} at layer {paper_layer(block)}, position {position + 1} of {len(heatmap[0])}"
 
 
 def _closest(implicit: dict) -> str:
@@ -400,69 +422,82 @@ def softmax_table(mechanisms: dict, paper: float) -> list[str]:
     return [*lines, ""]
 
 
+# The verdicts of the paper table: each threshold next to the claim it judges.
+# "One-step MD drifts from Bayes on long sequences": tuned MD1's KL ratio to Bayes grows by more than
+# this from the shortest length to the longest.
+DRIFT_MIN = 0.02
+# "Tuned step size ~ 1/T" (Theorem 2): the fitted exponent p of eta* ~ T^-p lies in this range.
+STEP_EXPONENT_RANGE = (0.8, 1.2)
+# "Trained model tracks k-step MD": its paired KL ratio to tuned k-step MD is at most this at every length.
+TRACKING_RATIO_MAX = 1.10
+# "Trained attention maps match the construction": a layer's mean TV to the construction is below this.
+ATTENTION_TV_MAX = 0.15
+
+
+def drift_row(estimators: dict) -> tuple[str, str, str, str]:
+    short, long = estimators["results"][0], estimators["results"][-1]
+    drift = _kl(long, "md1_tuned") / _kl(long, "bayes_exact") - _kl(short, "md1_tuned") / _kl(short, "bayes_exact")
+    return (
+        "One-step MD drifts from Bayes on long sequences",
+        "yes (figure)",
+        f"MD1 / Bayes = {_ratio(_kl(long, 'md1_tuned'), _kl(long, 'bayes_exact'))} at T={long['seq_len']}",
+        "agrees" if drift > DRIFT_MIN else "not seen at these lengths",
+    )
+
+
+def step_law_row(estimators: dict) -> tuple[str, str, str, str]:
+    fit = estimators["eta_fit"]["md1_tuned"]["power_law"]
+    low, high = STEP_EXPONENT_RANGE
+    return (
+        "Tuned step size ~ 1/T (Theorem 2)",
+        "eta = Theta(1/T)",
+        f"eta* ~ T^-{fit['p']:.2f} (R^2 {fit['r2']:.2f})",
+        "agrees" if low <= fit["p"] <= high else f"exponent {fit['p']:.2f}, not 1",
+    )
+
+
+def tracking_row(trained: dict, claim: str, label: str, name: str, reference: str) -> tuple[str, str, str, str]:
+    """``name``'s paired KL ratio to ``reference`` at the longest length, judged over every length."""
+    last = trained["results"][-1]
+    entry = last["ratio_to"].get(name, {}).get(reference)
+    at_last = "n/a" if not entry or entry["ratio"] is None else f"{entry['ratio']:.2f}x at T={last['seq_len']}"
+    entries = [r["ratio_to"].get(name, {}).get(reference) for r in trained["results"]]
+    values = [e["ratio"] for e in entries if e and e["ratio"] is not None]
+    if not values:
+        return (claim, "yes (figure)", f"{label} = {at_last}", "n/a")
+    verdict = "agrees" if max(values) <= TRACKING_RATIO_MAX else f"up to {max(values):.2f}x"
+    return (claim, "yes (figure)", f"{label} = {at_last}", verdict)
+
+
+def attention_row(mechanisms: dict) -> tuple[str, str, str, str]:
+    tv = mechanisms.get("disentangled-3l", {}).get("pattern_tv", [])
+    if not tv:
+        verdict = "n/a"
+    elif max(tv) < ATTENTION_TV_MAX:
+        verdict = "agrees"
+    else:
+        verdict = "; ".join(
+            f"layer {paper_layer(block)} {'agrees' if v < ATTENTION_TV_MAX else 'differs'}"
+            for block, v in enumerate(tv)
+        )
+    return (
+        "Trained attention maps match the construction",
+        "yes (figure)",
+        "TV per layer " + "/".join(f"{v:.2f}" for v in tv) + " (3l)",
+        verdict,
+    )
+
+
 def paper_table(data: dict) -> list[str]:
     """The paper's claims (paper-notes §5) beside this run's numbers."""
     estimators, trained, mechanisms = data["estimators"], data["trained"], data["mechanisms"]["models"]
-    long = estimators["results"][-1]
-    last = trained["results"][-1]
-    fit = estimators["eta_fit"]["md1_tuned"]["power_law"]
-
-    def ratio(name: str, reference: str) -> str:
-        entry = last["ratio_to"].get(name, {}).get(reference)
-        return "n/a" if not entry or entry["ratio"] is None else f"{entry['ratio']:.2f}x at T={last['seq_len']}"
-
-    three = mechanisms.get("disentangled-3l", {})
     paper_kl = data["mechanisms"]["config"]["paper_learned_transition_kl"]
-    drift = _kl(long, "md1_tuned") / _kl(long, "bayes_exact") - _kl(estimators["results"][0], "md1_tuned") / _kl(
-        estimators["results"][0], "bayes_exact"
-    )
-
-    def within(name: str, reference: str, bound: float = 1.10) -> str:
-        entries = [r["ratio_to"].get(name, {}).get(reference) for r in trained["results"]]
-        values = [e["ratio"] for e in entries if e and e["ratio"] is not None]
-        if not values:
-            return "n/a"
-        return "agrees" if max(values) <= bound else f"up to {max(values):.2f}x"
-
-    tv = three.get("pattern_tv", [])
-    attention_verdict = (
-        "n/a"
-        if not tv
-        else "agrees"
-        if max(tv) < 0.15
-        else "; ".join(f"layer {i + 1} {'agrees' if v < 0.15 else 'differs'}" for i, v in enumerate(tv))
-    )
     rows = [
-        (
-            "One-step MD drifts from Bayes on long sequences",
-            "yes (figure)",
-            f"MD1 / Bayes = {_ratio(_kl(long, 'md1_tuned'), _kl(long, 'bayes_exact'))} at T={long['seq_len']}",
-            "agrees" if drift > 0.02 else "not seen at these lengths",
-        ),
-        (
-            "Tuned step size ~ 1/T (Theorem 2)",
-            "eta = Theta(1/T)",
-            f"eta* ~ T^-{fit['p']:.2f} (R^2 {fit['r2']:.2f})",
-            "agrees" if 0.8 <= fit["p"] <= 1.2 else f"exponent {fit['p']:.2f}, not 1",
-        ),
-        (
-            "Trained 3-layer model tracks one-step MD",
-            "yes (figure)",
-            f"3l / MD1 = {ratio('disentangled-3l', 'md1_tuned')}",
-            within("disentangled-3l", "md1_tuned"),
-        ),
-        (
-            "5-layer model performs like two-step MD",
-            "yes (figure)",
-            f"5l / MD2 = {ratio('disentangled-5l', 'md2_tuned')}",
-            within("disentangled-5l", "md2_tuned"),
-        ),
-        (
-            "Trained attention maps match the construction",
-            "yes (figure)",
-            "TV per layer " + "/".join(f"{v:.2f}" for v in tv) + " (3l)",
-            attention_verdict,
-        ),
+        drift_row(estimators),
+        step_law_row(estimators),
+        tracking_row(trained, "Trained 3-layer model tracks one-step MD", "3l / MD1", "disentangled-3l", "md1_tuned"),
+        tracking_row(trained, "5-layer model performs like two-step MD", "5l / MD2", "disentangled-5l", "md2_tuned"),
+        attention_row(mechanisms),
         (
             "softmax of layer-1 W_A recovers pi",
             f"KL {paper_kl} at T=192",
@@ -547,11 +582,12 @@ def notebook_section(out_dir: Path) -> list[str]:
     ]
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
-    """Write ``REPORT.md`` in ``out_dir`` from the analyses' JSON files there; returns ``{"files": [...]}``."""
+def run(out_dir: Path, quick: bool = False) -> AnalysisResult:
+    """Write ``REPORT.md`` in ``out_dir`` from the analyses' JSON files there (it writes no JSON itself)."""
     out_dir = Path(out_dir)
-    data = _load(out_dir)
-    quick_runs = [name for name in ANALYSES if data[name].get("config", {}).get("quick")]
+    results = read_results(out_dir)
+    data = {name: result.report for name, result in results.items()}
+    quick_runs = [name for name, report in data.items() if report.get("config", {}).get("quick")]
     lines = [
         "# mdlens: reproduction report",
         "",
@@ -579,4 +615,4 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     path = out_dir / "REPORT.md"
     path.write_text("\n".join(lines))
     print(f"[mdlens] report: {path}")
-    return {"files": [str(path)]}
+    return AnalysisResult({}, [str(path)])

@@ -24,14 +24,13 @@ Writes ``step_sizes.json`` and ``step_sizes.png``; ``mdlens reproduce step-sizes
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import plotting, progress
+from mdlens.analyses import AnalysisResult, plotting, progress, start_run
 from mdlens.evaluation import sample_batches, tuned_md
 from mdlens.predict import model_next_probs
 from mdlens.pretrained import load_all_pretrained
@@ -182,12 +181,10 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> dict:
+def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> AnalysisResult:
     """Measure every shipped model (from ``root``, default the package's) at every length; write the files."""
-    start = time.perf_counter()
-    sizes = QUICK if quick else FULL
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     models, task = load_all_pretrained(root)
     rows = [
         measure_length(models, task, seq_len, sizes["n_tune"]) for seq_len in progress(sizes["lengths"], "step-sizes")
@@ -202,8 +199,8 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
     }
     files = [plot(report, out_dir / "step_sizes.png")]
     report["files"] = [str(f) for f in files] + [str(out_dir / "step_sizes.json")]
-    report["wall_clock_s"] = time.perf_counter() - start
+    report["wall_clock_s"] = run_start.seconds()
     (out_dir / "step_sizes.json").write_text(json.dumps(report, indent=1))
     for line in summary_lines(report):
         print(f"[step-sizes] {line}")
-    return report
+    return AnalysisResult(report, report["files"])

@@ -22,14 +22,13 @@ finite ones next to it: nothing is hidden by the averaging.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from mdlens import MTDTask
 from mdlens import estimators as E
-from mdlens.analyses import plotting, progress
+from mdlens.analyses import AnalysisResult, plotting, progress, start_run
 from mdlens.evaluation import batch_seeds, mean_and_se, reference_kls, sample_batches
 from mdlens.predict import model_next_probs
 from mdlens.pretrained import load_all_pretrained
@@ -242,15 +241,13 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> dict:
+def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> AnalysisResult:
     """Run the analysis, write ``trained.json`` and two PNGs to ``out_dir``, print a summary.
 
     ``root``: where the pretrained models live (default: the ones shipped in ``mdlens/pretrained``).
     """
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = QUICK if quick else FULL
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     models, task = load_all_pretrained(root)
     torch.manual_seed(0)  # nothing should draw from the global RNG; this pins it if something does
 
@@ -290,9 +287,9 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         plot_ratio(results, names, out_dir / "trained_kl_ratio_to_md1.png"),
     ]
     json_path = out_dir / "trained.json"
-    report["timings"] = {"total_seconds": time.perf_counter() - start}
+    report["timings"] = {"total_seconds": run_start.seconds()}
     report["files"] = [str(json_path), *map(str, files)]
     report["summary"] = summary_lines(report)
     json_path.write_text(json.dumps(report, indent=1))
     print("\n".join(report["summary"]))
-    return report
+    return AnalysisResult(report, report["files"])

@@ -23,7 +23,8 @@ training (every ``measure_every`` steps, through :func:`mdlens.training.train`'s
   ``softmax(beta * Gamma_bar)`` on the keys ``t+1-g``;
 - ``layer1_self_mass``: layer 1's mass on the query itself (``hooks.offset_mass``, offset 0);
 - ``kl_model`` / ``kl_md1`` / ``kl_ratio``: the model's KL to the truth on the held-out batch of
-  :func:`mdlens.evaluation.make_held_out` against tuned one-step MD on the same batch.
+  :func:`mdlens.training.held_out_batch` (the one ``train`` evaluates on) against tuned one-step MD on
+  the same batch.
 
 Recipes (``RECIPES``): ``base`` is the recipe of the shipped model's first stage at CPU size (MSE on
 every position, ``init_std`` 0.02, all four positional terms trainable); the others change one of:
@@ -60,14 +61,15 @@ from pathlib import Path
 import torch
 
 from mdlens import MTDTask, hooks
-from mdlens.analyses import TASK, plotting
+from mdlens.analyses import TASK, AnalysisResult, plotting, start_run
 from mdlens.checkpoints import save
 from mdlens.construction import build_md_transformer
-from mdlens.evaluation import effective_eta, evaluate, make_held_out
-from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL, softmax_transition_kl
+from mdlens.evaluation import evaluate
+from mdlens.hooks.weights import PAPER_LEARNED_TRANSITION_KL
+from mdlens.jsonable import json_ready
 from mdlens.models import DisentangledTransformer
 from mdlens.models.disentangled import DEFAULT_INIT_STD
-from mdlens.training import RUNTIME_FIELDS, TrainConfig, train
+from mdlens.training import RUNTIME_FIELDS, TrainConfig, held_out_batch, train
 
 FULL = {
     "seq_len": 128,
@@ -228,32 +230,29 @@ def train_command_fields(name: str, quick: bool = False) -> dict:
 @torch.no_grad()
 def measure(model: DisentangledTransformer, task: MTDTask, tokens: torch.Tensor) -> dict:
     """Every curve of the module docstring except the KLs, for ``model`` as it is now."""
-    pi, m, seq_len = task.transition, task.order, tokens.shape[1]
+    pi, m = task.transition, task.order
     was_training = model.training
     model.eval()
-    correlation = hooks.score_block_correlation(model, pi)
     try:
-        learned_kl, reason = hooks.learned_transition_kl(model, pi), None
-    except ValueError as error:
-        learned_kl, reason = None, str(error)
-    try:
-        eta = effective_eta(model, tokens, pi, m)
+        eta = hooks.own_step(model, tokens, pi, m)
     except ValueError:  # a "probs" output row with no positive entry (early in training): no prediction
         eta = None
     # Without the model's own step, layer 3's reference is undefined; layers 1 and 2 do not depend on it.
-    construction = build_md_transformer(pi, m, seq_len, 1.0 if eta is None else eta)
-    agreement = hooks.attention_agreement(model, construction, tokens, order=m, matching="layerwise")
+    comparison = hooks.compare_with_construction(
+        model, tokens, pi, m, eta=1.0 if eta is None else eta, matching="layerwise"
+    )
+    tv = comparison.attention.tv
     result = {
-        "corr_log_pi": correlation["log_transition_T"],
-        "corr_neg_pi": correlation["neg_transition_T"],
-        "learned_transition_kl": learned_kl,
-        "learned_transition_reason": reason,
-        **softmax_transition_kl(model, pi),
-        "responsibility_tv": hooks.responsibility_tv(model, tokens, pi, m, layer=0),
-        "layer1_self_mass": float(hooks.offset_mass(model, tokens, m, layer=0)[0, 0]),
-        "layer1_tv": agreement.tv[0],
-        "layer2_tv": agreement.tv[1],
-        "layer3_tv": None if eta is None else agreement.tv[2],
+        "corr_log_pi": comparison.score_block_correlation["log_transition_T"],
+        "corr_neg_pi": comparison.score_block_correlation["neg_transition_T"],
+        "learned_transition_kl": comparison.learned_transition_kl,
+        "learned_transition_reason": comparison.learned_transition_reason,
+        **comparison.softmax_transition_kl,
+        "responsibility_tv": comparison.responsibility_tv[0],
+        "layer1_self_mass": float(comparison.offset_mass[0, 0]),
+        "layer1_tv": tv[0],
+        "layer2_tv": tv[1],
+        "layer3_tv": None if eta is None else tv[2],
         "own_eta": eta,
     }
     model.train(was_training)
@@ -263,9 +262,7 @@ def measure(model: DisentangledTransformer, task: MTDTask, tokens: torch.Tensor)
 def _with_kl(step: int, measured: dict, evaluation: dict) -> dict:
     """A point of the curve: the measurements and the held-out KLs (``inf`` -> ``None`` in the JSON)."""
     kl_model, kl_md1 = evaluation["kl_model"], evaluation["kl_md1"]
-    return _json_ready(
-        {"step": step, **measured, "kl_model": kl_model, "kl_md1": kl_md1, "kl_ratio": kl_model / kl_md1}
-    )
+    return json_ready({"step": step, **measured, "kl_model": kl_model, "kl_md1": kl_md1, "kl_ratio": kl_model / kl_md1})
 
 
 def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
@@ -286,7 +283,7 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
             return saved
     task = make_task()
     config = train_config(settings, sizes)
-    held_out = make_held_out(task, sizes["seq_len"], sizes["n_eval"], EVAL_SEED, bayes=False)  # as train() makes it
+    held_out = held_out_batch(task, config)  # the batch train() evaluates on, handed to it below
     model = build_model(task, settings, sizes["seq_len"], eta=held_out.references["eta_md1"])
     tokens = task.sample(
         sizes["n_measure"], sizes["seq_len"], generator=torch.Generator().manual_seed(MEASURE_SEED)
@@ -302,7 +299,7 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
         measure_s += time.perf_counter() - start
 
     torch.manual_seed(0)  # nothing here should draw from the global generator; pinned in case
-    result = train(model, task, config, callback=callback)
+    result = train(model, task, config, callback=callback, held_out=held_out)
     record = {
         "name": name,
         "settings": settings,
@@ -320,15 +317,6 @@ def train_recipe(name: str, out_dir: Path, quick: bool = False) -> dict:
     save(model, path.parent / name, task=task)
     path.write_text(json.dumps(record, indent=1))
     return record
-
-
-def _json_ready(value):
-    """Non-finite floats to None, recursively (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,11 +400,10 @@ def plot_curves(recipes: dict, path: Path, title: str) -> Path:
         return plotting.save_figure(fig, path)
 
 
-def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) -> dict:
+def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) -> AnalysisResult:
     """Train and measure every recipe (reusing finished ones); write the JSON and the figure."""
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir = run_start.out_dir
     names = list(RECIPES) if recipes is None else recipes
     results = {name: train_recipe(name, out_dir, quick) for name in names}
     summary = {
@@ -448,6 +435,6 @@ def run(out_dir: Path, quick: bool = False, recipes: list[str] | None = None) ->
         if chosen:
             files.append(plot_curves(chosen, out_dir / file, title))
     report["files"] = [str(f) for f in files] + [str(out_dir / "training_mechanism.json")]
-    report["wall_clock_s"] = time.perf_counter() - start
+    report["wall_clock_s"] = run_start.seconds()
     (out_dir / "training_mechanism.json").write_text(json.dumps(report, indent=1))
-    return report
+    return AnalysisResult(report, report["files"])

@@ -22,24 +22,37 @@ from mdlens.train_config import add_train_arguments, check_run_directories, reso
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``mdlens reproduce`` stage: a module with ``run(out_dir: Path, quick: bool) -> dict``."""
+    """One ``mdlens reproduce`` stage: a module with ``run(out_dir: Path, quick: bool)`` that returns an
+    ``mdlens.analyses.AnalysisResult`` and writes ``json_file`` into ``out_dir`` (the report reads it there)."""
 
     module: str
     summary: str
+    json_file: str | None = None  # None: the stage writes no JSON (the report)
     in_all: bool = True  # False: too long for ``reproduce all``; run it by name
 
 
 # The stages of ``mdlens reproduce``, in the order ``all`` runs them. A new analysis is one more row
 # (before "report", which reads the JSON files the others wrote into DIR/<name>/ under ``all``).
 REPRODUCTIONS: dict[str, Stage] = {
-    "estimators": Stage("mdlens.analyses.estimator_comparison", "MD vs Bayes across sequence lengths"),
-    "trained": Stage("mdlens.analyses.trained", "the shipped trained models against the references"),
-    "two-step": Stage("mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction"),
-    "mechanisms": Stage("mdlens.analyses.mechanisms", "probes, patching and attention of each model"),
-    "step-sizes": Stage("mdlens.analyses.step_sizes", "the step size each model implements"),
-    "alignment": Stage("mdlens.analyses.alignment", "distributed alignment search: is MD causally inside?"),
+    "estimators": Stage(
+        "mdlens.analyses.estimator_comparison", "MD vs Bayes across sequence lengths", "estimators.json"
+    ),
+    "trained": Stage("mdlens.analyses.trained", "the shipped trained models against the references", "trained.json"),
+    "two-step": Stage(
+        "mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction", "two_step.json"
+    ),
+    "mechanisms": Stage(
+        "mdlens.analyses.mechanisms", "probes, patching and attention of each model", "mechanisms.json"
+    ),
+    "step-sizes": Stage("mdlens.analyses.step_sizes", "the step size each model implements", "step_sizes.json"),
+    "alignment": Stage(
+        "mdlens.analyses.alignment", "distributed alignment search: is MD causally inside?", "alignment.json"
+    ),
     "training-mechanism": Stage(
-        "mdlens.analyses.training_mechanism", "the training study (trains models: tens of minutes)", in_all=False
+        "mdlens.analyses.training_mechanism",
+        "the training study (trains models: tens of minutes)",
+        "training_mechanism.json",
+        in_all=False,
     ),
     "report": Stage("mdlens.analyses.report", "REPORT.md from the JSON files the others wrote"),
 }
@@ -65,9 +78,9 @@ def _handler(parser: argparse.ArgumentParser, command: Callable[[argparse.Namesp
 def _benchmark_names() -> list[str]:
     """Every benchmark of ``mdlens.analyses.bench``, by name; each module has a ``main(quick: bool)`` that
     prints ratios."""
-    from mdlens.analyses.bench import benchmark_names  # the package's __init__ is light: no torch
-
-    return benchmark_names()
+    # Loaded like the stages, by name: the library below never imports the analyses (the package's
+    # __init__ is light, no torch).
+    return importlib.import_module("mdlens.analyses.bench").benchmark_names()
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -86,8 +99,14 @@ def _reproduce(args: argparse.Namespace) -> None:
                 raise
             raise UsageError(str(error)) from error  # the report reads what earlier stages wrote
         print(f"[mdlens] reproduce {name}: {time.perf_counter() - start:.1f} s, wrote:")
-        for path in written.get("files", []):
+        for path in _written_files(written):
             print(f"  {path}")
+
+
+def _written_files(result) -> list[str]:
+    """The files a stage's ``run()`` wrote: its ``AnalysisResult.files``, or the ``"files"`` of the JSON
+    dict a stage not yet returning an ``AnalysisResult`` gives (``mdlens.analyses.alignment``)."""
+    return result["files"] if isinstance(result, dict) else result.files
 
 
 def _bench(args: argparse.Namespace) -> None:

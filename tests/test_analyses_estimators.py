@@ -10,7 +10,7 @@ from mdlens.analyses import estimator_comparison as estimators
 
 
 def test_quick_run_writes_every_method_and_plots(tmp_path):
-    report = estimators.run(tmp_path, quick=True)
+    written = estimators.run(tmp_path, quick=True)
     data = json.loads((tmp_path / "estimators.json").read_text())
     lengths = estimators.QUICK["lengths"]
     assert [r["seq_len"] for r in data["results"]] == lengths
@@ -27,4 +27,4 @@ def test_quick_run_writes_every_method_and_plots(tmp_path):
     for name in ("kl_vs_length.png", "eta_vs_length.png", "kl_ratio_to_bayes.png"):
         path = tmp_path / name
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(report["files"]) == sorted(data["files"])
+    assert sorted(written.files) == sorted(data["files"]) and written.report == data

@@ -90,7 +90,7 @@ def test_unknown_variant_is_a_value_error(sample):
 
 
 def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(tmp_path):
-    report = two_step.run(tmp_path, quick=True)
+    result = two_step.run(tmp_path, quick=True)
     data = json.loads((tmp_path / "two_step.json").read_text())
     assert [row["seq_len"] for row in data["results"]] == two_step.QUICK["lengths"]
     task = MTDTask(**two_step.TASK)
@@ -141,4 +141,4 @@ def test_quick_run_writes_json_and_png_and_the_fit_never_loses_to_its_md2_start(
     assert {"lambda1", "second_step_mean", "lambda2"} <= set(comparison["probes"]["r2"])
     assert set(comparison["sensitivity"]) == {"construction_2step", "construction_1step"}
     assert (tmp_path / "two_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(report["files"]) == sorted(str(tmp_path / name) for name in ("two_step.json", "two_step.png"))
+    assert sorted(result.files) == sorted(str(tmp_path / name) for name in ("two_step.json", "two_step.png"))

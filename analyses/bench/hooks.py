@@ -46,7 +46,7 @@ def main(quick: bool = False) -> dict:
         pi, m = task.transition, task.order
         sample = task.sample(sizes["batch"], sizes["seq_len"], generator=torch.Generator().manual_seed(0))
         tokens = sample.tokens
-        eta = BETA / (m * (tokens.shape[1] - m))
+        eta = E.eta_from_beta(BETA, m, tokens.shape[1])
 
         def last_position():
             E.responsibilities(tokens, pi, m)
