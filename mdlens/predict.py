@@ -8,10 +8,10 @@ A model says what its output is through ``model.output_type``:
   is meant to be a probability vector but nothing forces it onto the simplex, so it is clipped at zero
   and renormalised. A row with no positive entry has no honest renormalisation: ``ValueError``.
 
-:func:`output_to_probs` is defined next to the models (``mdlens.models._tl``) because their own
+:func:`output_to_probs` is defined next to the models (``mdlens.models.outputs``) because their own
 TransformerLens paths use it too: ``model(tokens, return_type="loss")`` is the cross-entropy of this
 distribution (for a "probs" model of order ``m``, on the positions ``t > m`` it predicts; see
-:func:`mdlens.models._tl.probs_cross_entropy`) and ``model.generate`` samples from it.
+:func:`mdlens.models.outputs.probs_cross_entropy`) and ``model.generate`` samples from it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mdlens.models._tl import OUTPUT_TYPES, check_model_input_tokens, output_to_probs
-from mdlens.validation import check_int
+from mdlens.models.outputs import OUTPUT_TYPES, output_to_probs
+from mdlens.validation import check_context_tokens, check_int
 
 __all__ = ["model_next_probs", "model_outputs", "output_to_probs", "output_type_of", "predict_next"]
 
@@ -44,7 +44,7 @@ def predict_next(
         model: any HookedTransformer; ``model.output_type`` is "logits" (default) or "probs".
         tokens: ``[B, T]`` or ``[T]`` ids in ``[0, d_vocab)`` with ``1 <= T <= n_ctx``.
     """
-    tokens = check_model_input_tokens(tokens, model.cfg.d_vocab, model.cfg.n_ctx)
+    tokens = check_context_tokens(tokens, model.cfg.d_vocab, model.cfg.n_ctx)
     output_type = output_type_of(model)
     device = next(model.parameters()).device
     with torch.inference_mode():

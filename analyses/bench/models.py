@@ -85,7 +85,7 @@ def _models(size: dict):
     if plain.cfg.d_head != cfg.d_head:
         from transformer_lens import HookedTransformer
 
-        from mdlens.models._tl import preserve_global_rng, quiet_hooked_transformer_deprecation
+        from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
 
         plain_cfg = plain.cfg
         plain_cfg.d_head = cfg.d_head
