@@ -61,13 +61,14 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
 from mdlens.checkpoints import build_like
 from mdlens.evaluation import effective_eta
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.hooks.probes import fit_probe
-from mdlens.models.layout import residual_hook_of
+from mdlens.models.layout import layer_label, residual_hook_of
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 from mdlens.validation import check_int, check_order, check_transition
 
@@ -259,7 +260,7 @@ def _resume_point(model: HookedTransformer, hook_name: str) -> tuple[str, int] |
     if name == "hook_resid_pre":
         return hook_name, layer
     added_to_post = name in ("hook_resid_post", "hook_mlp_out") or (name == "hook_attn_out" and model.cfg.attn_only)
-    return (f"blocks.{layer}.hook_resid_post", layer + 1) if added_to_post else None
+    return (get_act_name("resid_post", layer), layer + 1) if added_to_post else None
 
 
 def _site(model: HookedTransformer, hook_name: str, variable: str, tokens: Tensor) -> _Site:
@@ -837,11 +838,7 @@ def align_variable(
     steps, sweep_steps, batch_size, lr, seed = _check_search_settings(
         held_out, steps, sweep_steps, batch_size, lr, seed, wrong_model, probe_start
     )
-    if high_level is None:
-        high_level = high_level_model(model, tokens_a, transition, order, steps=_steps_needed(variable))
-    elif not isinstance(high_level, MDCausalModel):
-        raise ValueError(f"high_level must be an MDCausalModel, got {type(high_level).__name__}")
-    high_level.check_variable(variable)
+    high_level = _checked_high_level(high_level, model, variable, tokens_a, transition, order)
     site = _site(model, hook_name, variable, tokens_a)
     block_width = site.coordinates.stop - site.coordinates.start
     rank = _check_rank(order if rank is None else rank, block_width)
@@ -870,15 +867,7 @@ def align_variable(
 
     basis = das(rank)
     kl_intervened = _mean_kl(intervener, test_pairs, basis, batch_size)
-
-    # Probe and random subspaces of the same rank.
-    probe_basis = _embed(probe[:, :rank], site.coordinates, site.width)
-    generator = torch.Generator().manual_seed(seed)
-    random_basis = _embed(
-        torch.linalg.qr(torch.randn(block_width, rank, generator=generator, dtype=torch.float64))[0],
-        site.coordinates,
-        site.width,
-    )
+    probe_basis = _embed(probe[:, :rank], site.coordinates, site.width)  # the probe's subspace, same rank
     result = Alignment(
         variable=variable,
         hook_name=site.hook_name,
@@ -894,20 +883,44 @@ def align_variable(
         interchange_fidelity=_fidelity(kl_intervened, kl_base),
         probe_fidelity=fidelity(probe_basis),
         probe_rank=probe_basis.shape[1],
-        random_subspace_fidelity=fidelity(random_basis),
+        random_subspace_fidelity=fidelity(_random_subspace(site, rank, seed)),
         wrong_model=wrong_model if controls else None,
     )
     _named_block_swap(result, model, intervener, test_pairs, kl_base, batch_size)
     if rank_sweep:
-        result.rank_sweep = {
-            r: (result.interchange_fidelity if r == rank else fidelity(das(r, steps=sweep_steps)))
-            for r in range(max(1, order - 1), min(2 * order, block_width) + 1)
-        }
-        best = max(result.rank_sweep.values())
-        result.saturation_rank = min(r for r, f in result.rank_sweep.items() if f >= best - SATURATION_TOLERANCE)
+        _sweep_ranks(result, das, fidelity, order, block_width, sweep_steps)
     if controls:
         _run_controls(result, model, site, intervener, pairs, train, test, das, fidelity, seed, wrong_model)
     return result
+
+
+def _checked_high_level(high_level, model, variable: str, tokens_a: Tensor, transition: Tensor, order: int):
+    """The MD to compare with: ``high_level`` checked, or :func:`high_level_model`'s default."""
+    if high_level is None:
+        high_level = high_level_model(model, tokens_a, transition, order, steps=_steps_needed(variable))
+    elif not isinstance(high_level, MDCausalModel):
+        raise ValueError(f"high_level must be an MDCausalModel, got {type(high_level).__name__}")
+    high_level.check_variable(variable)
+    return high_level
+
+
+def _random_subspace(site: _Site, rank: int, seed: int) -> Tensor:
+    """A random orthonormal ``rank``-dimensional subspace of the site's coordinates, ``[width, rank]``."""
+    block_width = site.coordinates.stop - site.coordinates.start
+    generator = torch.Generator().manual_seed(seed)
+    inside = torch.linalg.qr(torch.randn(block_width, rank, generator=generator, dtype=torch.float64))[0]
+    return _embed(inside, site.coordinates, site.width)
+
+
+def _sweep_ranks(result: Alignment, das, fidelity, order: int, block_width: int, sweep_steps: int) -> None:
+    """DAS at ranks ``m-1..2m`` (within the site), and the smallest rank within
+    ``SATURATION_TOLERANCE`` of the best: ``result.rank_sweep`` and ``result.saturation_rank``."""
+    result.rank_sweep = {
+        r: (result.interchange_fidelity if r == result.rank else fidelity(das(r, steps=sweep_steps)))
+        for r in range(max(1, order - 1), min(2 * order, block_width) + 1)
+    }
+    best = max(result.rank_sweep.values())
+    result.saturation_rank = min(r for r, f in result.rank_sweep.items() if f >= best - SATURATION_TOLERANCE)
 
 
 def _check_search_settings(held_out, steps, sweep_steps, batch_size, lr, seed, wrong_model, probe_start) -> tuple:
@@ -1100,7 +1113,7 @@ def alignment_scan(
         raise ValueError(f"unknown hook kind(s) {unknown}: blocks.{{l}}.hook_<kind> exists for kind in {kinds}")
     if high_level is None:
         high_level = high_level_model(model, tokens_a, transition, order, steps=_steps_needed(variable))
-    layers = ["embed"] + [f"L{layer + 1}" for layer in range(model.cfg.n_layers)]
+    layers = ["embed"] + [layer_label(layer) for layer in range(model.cfg.n_layers)]
     names = [["hook_embed" if j == 0 else None for j in range(len(hooks))]]
     names += [[f"blocks.{layer}.hook_{kind}" for kind in hooks] for layer in range(model.cfg.n_layers)]
     fidelity = [[math.nan] * len(hooks) for _ in layers]
