@@ -166,6 +166,31 @@ def closest_mtd_weights(
     Raises ``ValueError`` for invalid inputs, or when a sequence puts probability on a token that no
     lag can produce (the KL is infinite for every ``lambda``).
     """
+    target_probs, components, tol, max_iter = _checked_mixture_problem(
+        target_probs, tokens, transition, order, tol, max_iter
+    )
+    weights, active = _em_sweeps(target_probs, components, tol, max_iter)
+    unfinished = []
+    for b in active.tolist():
+        weights[b], certified = _newton_finish(weights[b], components[b], target_probs[b], tol)
+        if not certified:
+            unfinished.append(b)
+    if unfinished:
+        warnings.warn(
+            f"closest_mtd_weights: {len(unfinished)} sequence(s) ({unfinished[:5]}) did not reach a KL gap below "
+            f"tol={tol} in {max_iter} EM sweeps and {NEWTON_MAX_STEPS} Newton steps",
+            stacklevel=2,
+        )
+    residual_kl = E.kl_divergence(target_probs, einops.einsum(weights, components, "b g, b g v -> b v"))
+    return ImplicitWeights(weights, residual_kl)
+
+
+def _checked_mixture_problem(
+    target_probs: Tensor, tokens: Tensor, transition: Tensor, order: int, tol: float, max_iter: int
+) -> tuple[Float[Tensor, "batch q"], Float[Tensor, "batch m q"], float, int]:
+    """:func:`closest_mtd_weights`'s inputs checked: the targets ``p`` as float64 ``[B, q]``, the lagged
+    rows ``A`` (``[B, m, q]``), ``tol`` and ``max_iter``. ``ValueError`` for invalid inputs, or when a
+    target puts probability on a token that no lag can produce (the KL is infinite for every ``lambda``)."""
     transition = check_transition(transition)
     order = check_order(order)
     tokens = check_tokens(tokens, transition.shape[0], order)
@@ -184,37 +209,35 @@ def closest_mtd_weights(
             f"sequence {b}: the target puts probability {float(target_probs[b, v]):.3g} on token {v}, which no lag "
             f"can produce (pi(y_(T+1-g), {v}) = 0 for every g), so KL is infinite for every lambda"
         )
+    return target_probs, components, tol, max_iter
 
-    def gradient_ratio(weights: Tensor, rows: Tensor, probs: Tensor) -> Tensor:
-        """``G_g = sum_v p_v A[g, v] / (A^T lambda)_v``, with ``0 / 0 = 0`` where ``p_v = 0``."""
-        mixture = einops.einsum(weights, rows, "b g, b g v -> b v")
-        ratio = torch.where(probs > 0, probs / mixture, torch.zeros_like(probs))
-        return einops.einsum(rows, ratio, "b g v, b v -> b g")
 
-    weights = torch.full((tokens.shape[0], order), 1.0 / order, dtype=torch.float64)
-    active = torch.arange(tokens.shape[0])  # sequences still iterating
+def _gradient_ratio(weights: Tensor, rows: Tensor, probs: Tensor) -> Tensor:
+    """``G_g = sum_v p_v A[g, v] / (A^T lambda)_v``, with ``0 / 0 = 0`` where ``p_v = 0``."""
+    mixture = einops.einsum(weights, rows, "b g, b g v -> b v")
+    ratio = torch.where(probs > 0, probs / mixture, torch.zeros_like(probs))
+    return einops.einsum(rows, ratio, "b g v, b v -> b g")
+
+
+def _em_sweeps(
+    target_probs: Float[Tensor, "batch q"], components: Float[Tensor, "batch m q"], tol: float, max_iter: int
+) -> tuple[Float[Tensor, "batch m"], Int[Tensor, " unfinished"]]:
+    """At most ``max_iter`` EM sweeps ``lambda_g <- lambda_g G_g`` from the centre ``1/m``, each sequence
+    until its certificate ``max_g G_g - 1`` is below ``tol``; returns the weights and the indices of the
+    sequences not certified."""
+    batch, order = components.shape[0], components.shape[1]
+    weights = torch.full((batch, order), 1.0 / order, dtype=torch.float64)
+    active = torch.arange(batch)  # sequences still iterating
     for _ in range(max_iter):
         current, rows, probs = weights[active], components[active], target_probs[active]
-        ratio = gradient_ratio(current, rows, probs)
+        ratio = _gradient_ratio(current, rows, probs)
         converged = ratio.amax(dim=-1) - 1.0 < tol  # certified: KL(current) - min KL < tol
         new_weights = current * ratio
         weights[active] = new_weights / new_weights.sum(dim=-1, keepdim=True)  # rounding only
         active = active[~converged]
         if active.numel() == 0:
             break
-    unfinished = []
-    for b in active.tolist():
-        weights[b], certified = _newton_finish(weights[b], components[b], target_probs[b], tol)
-        if not certified:
-            unfinished.append(b)
-    if unfinished:
-        warnings.warn(
-            f"closest_mtd_weights: {len(unfinished)} sequence(s) ({unfinished[:5]}) did not reach a KL gap below "
-            f"tol={tol} in {max_iter} EM sweeps and {NEWTON_MAX_STEPS} Newton steps",
-            stacklevel=2,
-        )
-    residual_kl = E.kl_divergence(target_probs, einops.einsum(weights, components, "b g, b g v -> b v"))
-    return ImplicitWeights(weights, residual_kl)
+    return weights, active
 
 
 def _newton_finish(
@@ -233,63 +256,84 @@ def _newton_finish(
     seen = probs > 0  # tokens the target never produces do not enter the objective
     rows, probs = rows[:, seen], probs[seen]
     weights = weights.clone()
-
-    def objective(candidate: Tensor) -> float:
-        mixture = candidate @ rows
-        return math.inf if bool((mixture <= 0).any()) else float(-(probs * mixture.log()).sum())
-
-    def face_residual(candidate: Tensor, face: Tensor) -> float:
-        """``max_{g in face} |G_g - 1|``: zero exactly at the minimum on the face."""
-        mixture = candidate @ rows
-        return math.inf if bool((mixture <= 0).any()) else float(((rows @ (probs / mixture))[face] - 1).abs().max())
-
     for _ in range(NEWTON_MAX_STEPS):
         mixture = weights @ rows
         ratio = rows @ (probs / mixture)  # G, minus the gradient of f
         if ratio.max().item() - 1.0 < tol:
             return weights, True
         face = weights > 0
-        if ratio[face].max().item() - 1.0 < tol:  # optimal on its face: the best lag off it enters
-            entering = int(torch.where(face, -math.inf, ratio).argmax())
-            direction = -weights
-            direction[entering] += 1.0
-        else:
-            index = face.nonzero().flatten()
-            k = index.numel()
-            hessian = (rows[index] * (probs / mixture**2)) @ rows[index].T
-            kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-            kkt[:k, :k], kkt[:k, k], kkt[k, :k] = hessian, 1.0, 1.0
-            rhs = torch.cat([ratio[index], torch.zeros(1, dtype=torch.float64)])
-            direction = torch.zeros_like(weights)
-            direction[index] = (torch.linalg.pinv(kkt) @ rhs)[:k]
-            direction[index] -= direction[index].mean()  # on the face exactly
-            if float(ratio @ direction) <= 0:  # not a descent direction (rounding): take EM's instead
-                direction = weights * (ratio - 1.0)
+        direction = _face_direction(weights, rows, probs, mixture, ratio, face, tol)
         slope = -float(ratio @ direction)  # grad f . direction < 0
         # The longest step that keeps lambda >= 0, and the lag whose weight it drives to 0.
         room = torch.where(direction < 0, weights / -direction, torch.full_like(weights, math.inf))
         blocking = int(room.argmin())
-        step = max_step = min(1.0, room[blocking].item())
-        # Backtracking (Armijo) on f; where the decrease is below f's rounding (near the minimum of an
-        # ill-conditioned face), on the face residual instead, which rounding does not hide.
-        start, start_residual = objective(weights), face_residual(weights, face)
-        resolution = 64 * torch.finfo(torch.float64).eps * max(1.0, abs(start))
-        while True:
-            candidate = weights + step * direction
-            value = objective(candidate)
-            if value <= start + 1e-4 * step * slope:
-                break
-            if value <= start + resolution and face_residual(candidate.clamp(min=0.0), face) < start_residual:
-                break
-            step /= 2
-            if step < 1e-30:
-                return weights, False
+        max_step = min(1.0, room[blocking].item())
+        step = _backtracking_step(weights, direction, slope, max_step, rows, probs, face)
+        if step is None:
+            return weights, False
         weights = (weights + step * direction).clamp(min=0.0)
         if step == max_step and room[blocking] <= 1.0:
             weights[blocking] = 0.0  # it reached the boundary (up to rounding): it leaves the face
         weights = weights / weights.sum()
     mixture = weights @ rows
     return weights, (rows @ (probs / mixture)).max().item() - 1.0 < tol
+
+
+def _mixture_objective(candidate: Tensor, rows: Tensor, probs: Tensor) -> float:
+    """``f(lambda) = -sum_v p_v log (A^T lambda)_v`` (``inf`` where a mixture entry is not positive)."""
+    mixture = candidate @ rows
+    return math.inf if bool((mixture <= 0).any()) else float(-(probs * mixture.log()).sum())
+
+
+def _face_residual(candidate: Tensor, rows: Tensor, probs: Tensor, face: Tensor) -> float:
+    """``max_{g in face} |G_g - 1|``: zero exactly at the minimum on the face."""
+    mixture = candidate @ rows
+    return math.inf if bool((mixture <= 0).any()) else float(((rows @ (probs / mixture))[face] - 1).abs().max())
+
+
+def _face_direction(
+    weights: Tensor, rows: Tensor, probs: Tensor, mixture: Tensor, ratio: Tensor, face: Tensor, tol: float
+) -> Float[Tensor, " m"]:
+    """:func:`_newton_finish`'s step direction: towards the vertex of the best lag off the face once the
+    face is optimal (Frank-Wolfe), else the Newton step on the face (EM's where that is no descent)."""
+    if ratio[face].max().item() - 1.0 < tol:  # optimal on its face: the best lag off it enters
+        entering = int(torch.where(face, -math.inf, ratio).argmax())
+        direction = -weights
+        direction[entering] += 1.0
+        return direction
+    index = face.nonzero().flatten()
+    k = index.numel()
+    hessian = (rows[index] * (probs / mixture**2)) @ rows[index].T
+    kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    kkt[:k, :k], kkt[:k, k], kkt[k, :k] = hessian, 1.0, 1.0
+    rhs = torch.cat([ratio[index], torch.zeros(1, dtype=torch.float64)])
+    direction = torch.zeros_like(weights)
+    direction[index] = (torch.linalg.pinv(kkt) @ rhs)[:k]
+    direction[index] -= direction[index].mean()  # on the face exactly
+    if float(ratio @ direction) <= 0:  # not a descent direction (rounding): take EM's instead
+        direction = weights * (ratio - 1.0)
+    return direction
+
+
+def _backtracking_step(
+    weights: Tensor, direction: Tensor, slope: float, max_step: float, rows: Tensor, probs: Tensor, face: Tensor
+) -> float | None:
+    """The step along ``direction`` from ``max_step`` down, halved until ``f`` falls enough (Armijo); where
+    the decrease is below ``f``'s rounding (near the minimum of an ill-conditioned face), until the face
+    residual falls instead, which rounding does not hide. ``None`` when the step underflows."""
+    step = max_step
+    start, start_residual = _mixture_objective(weights, rows, probs), _face_residual(weights, rows, probs, face)
+    resolution = 64 * torch.finfo(torch.float64).eps * max(1.0, abs(start))
+    while True:
+        candidate = weights + step * direction
+        value = _mixture_objective(candidate, rows, probs)
+        if value <= start + 1e-4 * step * slope:
+            return step
+        if value <= start + resolution and _face_residual(candidate.clamp(min=0.0), rows, probs, face) < start_residual:
+            return step
+        step /= 2
+        if step < 1e-30:
+            return None
 
 
 def implicit_weights(
