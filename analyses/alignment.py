@@ -22,7 +22,6 @@ Writes ``alignment.json``, one scan figure per model and one control figure per 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens.analyses import TASK, plotting
+from mdlens.analyses import TASK, AnalysisResult, plotting, start_run
 from mdlens.construction import build_md_transformer, build_mdk_transformer
 from mdlens.pretrained import load_all_pretrained
 
@@ -179,12 +178,10 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> dict:
+def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> AnalysisResult:
     """Align every variable in every model; write ``alignment.json`` and the figures."""
-    start = time.perf_counter()
-    sizes = QUICK if quick else FULL
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_start = start_run(out_dir, quick, FULL, QUICK)
+    out_dir, sizes = run_start.out_dir, run_start.sizes
     task = MTDTask(**TASK)
     models = build_models(task, sizes, root)
     tokens_a = task.sample(sizes["n_pairs"], sizes["seq_len"], generator=torch.Generator().manual_seed(SEEDS["base"]))
@@ -194,8 +191,8 @@ def run(out_dir: Path, quick: bool = False, root: str | Path | None = None) -> d
         report["models"][name] = measure_model(name, model, task, tokens_a.tokens, tokens_b.tokens, sizes, out_dir)
     files = [f for result in report["models"].values() for v in result["variables"].values() for f in v["files"]]
     report["files"] = [*files, str(out_dir / "alignment.json")]
-    report["wall_clock_s"] = time.perf_counter() - start
+    report["wall_clock_s"] = run_start.seconds()
     (out_dir / "alignment.json").write_text(json.dumps(report, indent=1))
     for line in summary_lines(report):
         print(f"[alignment] {line}")
-    return report
+    return AnalysisResult(report, report["files"])
