@@ -345,6 +345,35 @@ def _interpolation_path(model: HookedTransformer, reference: HookedTransformer, 
     return {"s": path.tolist(), "mean_kl": mean_kl, "infinite_fraction": infinite_fraction, "barrier": barrier}
 
 
+def _score_comparison(model: HookedTransformer, reference: HookedTransformer) -> dict:
+    """:func:`weight_alignment`'s ``"layers"`` part: the per-layer score comparison, with the note on
+    what it compares (``"layers_note"``) or why there is none (``"layers_reason"``)."""
+    result: dict = {"layers": None, "layers_reason": None, "layers_note": None}
+    both_disentangled = isinstance(model, DisentangledTransformer) and isinstance(reference, DisentangledTransformer)
+    neither_disentangled = not isinstance(model, DisentangledTransformer) and not isinstance(
+        reference, DisentangledTransformer
+    )
+    if both_disentangled:
+        result["layers"] = _disentangled_score_comparison(model, reference)
+        result["layers_note"] = "W_A on the shared named blocks, rows centred"
+    elif neither_disentangled:
+        shapes = [(m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model) for m in (model, reference)]
+        if shapes[0] == shapes[1]:
+            result["layers"] = _standard_score_comparison(model, reference)
+            result["layers_note"] = (
+                "raw W_Q W_K^T in residual space: meaningful only if both models share a "
+                "residual basis (e.g. checkpoints of one training run)"
+            )
+        else:
+            result["layers_reason"] = f"(n_layers, n_heads, d_model) differ: {shapes[0]} vs {shapes[1]}"
+    else:
+        result["layers_reason"] = (
+            "a disentangled and a standard transformer: the concatenated named blocks and "
+            "a learned residual basis have no common coordinates"
+        )
+    return result
+
+
 def weight_alignment(
     model: HookedTransformer,
     reference: HookedTransformer,
@@ -382,36 +411,10 @@ def weight_alignment(
     """
     check_same_task_models(model, reference)
     result: dict = {
-        "layers": None,
-        "layers_reason": None,
-        "layers_note": None,
+        **_score_comparison(model, reference),
         "interpolation": None,
         "interpolation_reason": None,
     }
-
-    both_disentangled = isinstance(model, DisentangledTransformer) and isinstance(reference, DisentangledTransformer)
-    neither_disentangled = not isinstance(model, DisentangledTransformer) and not isinstance(
-        reference, DisentangledTransformer
-    )
-    if both_disentangled:
-        result["layers"] = _disentangled_score_comparison(model, reference)
-        result["layers_note"] = "W_A on the shared named blocks, rows centred"
-    elif neither_disentangled:
-        shapes = [(m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model) for m in (model, reference)]
-        if shapes[0] == shapes[1]:
-            result["layers"] = _standard_score_comparison(model, reference)
-            result["layers_note"] = (
-                "raw W_Q W_K^T in residual space: meaningful only if both models share a "
-                "residual basis (e.g. checkpoints of one training run)"
-            )
-        else:
-            result["layers_reason"] = f"(n_layers, n_heads, d_model) differ: {shapes[0]} vs {shapes[1]}"
-    else:
-        result["layers_reason"] = (
-            "a disentangled and a standard transformer: the concatenated named blocks and "
-            "a learned residual basis have no common coordinates"
-        )
-
     if tokens is None:
         result["interpolation_reason"] = "no tokens given to evaluate the path on"
         return result
