@@ -238,7 +238,6 @@ class DisentangledAttention(Attention):
             raise ValueError("the disentangled transformer does not support past_kv_cache")
         if query_input.ndim != 3:
             raise ValueError("the disentangled transformer does not support split q/k/v inputs")
-        batch, n_pos, _ = query_input.shape
 
         # Layer l reads only the blocks written before it, the first D_{l-1} = read coordinates (the
         # rest of its input is zero in any residual the model produces). q = h W_A, k = v = h are
@@ -251,6 +250,26 @@ class DisentangledAttention(Attention):
         q = self.hook_q(F.pad(readable_query @ self.W_A, pad_to_head).unsqueeze(2))  # [batch, pos, 1, d_head]
         k = self.hook_k(F.pad(key_input[..., :read], pad_to_head).unsqueeze(2))
         v = self.hook_v(F.pad(value_input[..., :read], pad_to_head).unsqueeze(2))
+        attn_scores, offset = self._scores(query_input, q, k)
+        if attention_mask is not None:  # padding: TransformerLens' causal-and-padding mask
+            attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
+        if additive_attention_mask is not None:
+            attn_scores = attn_scores + additive_attention_mask
+        attn_scores = self.hook_attn_scores(attn_scores)
+        pattern = self._pattern(attn_scores)
+        z = self._mixed_values(pattern, v, offset)
+
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
+        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+
+    def _scores(
+        self, query_input: Float[Tensor, "batch pos d_model"], q: Tensor, k: Tensor
+    ) -> tuple[Float[Tensor, "batch 1 query key"], Int[Tensor, "query key"]]:
+        """The attention scores before any padding mask: the content score plus the three position terms
+        and the causal mask, and the offsets ``i - j`` they were read at."""
+        read, batch, n_pos = self.read_width, query_input.shape[0], query_input.shape[1]
         # Content score h_i W_A h_j^T (no attention scale; a fresh tensor, summed into in place below).
         attn_scores = torch.einsum("bqhd,bkhd->bhqk", q[..., :read], k[..., :read])  # [batch, 1, query, key]
 
@@ -278,30 +297,29 @@ class DisentangledAttention(Attention):
         for o in range(min(self.window, n_pos)):
             # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
             attn_scores.diagonal(offset=-o, dim1=-2, dim2=-1).add_(rel_query_scores[..., o:, o])
-        if attention_mask is not None:  # padding: TransformerLens' causal-and-padding mask
-            attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
-        if additive_attention_mask is not None:
-            attn_scores = attn_scores + additive_attention_mask
-        attn_scores = self.hook_attn_scores(attn_scores)
+        return attn_scores, offset
+
+    def _pattern(self, attn_scores: Float[Tensor, "batch 1 query key"]) -> Float[Tensor, "batch 1 query key"]:
+        """Softmax over the keys (hooked as ``hook_pattern``); a row that attends nowhere is 0, not NaN."""
         pattern = F.softmax(attn_scores, dim=-1)
         # A row with every key masked (padding) or a non-finite score gives NaN: it attends nowhere
         # instead. Softmax is NaN-free when every row maximum is finite; checking that (one read)
         # spares the full rewrite of the pattern in the usual case.
         if not torch.isfinite(attn_scores.amax(dim=-1)).all():
             pattern = torch.nan_to_num(pattern, nan=0.0)
-        pattern = self.hook_pattern(pattern)  # [batch, 1, query, key]
+        return self.hook_pattern(pattern)  # [batch, 1, query, key]
 
+    def _mixed_values(
+        self, pattern: Float[Tensor, "batch 1 query key"], v: Tensor, offset: Int[Tensor, "query key"]
+    ) -> Float[Tensor, "batch pos 1 d_head"]:
+        """``z`` (hooked as ``hook_z``): the pattern's mix of the content values and of the value RPE."""
+        read = self.read_width
         # z_i = sum_j A_ij [h_j ; r(i - j)]: the content value plus the value RPE in the last W coords.
         content_z = torch.einsum("bhqk,bkhd->bqhd", pattern, v[..., :read])  # [batch, pos, 1, read]
         pattern_by_offset = self._square_to_band(pattern[:, 0], offset)  # [batch, pos, window]
         rel_values = self.hook_rel_values((pattern_by_offset @ self.rel_value).unsqueeze(2))
         d_model = self.cfg.d_model
-        z = self.hook_z(torch.cat([F.pad(content_z, (0, d_model - read)), rel_values], dim=-1))
-
-        if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
-            return result.sum(dim=2) + self.b_O
-        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+        return self.hook_z(torch.cat([F.pad(content_z, (0, d_model - read)), rel_values], dim=-1))
 
     def _offsets(self, n_pos: int, device: torch.device) -> Int[Tensor, "query key"]:
         positions = torch.arange(n_pos, device=device)
