@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 OUTPUT_TYPES = ("logits", "probs")
@@ -76,22 +76,10 @@ def probs_cross_entropy(
     probability 0 the loss is honestly ``inf``: one warning per call says how many tokens and where.
     ``ValueError`` when no position counts (``T <= m + 1``, or everything masked) for the mean.
     """
-    batch, n_pos = tokens.shape
-    n_predicting = n_pos - 1  # the last position has no next token
+    n_pos = tokens.shape[1]
     predicting = output[:, :-1]
     next_tokens = tokens[:, 1:].to(output.device)
-    position = torch.arange(n_predicting, device=output.device).expand(batch, n_predicting)
-    counted = torch.ones(batch, n_predicting, dtype=torch.bool, device=output.device)
-    if attention_mask is not None:
-        if attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
-            )
-        mask = attention_mask.to(output.device).bool()
-        counted = mask[:, :-1] & mask[:, 1:]
-        position = mask.long().cumsum(dim=1)[:, :-1] - 1  # counted from the first unmasked token
-    if order:
-        counted = counted & (position >= order)
+    counted = _counted_positions(tokens, attention_mask, order, output.device)
     # Rows that do not count are never read: a constant row keeps their (unchecked) output out of
     # the renormalisation check and out of the gradient.
     predicting = torch.where(counted[..., None], predicting, torch.ones_like(predicting))
@@ -114,3 +102,26 @@ def probs_cross_entropy(
         first = f"positions t >= order={order} (0-based) that are unmasked" if order else "unmasked positions"
         raise ValueError(f"no position predicts a scored token: the loss counts {first}, and tokens have T={n_pos}")
     return (-log_probs.sum() / n_counted).to(output.dtype)
+
+
+def _counted_positions(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None, order: int | None, device: torch.device
+) -> Bool[Tensor, "batch pos-1"]:
+    """Which predicting positions :func:`probs_cross_entropy` scores: with an ``attention_mask``, those
+    unmasked with an unmasked next token; with an ``order``, only ``t >= order`` (0-based, counted from
+    the first unmasked token)."""
+    batch, n_pos = tokens.shape
+    n_predicting = n_pos - 1  # the last position has no next token
+    position = torch.arange(n_predicting, device=device).expand(batch, n_predicting)
+    counted = torch.ones(batch, n_predicting, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(device).bool()
+        counted = mask[:, :-1] & mask[:, 1:]
+        position = mask.long().cumsum(dim=1)[:, :-1] - 1  # counted from the first unmasked token
+    if order:
+        counted = counted & (position >= order)
+    return counted
