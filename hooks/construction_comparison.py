@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 from mdlens import estimators as E
 from mdlens.construction import build_md_transformer
 from mdlens.evaluation import effective_eta
+from mdlens.hooks._checks import check_model_tokens
 from mdlens.hooks.attention import AttentionAgreement, attention_agreement, offset_mass, responsibility_tv
 from mdlens.hooks.weights import learned_transition, score_block_correlation, softmax_transition_kl, token_score_block
 from mdlens.models import DisentangledTransformer
@@ -85,7 +86,9 @@ def compare_with_construction(
     ``tokens``), on ``tokens`` ``[B, T]`` (``m < T <= n_ctx``) of the task with ``transition`` ``[q, q]``
     and ``order`` ``m``. ``matching``: how model heads are matched to the construction's layers
     (:func:`~mdlens.hooks.attention_agreement`; "ordered" keeps the layer order in a deeper model).
-    Bad input raises ``ValueError`` from the measurement that reads it."""
+    Bad input (tokens the model cannot read or ``T <= m``, a transition of another vocabulary, a step
+    that is not positive) raises ``ValueError``."""
+    tokens = check_model_tokens(model, tokens, transition, order)
     if eta is None:
         eta = own_step(model, tokens, transition, order)
     seq_len = tokens.shape[-1]

@@ -63,5 +63,9 @@ def test_bad_input_raises():
     construction = build_md_transformer(PI, M, T, ETA)
     with pytest.raises(ValueError, match="eta"):
         compare_with_construction(construction, TOKENS, PI, M, eta=-1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="order"):
         compare_with_construction(construction, TOKENS[:, :M], PI, M, eta=ETA)
+    with pytest.raises(ValueError, match="d_vocab"):
+        compare_with_construction(construction, TOKENS, torch.full((4, 4), 0.25, dtype=torch.float64), M)
+    with pytest.raises(ValueError):
+        compare_with_construction(construction, TOKENS.tolist(), PI, M)
