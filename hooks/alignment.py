@@ -64,11 +64,11 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
-from mdlens.checkpoints import build_like
 from mdlens.evaluation import effective_eta
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.hooks.probes import fit_probe
 from mdlens.models.layout import layer_label, residual_hook_of
+from mdlens.models.registry import build_like
 from mdlens.predict import output_to_probs, output_type_of, predict_next
 from mdlens.validation import check_int, check_order, check_transition
 

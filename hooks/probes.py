@@ -7,7 +7,7 @@ split by group. The held-out ``R^2`` is the number to read; two controls say how
 model's doing:
 
 - the same probe on a **randomly initialised model** of the same architecture
-  (:func:`mdlens.checkpoints.build_like`): what the architecture gives for free (e.g. the one-hot
+  (:func:`mdlens.models.build_like`): what the architecture gives for free (e.g. the one-hot
   token blocks of a disentangled model);
 - a **control target** (Hewitt & Liang 2019, :func:`mdlens.hooks.targets.control_target`): a fixed
   random function of the tokens at ``t-m..t``; ``selectivity = R^2 - control R^2``.
@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
-from mdlens.checkpoints import build_like
 from mdlens.hooks._checks import check_activations, check_model_tokens, model_device
 from mdlens.hooks.targets import control_target
 from mdlens.models.layout import layer_label, residual_hook_of
+from mdlens.models.registry import build_like
 from mdlens.validation import check_int
 
 N_FOLDS = 5
@@ -513,7 +513,7 @@ def probe_model(
             name the model does not have.
         blocks: names of ``model.layout`` blocks (e.g. ``"L2.mean_responsibility"``), read from the
             final residual (a disentangled layer's block never changes once written), as extra rows.
-        random_model: also probe :func:`mdlens.checkpoints.build_like` ``(model, seed=control_seed + 1)``.
+        random_model: also probe :func:`mdlens.models.build_like` ``(model, seed=control_seed + 1)``.
         control_seed: seed of the control target's random function.
         seed: the seed of the group split.
     """

@@ -43,7 +43,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from mdlens.models.building import preserve_global_rng, quiet_hooked_transformer_deprecation
 from mdlens.models.dtypes import DTYPES, PLAIN_DTYPES, dtype_name
 from mdlens.models.layout import ResidualLayout
-from mdlens.models.registry import MODEL_KINDS, build_like, build_model, build_plain  # noqa: F401  (build_like: re-exported)
+from mdlens.models.registry import MODEL_KINDS, build_model, build_plain
 from mdlens.models.tokenizer import attach_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from mdlens.task import TASK_ARGUMENTS, MTDTask
 

@@ -67,6 +67,11 @@ def test_the_contracts_hold(tmp_path):
             "mdlens.hooks is not allowed to import mdlens.analyses",
         ),
         (
+            "mdlens/hooks/probes.py",
+            "from mdlens.checkpoints import load",
+            "mdlens.hooks is not allowed to import mdlens.checkpoints",
+        ),
+        (
             "mdlens/analyses/trained.py",
             "from mdlens.analyses import mechanisms",
             "mdlens.analyses.trained is not allowed to import mdlens.analyses.mechanisms",

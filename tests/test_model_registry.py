@@ -4,6 +4,7 @@ readout a loss trains, and the one token check that models and probes share."""
 import pytest
 import torch
 
+import mdlens.models
 from mdlens import MTDTask, checkpoints, train_config
 from mdlens.hooks._checks import check_model_tokens
 from mdlens.models import DisentangledTransformer, registry, standard_transformer
@@ -60,8 +61,9 @@ def test_build_for_task_is_the_kinds_own_builder_sized_for_the_task():
         registry.build_for_task("hooked_transformer", 5, 3, 16, n_layers=2, seed=7, output="logits")
 
 
-def test_build_like_still_imports_from_checkpoints_and_keeps_the_architecture():
-    assert checkpoints.build_like is registry.build_like  # the import path hooks and users use
+def test_build_like_keeps_the_architecture_and_lives_with_the_models():
+    assert mdlens.models.build_like is registry.build_like  # the import path hooks and users use
+    assert not hasattr(checkpoints, "build_like")  # models are built by the registry, not by persistence
     model = DisentangledTransformer(5, 12, n_layers=2, window=4, seed=3, order=3)
     fresh = registry.build_like(model, seed=9)
     assert fresh.mdlens_args == {**model.mdlens_args, "seed": 9}

@@ -15,8 +15,8 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 import mdlens
-from mdlens.checkpoints import CONFIG_FILE, build_like
-from mdlens.models import disentangled_transformer, standard_transformer
+from mdlens.checkpoints import CONFIG_FILE
+from mdlens.models import build_like, disentangled_transformer, standard_transformer
 from mdlens.models.tokenizer import (
     NO_TOKEN,
     attach_tokenizer,
