@@ -10,6 +10,8 @@ alone with ``mdlens reproduce report --out DIR`` once the others have run into `
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mdlens.analyses import AnalysisResult
@@ -582,12 +584,32 @@ def notebook_section(out_dir: Path) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Section:
+    """A section of the report after the paper table: the stages whose results it presents, and the
+    function that writes it, ``write(lines, out_dir, *those stages' reports)``."""
+
+    stages: tuple[str, ...]
+    write: Callable[..., None]
+
+
+# The sections in reading order; every stage of ``reproduce all`` that writes JSON is presented by one.
+SECTIONS = (
+    Section(("estimators",), estimator_section),
+    Section(("trained", "two-step"), trained_section),  # two-step's figure sits with the trained models
+    Section(("step-sizes",), step_size_section),
+    Section(("mechanisms",), mechanism_section),
+    Section(("alignment",), alignment_section),
+)
+
+
 def run(out_dir: Path, quick: bool = False) -> AnalysisResult:
     """Write ``REPORT.md`` in ``out_dir`` from the analyses' JSON files there (it writes no JSON itself)."""
     out_dir = Path(out_dir)
     results = read_results(out_dir)
     data = {name: result.report for name, result in results.items()}
-    quick_runs = [name for name, report in data.items() if report.get("config", {}).get("quick")]
+    presented = [name for section in SECTIONS for name in section.stages]  # in reading order
+    quick_runs = [name for name in presented if data[name].get("config", {}).get("quick")]
     lines = [
         "# mdlens: reproduction report",
         "",
@@ -598,11 +620,8 @@ def run(out_dir: Path, quick: bool = False) -> AnalysisResult:
         "",
     ]
     lines += paper_table(data)
-    estimator_section(lines, out_dir, data["estimators"])
-    trained_section(lines, out_dir, data["trained"], data["two-step"])
-    step_size_section(lines, out_dir, data["step-sizes"])
-    mechanism_section(lines, out_dir, data["mechanisms"])
-    alignment_section(lines, out_dir, data["alignment"])
+    for section in SECTIONS:
+        section.write(lines, out_dir, *(data[name] for name in section.stages))
     lines += notebook_section(out_dir)
     views = sorted(
         path

@@ -64,3 +64,9 @@ def test_results_are_read_from_the_files_the_cli_stages_name(tmp_path):
     (tmp_path / stages[-1] / REPRODUCTIONS[stages[-1]].json_file).unlink()
     with pytest.raises(ValueError, match=f"run `mdlens reproduce {stages[-1]} --out"):
         report.read_results(tmp_path)
+
+
+def test_every_stage_that_writes_json_has_one_section():
+    stages = [name for name, stage in REPRODUCTIONS.items() if stage.in_all and stage.json_file]
+    presented = [name for section in report.SECTIONS for name in section.stages]
+    assert sorted(presented) == sorted(stages) and len(set(presented)) == len(presented)
