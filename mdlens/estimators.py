@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mdlens._random import log_gamma_sample
+from mdlens.task import last_tokens  # E.last_tokens: the lagged rows MD predicts from
 from mdlens.validation import (
     check_distribution,
     check_int,
@@ -79,16 +80,6 @@ def _parent_and_child(tokens: Tensor, order: int) -> tuple[Tensor, Tensor]:
     parents = torch.stack([tokens[:, order - g : seq_len - g] for g in range(1, order + 1)], dim=-1)
     children = tokens[:, order:].unsqueeze(-1)
     return parents, children
-
-
-def last_tokens(tokens: Int[Tensor, "batch seq"], order: int) -> Int[Tensor, "batch m"]:
-    """The lagged rows the next token is read from: column ``g-1`` holds ``y_{T+1-g}``, ``[B, m]``.
-
-    ``predictive`` mixes ``pi(y_{T+1-g}, .)`` over these; the task's true next-token law and the
-    behaviour probes read the same columns. ``tokens`` is ``[B, T]`` with ``T >= m`` (unchecked:
-    callers have validated it).
-    """
-    return tokens[:, tokens.shape[1] - order :].flip(1)
 
 
 def prefix_mean_responsibility(

@@ -136,9 +136,26 @@ class MTDTask:
             tokens_by_pos[m + step] = emitted.clamp_(max=q - 1)
         tokens = einops.rearrange(tokens_by_pos, "t b -> b t").contiguous()
 
-        # True predictive of y_{T+1}: the parent of lag g is y_{T+1-g}, i.e. tokens[:, -g]. This is
-        # mdlens.estimators.last_tokens, written out: the task sits beside the estimators on the
-        # core's floor (.importlinter), so it cannot call them.
-        last_tokens = tokens[:, seq_len - m :].flip(1)  # [B, m], column g-1 holds y_{T+1-g}
-        next_probs = einops.einsum(weights, self.transition[last_tokens], "b g, b g v -> b v")
+        # True predictive of y_{T+1}: the parent of lag g is y_{T+1-g}, i.e. tokens[:, -g].
+        next_probs = einops.einsum(weights, self.transition[last_tokens(tokens, m)], "b g, b g v -> b v")
         return MTDSample(tokens=tokens, weights=weights, lags=lags, next_probs=next_probs)
+
+
+def last_tokens(tokens: Int[Tensor, "batch seq"], order: int) -> Int[Tensor, "batch m"]:
+    """The lagged rows the next token is read from: column ``g-1`` holds ``y_{T+1-g}``, ``[B, m]``.
+
+    The MTD's next token has law ``sum_g lambda_g pi(y_{T+1-g}, .)`` (:attr:`MTDSample.next_probs`);
+    ``mdlens.estimators.predictive`` and the behaviour probes read the same columns
+    (``mdlens.estimators.last_tokens`` is this function). ``tokens`` is ``[B, T]`` with ``T >= m`` (unchecked:
+    callers have validated it).
+    """
+    return tokens[:, tokens.shape[1] - order :].flip(1)
+
+
+def prefix_last_tokens(tokens: Int[Tensor, "batch seq"], order: int) -> Int[Tensor, "batch n_scored m"]:
+    """:func:`last_tokens` of every prefix ``y_1..y_t``, ``t = m+1..T``, at once: ``[B, T-m, m]``,
+    row ``t - m - 1`` column ``g-1`` holds ``y_{t+1-g}`` (the rows a model predicting at every
+    position reads). ``tokens`` is ``[B, T]`` with ``T > m`` (unchecked)."""
+    positions = torch.arange(order, tokens.shape[1], device=tokens.device)  # 0-indexed t - 1, for t = m+1..T
+    lags = torch.arange(1, order + 1, device=tokens.device)
+    return tokens[:, positions[:, None] + 1 - lags[None, :]]  # y_{t+1-g} sits at 0-indexed (t - 1) + 1 - g

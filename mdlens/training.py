@@ -33,6 +33,7 @@ from transformer_lens import HookedTransformer
 from mdlens import estimators as E
 from mdlens.evaluation import HeldOut, evaluate, make_held_out
 from mdlens.predict import output_type_of
+from mdlens.task import prefix_last_tokens
 from mdlens.train_config import RUNTIME_FIELDS, TrainConfig  # torch-free: mdlens train --help lists it
 from mdlens.validation import check_tokens, check_transition, check_weights
 
@@ -83,13 +84,7 @@ def next_token_targets(
 
 def _next_token_targets(tokens: Tensor, weights: Tensor, transition: Tensor) -> Tensor:
     """:func:`next_token_targets` without the input checks, for batches the task itself just sampled."""
-    order, seq_len = weights.shape[1], tokens.shape[1]
-    positions = torch.arange(order, seq_len, device=tokens.device)  # 0-indexed t - 1, for t = m+1..T
-    lags = torch.arange(1, order + 1, device=tokens.device)
-    # y_{t+1-g} is the token at 0-indexed position (t - 1) + 1 - g. Row t - m - 1 is
-    # mdlens.estimators.last_tokens of the prefix y_1..y_t, for every prefix at once (that function
-    # reads the last prefix only).
-    lagged = tokens[:, positions[:, None] + 1 - lags[None, :]]  # [B, T-m, m]
+    lagged = prefix_last_tokens(tokens, weights.shape[1])  # [B, T-m, m]: y_{t+1-g} for t = m+1..T
     rows = transition.to(tokens.device)[lagged]  # [B, T-m, m, q]: pi(y_{t+1-g}, .)
     return torch.einsum("bg,btgv->btv", weights, rows)
 

@@ -150,3 +150,15 @@ def test_bad_sample_arguments_raise(args, message):
         MTDTask(vocab_size=3, order=3, seed=0).sample(*args)
     with pytest.raises(ValueError, match="generator"):
         MTDTask(vocab_size=3, order=3, seed=0).sample(2, 10, generator=1)
+
+
+def test_prefix_last_tokens_are_each_prefixs_lagged_rows():
+    from mdlens.task import last_tokens, prefix_last_tokens
+
+    tokens = torch.randint(0, 5, (3, 9), generator=torch.Generator().manual_seed(4))
+    rows = prefix_last_tokens(tokens, 3)
+    assert rows.shape == (3, 6, 3)
+    for t in range(4, 10):  # prefix y_1..y_t, 1-based
+        expected = [[tokens[b, t - g].item() for g in range(1, 4)] for b in range(3)]  # y_{t+1-g}
+        assert rows[:, t - 4].tolist() == expected
+        assert torch.equal(rows[:, t - 4], last_tokens(tokens[:, :t], 3))
