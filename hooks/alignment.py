@@ -64,6 +64,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
+from mdlens.construction import variable_block
 from mdlens.evaluation import effective_eta
 from mdlens.hooks._checks import check_model_tokens, model_device
 from mdlens.hooks.probes import fit_probe
@@ -75,7 +76,6 @@ from mdlens.validation import check_int, check_order, check_transition
 # Where each variable of the construction lives (its named block) and at which positions it is
 # intervened. "last": the last position only; "scored": every position t > m (0-based m..T-1).
 VARIABLE_POSITIONS = {"responsibility": "scored", "mean_responsibility": "last"}
-CONSTRUCTION_BLOCKS = {"responsibility": "L1.responsibility", "mean_responsibility": "L2.mean_responsibility"}
 WRONG_MODELS = ("permuted_lags", "random_weights")
 # Activations with a head axis ([batch, pos, head, d_head]) are intervened on all heads at once.
 HEAD_HOOKS = ("hook_z", "hook_result", "hook_q", "hook_k", "hook_v")
@@ -103,16 +103,6 @@ def _variable_names(steps: int) -> list[str]:
     """The variables an alignment can target: ``responsibility`` (every position) and the
     last-position quantities of causal ``steps``-step MD."""
     return ["responsibility", *E.causal_md_variables(steps)[2:]]
-
-
-def _block_of(variable: str) -> str:
-    """The construction's named block of ``variable`` (k-step aliases: ``L{2s+1}.lambda{s}``, ...)."""
-    if variable in CONSTRUCTION_BLOCKS:
-        return CONSTRUCTION_BLOCKS[variable]
-    if variable.startswith("lambda"):
-        return f"L{2 * int(variable[len('lambda') :]) + 1}.{variable}"
-    step = next(s for s, name in E.STEP_MEAN_NAMES.items() if name == variable)
-    return f"L{2 * step}.{variable}"
 
 
 @dataclass(frozen=True)
@@ -939,14 +929,14 @@ def _check_search_settings(held_out, steps, sweep_steps, batch_size, lr, seed, w
 
 
 def _steps_needed(variable: str) -> int:
+    """The steps of causal MD a default high-level model needs for ``variable`` (1 for a name it does
+    not have: the high-level model then names the variables it has)."""
     if not isinstance(variable, str):
         raise ValueError(f"variable must be a str, got {type(variable).__name__}")
-    if variable.startswith("lambda") and variable[len("lambda") :].isdigit():
-        return max(1, int(variable[len("lambda") :]))
-    for step, name in E.STEP_MEAN_NAMES.items():
-        if variable == name:
-            return step
-    return 1
+    try:
+        return E.causal_md_step_of(variable)
+    except ValueError:
+        return 1
 
 
 def _named_block_swap(
@@ -956,7 +946,7 @@ def _named_block_swap(
     layout = getattr(model, "layout", None)
     if layout is None:
         return
-    block = _block_of(result.variable)
+    block = variable_block(result.variable)
     if block not in layout or residual_hook_of(block) != intervener.site.hook_name:
         return
     coordinates = layout[block]

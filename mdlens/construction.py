@@ -264,6 +264,18 @@ def _check_scores_stay_above_mask(scale: dict[str, float], steps: int) -> None:
             )
 
 
+def variable_block(variable: str) -> str:
+    """The named block where the (k-step) construction keeps causal MD's ``variable``: layer 1 writes
+    ``L1.responsibility``, layer 2 ``L2.mean_responsibility``; step ``s`` attends at layer ``2s``
+    (``L{2s}.<step mean>``, ``s >= 2``) and reads out ``lambda{s}`` at layer ``2s + 1``."""
+    step = E.causal_md_step_of(variable)
+    if variable in ("responsibility", "mean_responsibility"):
+        return f"L{1 if variable == 'responsibility' else 2}.{variable}"
+    if variable == "responsibilities":
+        raise ValueError("the construction keeps one position's responsibility: 'responsibility' (L1)")
+    return f"L{2 * step + (1 if variable.startswith('lambda') else 0)}.{variable}"
+
+
 def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
     """The construction's names for its algorithmic quantities (see :func:`build_mdk_transformer`)."""
 
@@ -273,8 +285,8 @@ def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
 
     q = layout.block("tokens").width
     blocks = [
-        alias("L1.responsibility", "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
-        alias("L2.mean_responsibility", "L2.L1.rel", 1, m, "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
+        alias(variable_block("responsibility"), "L1.rel", 1, m, "gamma_t(g), g = 1..m: the lag posterior of y_t"),
+        alias(variable_block("mean_responsibility"), "L2.L1.rel", 1, m, "mean of gamma_k(g) over k = m+1..t, g = 1..m"),
     ]
     for step in range(1, steps + 1):
         readout = f"L{2 * step + 1}"
@@ -282,7 +294,7 @@ def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
             attend = f"L{2 * step}"
             blocks.append(
                 alias(
-                    f"{attend}.{E.STEP_MEAN_NAMES[step]}",
+                    variable_block(E.STEP_MEAN_NAMES[step]),
                     f"{attend}.L1.rel",
                     1,
                     m,
@@ -290,7 +302,9 @@ def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
                 )
             )
         score = "a g0" if step == 1 else f"b{step} g0 + " + " + ".join(f"c{r} h_{r - 1}" for r in range(2, step + 1))
-        blocks.append(alias(f"{readout}.lambda{step}", f"{readout}.rel", 0, m, f"lambda{step} = softmax({score})"))
+        blocks.append(
+            alias(variable_block(f"lambda{step}"), f"{readout}.rel", 0, m, f"lambda{step} = softmax({score})")
+        )
         blocks.append(
             alias(f"{readout}.lagged_tokens", f"{readout}.tokens", 0, q, f"sum_g lambda{step}(g) onehot(y_(t+1-g))")
         )

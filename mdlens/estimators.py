@@ -369,6 +369,24 @@ def _causal_md_steps_from(
     return quantities
 
 
+def causal_md_step_of(variable: str) -> int:
+    """The step of causal MD that computes ``variable``: ``s`` for ``lambda{s}`` and for the step mean
+    ``h_{s-1}`` (``STEP_MEAN_NAMES[s]``, e.g. ``second_step_mean`` -> 2); ``1`` for the responsibilities
+    and their mean, which every step reads. ``ValueError`` for a name causal MD does not have."""
+    if variable in ("responsibility", "responsibilities", "mean_responsibility"):
+        return 1
+    if isinstance(variable, str) and variable.startswith("lambda") and variable[len("lambda") :].isdigit():
+        step = int(variable[len("lambda") :])
+        if 1 <= step <= max(STEP_MEAN_NAMES):
+            return step
+    for step, name in STEP_MEAN_NAMES.items():
+        if variable == name:
+            return step
+    raise ValueError(
+        f"{variable!r} is no variable of causal MD (lambda1.., {', '.join(STEP_MEAN_NAMES.values())}, ...)"
+    )
+
+
 def causal_md_variables(steps: int) -> list[str]:
     """The variables of causal ``steps``-step MD, in computation order: ``responsibilities`` (every
     position), ``responsibility`` (the last), ``mean_responsibility``, ``lambda1``, then

@@ -352,3 +352,22 @@ def test_tuned_construction_fits_on_the_tuning_batch_and_computes_its_estimator(
         out = model(tune.tokens)[:, -1]
     expected = E.predictive(tune.tokens, pi, E.causal_md_weights(tune.tokens, pi, m, scales))
     assert (out - expected).abs().max().item() < TOL
+
+
+def test_variable_block_is_where_the_k_step_construction_keeps_each_variable():
+    from mdlens.construction import variable_block
+
+    expected = {
+        "responsibility": "L1.responsibility",
+        "mean_responsibility": "L2.mean_responsibility",
+        "lambda1": "L3.lambda1",
+        "second_step_mean": "L4.second_step_mean",
+        "lambda2": "L5.lambda2",
+        "third_step_mean": "L6.third_step_mean",
+        "lambda3": "L7.lambda3",
+    }
+    assert {name: variable_block(name) for name in expected} == expected
+    model = build_mdk_transformer(
+        random_transition(4, 0, None), 2, 12, steps=3, scales=(6.0, 6.0, 3.0, 3.0, 6.0, 3.0, 3.0)
+    )
+    assert all(block in model.layout for block in expected.values())  # the names the model's layout has

@@ -633,3 +633,12 @@ def test_beta_from_eta_gives_the_last_position_the_step_eta():
     # beta = eta * m * (T - m) = 0.05 * 3 * 29 = 4.35 for T = 32, m = 3; eta_T = beta / (m (T - m)).
     assert E.beta_from_eta(0.05, 3, 32) == pytest.approx(4.35, rel=1e-15)
     assert E.eta_from_beta(4.35, 3, 32) == pytest.approx(0.05, rel=1e-15)
+
+
+def test_causal_md_step_of_names_the_step_that_computes_each_variable():
+    expected = {"responsibility": 1, "mean_responsibility": 1, "lambda1": 1, "second_step_mean": 2, "lambda2": 2}
+    expected |= {"third_step_mean": 3, "lambda3": 3, "fifth_step_mean": 5, "lambda5": 5}
+    assert {name: E.causal_md_step_of(name) for name in expected} == expected
+    for unknown in ("lambda0", "lambda6", "first_step_mean", "weights"):
+        with pytest.raises(ValueError, match="no variable of causal MD"):
+            E.causal_md_step_of(unknown)
