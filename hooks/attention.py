@@ -33,7 +33,7 @@ from mdlens.hooks._assignment import min_cost_assignment, ordered_assignment
 from mdlens.hooks._checks import check_model_tokens, check_same_task_models, model_device
 from mdlens.jsonable import json_ready
 from mdlens.models.layout import layer_label
-from mdlens.validation import check_int, check_order
+from mdlens.validation import check_index, check_int, check_order
 
 # A reference weight above this counts as "attended" for support_mass.
 SUPPORT_THRESHOLD = 1e-9
@@ -415,7 +415,5 @@ def mean_offset_mass(
 
 
 def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer must be an int in [0, {model.cfg.n_layers}), got {layer!r}")
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model.cfg.n_heads:
-        raise ValueError(f"head must be an int in [0, {model.cfg.n_heads}), got {head!r}")
+    check_index(layer, "layer", model.cfg.n_layers)
+    check_index(head, "head", model.cfg.n_heads)

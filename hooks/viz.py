@@ -39,6 +39,7 @@ from mdlens.hooks._checks import check_model_tokens, check_same_task_models
 from mdlens.hooks.attention import attention_patterns
 from mdlens.hooks.probes import Probe
 from mdlens.models.layout import layer_label
+from mdlens.validation import check_index
 
 # Decimal places of the pattern values written into the page (the colours cannot show more).
 DIGITS = 6
@@ -154,9 +155,7 @@ def token_labels(tokens: Int[Tensor, " pos"], lags: Int[Tensor, " pos"] | None =
 
 
 def _check_sequence(sequence: int, batch: int) -> int:
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < batch:
-        raise ValueError(f"sequence must be an int in [0, {batch}) (the batch has {batch} rows), got {sequence!r}")
-    return sequence
+    return check_index(sequence, "sequence", batch, note=f" (the batch has {batch} rows)")
 
 
 def _check_lags(lags: Tensor | None, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:

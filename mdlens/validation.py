@@ -41,6 +41,19 @@ def check_int(value: int, name: str, minimum: int) -> int:
     return integer
 
 
+def check_index(value: int, name: str, size: int, note: str = "") -> int:
+    """An index into ``size`` things: an integral number (:func:`as_integer`) in ``[0, size)``, as a
+    Python ``int``; otherwise ``ValueError``: "``name`` must be an int in [0, size)``note``, got ..."."""
+    message = f"{name} must be an int in [0, {size}){note}, got {value!r}"
+    try:
+        index = as_integer(value, name)
+    except ValueError:
+        raise ValueError(message) from None
+    if not 0 <= index < size:
+        raise ValueError(message)
+    return index
+
+
 def check_order(order: int) -> int:
     """The MTD order ``m`` (number of lags): an int >= 1."""
     return check_int(order, "order (the number of lags m)", 1)

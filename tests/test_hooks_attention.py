@@ -318,3 +318,14 @@ def test_attention_patterns_stack_heads_layer_major(task):
     assert stacked.shape == (2, 4, 9, 9) and stacked.dtype == torch.float64
     for unit, (layer, head) in enumerate([(1, 0), (1, 1), (0, 0), (0, 1)]):
         assert torch.equal(stacked[:, unit], cache[f"blocks.{layer}.attn.hook_pattern"][:, head].double())
+
+
+def test_head_indices_accept_any_integral_number_and_name_the_range():
+    import numpy as np
+
+    from mdlens.validation import check_index
+
+    assert check_index(np.int64(2), "head", 3) == 2 and check_index(torch.tensor(0), "layer", 1) == 0
+    for bad in (3, -1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match=r"head must be an int in \[0, 3\), got"):
+            check_index(bad, "head", 3)
