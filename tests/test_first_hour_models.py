@@ -386,6 +386,7 @@ def test_a_construction_read_on_fewer_tokens_warns_once_with_its_step(task):
     assert f"built for seq_len={T}; on T={short} tokens" in messages[0]
     assert f"eta_T = beta / (m (T - m)) = {beta / (M * (short - M)):.4g}" in messages[0]
     assert f"not the eta = {ETA:.4g}" in messages[0]
+    assert caught[0].filename == __file__  # it names the user's line, not a frame inside TransformerLens
 
 
 def test_notebook_02_draws_the_score_blocks_with_zero_white_and_a_colourbar(shipped):

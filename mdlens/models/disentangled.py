@@ -67,6 +67,7 @@ samples are the same) and split q/k/v inputs.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -90,6 +91,19 @@ MAX_LAYERS = 8
 DEFAULT_INIT_STD = 0.02
 # The hook points this module adds to TL's attention, by their shorthand (``act_name``).
 RPE_HOOK_NAMES = ("rel_scores", "key_pos_scores", "rel_query_scores", "rel_values")
+
+
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside mdlens, torch and TransformerLens,
+    counted from the caller of ``warnings.warn``: a warning raised deep in a forward pass then names
+    the user's line (``model(tokens)``), not TransformerLens's internals."""
+    frame, level = sys._getframe(2), 2  # level 1 is the function that calls warnings.warn
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_PACKAGES = ("mdlens", "torch", "transformer_lens")
 
 
 class RescaledStepWarning(UserWarning):
@@ -433,7 +447,7 @@ class DisentangledTransformer(MDLensTransformer):
             f"it has at T={seq_len}. Build it with seq_len={n_pos} for that step at T={n_pos} (this warning is "
             f"shown once per model)",
             RescaledStepWarning,
-            stacklevel=2,
+            stacklevel=_user_stacklevel(),
         )
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
