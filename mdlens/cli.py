@@ -99,14 +99,8 @@ def _reproduce(args: argparse.Namespace) -> None:
                 raise
             raise UsageError(str(error)) from error  # the report reads what earlier stages wrote
         print(f"[mdlens] reproduce {name}: {time.perf_counter() - start:.1f} s, wrote:")
-        for path in _written_files(written):
+        for path in written.files:  # an mdlens.analyses.AnalysisResult
             print(f"  {path}")
-
-
-def _written_files(result) -> list[str]:
-    """The files a stage's ``run()`` wrote: its ``AnalysisResult.files``, or the ``"files"`` of the JSON
-    dict a stage not yet returning an ``AnalysisResult`` gives (``mdlens.analyses.alignment``)."""
-    return result["files"] if isinstance(result, dict) else result.files
 
 
 def _bench(args: argparse.Namespace) -> None:
