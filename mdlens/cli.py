@@ -10,7 +10,9 @@ line, ``mdlens <command>: error: ...``, exit status 2); a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
@@ -29,24 +31,46 @@ class Stage:
     summary: str
     json_file: str | None = None  # None: the stage writes no JSON (the report)
     in_all: bool = True  # False: too long for ``reproduce all``; run it by name
+    # ``reproduce all --jobs N`` runs the stages of one group in one process, in table order: they
+    # reuse each other's batches, tuned steps and exact Bayes (``mdlens.evaluation.shared``).
+    group: str = ""
 
+
+# The stages that score the references and the shipped models on the shared batches of each length.
+REFERENCES = "references"
 
 # The stages of ``mdlens reproduce``, in the order ``all`` runs them. A new analysis is one more row
 # (before "report", which reads the JSON files the others wrote into DIR/<name>/ under ``all``).
 REPRODUCTIONS: dict[str, Stage] = {
     "estimators": Stage(
-        "mdlens.analyses.estimator_comparison", "MD vs Bayes across sequence lengths", "estimators.json"
+        "mdlens.analyses.estimator_comparison",
+        "MD vs Bayes across sequence lengths",
+        "estimators.json",
+        group=REFERENCES,
     ),
-    "trained": Stage("mdlens.analyses.trained", "the shipped trained models against the references", "trained.json"),
+    "trained": Stage(
+        "mdlens.analyses.trained", "the shipped trained models against the references", "trained.json", group=REFERENCES
+    ),
     "two-step": Stage(
-        "mdlens.analyses.causal_two_step", "causal multi-step MD and the two-step construction", "two_step.json"
+        "mdlens.analyses.causal_two_step",
+        "causal multi-step MD and the two-step construction",
+        "two_step.json",
+        group=REFERENCES,
     ),
     "mechanisms": Stage(
-        "mdlens.analyses.mechanisms", "probes, patching and attention of each model", "mechanisms.json"
+        "mdlens.analyses.mechanisms",
+        "probes, patching and attention of each model",
+        "mechanisms.json",
+        group="mechanisms",
     ),
-    "step-sizes": Stage("mdlens.analyses.step_sizes", "the step size each model implements", "step_sizes.json"),
+    "step-sizes": Stage(
+        "mdlens.analyses.step_sizes", "the step size each model implements", "step_sizes.json", group=REFERENCES
+    ),
     "alignment": Stage(
-        "mdlens.analyses.alignment", "distributed alignment search: is MD causally inside?", "alignment.json"
+        "mdlens.analyses.alignment",
+        "distributed alignment search: is MD causally inside?",
+        "alignment.json",
+        group="alignment",
     ),
     "training-mechanism": Stage(
         "mdlens.analyses.training_mechanism",
@@ -88,19 +112,48 @@ def _reproduce(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
-    for name in names:
-        target = out / name if args.what == "all" and name != "report" else out
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    # Under ``all`` each analysis writes into DIR/<name>/ and the report into DIR itself.
+    folders = {name: out / name if args.what == "all" and name != "report" else out for name in names}
+    stages = [(name, REPRODUCTIONS[name].module, str(folders[name])) for name in names]
+    analyses, last = (stages[:-1], stages[-1:]) if args.what == "all" else (stages, [])
+    if args.jobs == 1 or len(analyses) == 1:
+        _run_stages(analyses, args.quick)
+    else:
+        _run_groups(analyses, args.quick, args.jobs)
+    _run_stages(last, args.quick)  # the report, once every JSON file is written
+
+
+def _run_stages(stages: list[tuple[str, str, str]], quick: bool) -> None:
+    """Run ``(name, module, out_dir)`` stages one after the other in this process, printing what each wrote."""
+    for name, module_name, out_dir in stages:
         start = time.perf_counter()
-        module = importlib.import_module(REPRODUCTIONS[name].module)
+        module = importlib.import_module(module_name)
         try:
-            written = module.run(target, quick=args.quick)
+            written = module.run(Path(out_dir), quick=quick)
         except ValueError as error:
             if name != "report":  # an analysis computes from nothing the user gave: a bug
                 raise
             raise UsageError(str(error)) from error  # the report reads what earlier stages wrote
-        print(f"[mdlens] reproduce {name}: {time.perf_counter() - start:.1f} s, wrote:")
+        print(f"[mdlens] reproduce {name}: {time.perf_counter() - start:.1f} s, wrote:", flush=True)
         for path in written.files:  # an mdlens.analyses.AnalysisResult
-            print(f"  {path}")
+            print(f"  {path}", flush=True)
+
+
+def _run_groups(stages: list[tuple[str, str, str]], quick: bool, jobs: int) -> None:
+    """The stages in ``jobs`` worker processes, one :attr:`Stage.group` per task (in table order), each
+    group's stages in table order. Every stage computes from its own seeds, so the numbers are those
+    of a run in one process; only the wall time changes. A failure stops the run with its traceback."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for stage in stages:
+        groups.setdefault(REPRODUCTIONS[stage[0]].group or stage[0], []).append(stage)
+    # Fresh interpreters ("spawn"): a forked copy of a process that has run torch can hang.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context) as pool:
+        futures = [pool.submit(_run_stages, group, quick) for group in groups.values()]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -147,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("what", choices=[*REPRODUCTIONS, "all"], help="the stage to run (listed below)")
     reproduce.add_argument("--out", required=True, help="output directory")
     reproduce.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    reproduce.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with 'all': run the analyses in this many processes (the stages that share batches stay "
+        "together; the numbers do not change); one core each, so at most the number of cores",
+    )
     reproduce.set_defaults(handler=_handler(reproduce, _reproduce))
 
     benchmarks = _benchmark_names()

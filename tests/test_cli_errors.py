@@ -117,6 +117,12 @@ REPRODUCE_AND_BENCH_ERRORS = {
     "reproduce into a file": (["reproduce", "estimators", "--out", "{tmp}/bad.json"], "reproduce", "is a file"),
     "report before the stages": (["reproduce", "report", "--out", "{tmp}/empty"], "reproduce", "is missing: run"),
     "unknown benchmark": (["bench", "--only", "speed"], "bench", "argument --only: invalid choice: 'speed'"),
+    "no jobs": (
+        ["reproduce", "all", "--out", "{tmp}/r", "--jobs", "0"],
+        "reproduce",
+        "--jobs must be at least 1, got 0",
+    ),
+    "jobs not a number": (["reproduce", "all", "--out", "{tmp}/r", "--jobs", "two"], "reproduce", "invalid int value"),
 }
 
 

@@ -31,8 +31,16 @@ def test_the_full_demo_executes_every_notebook_into_the_reports_folder(tmp_path)
     convert = next(line for line in commands.splitlines() if "nbconvert" in line)
     assert "--to html --execute" in convert and "notebooks/*.ipynb" in convert
     assert f"--output-dir {tmp_path / report.NOTEBOOKS_DIR}" in convert
-    # before the report is written, so that REPORT.md can link them
+    # beside the analyses, and finished (`wait`) before the report is written again, so that
+    # REPORT.md links them
     assert commands.index("nbconvert") < commands.index("reproduce all")
+    assert commands.index("wait $notebooks") < commands.index(f"reproduce report --out {tmp_path}")
+
+
+def test_the_demo_runs_the_analyses_on_both_cores(tmp_path):
+    for flags in ((), ("DEMO_FLAGS=--quick",)):
+        assert "reproduce all" in dry_run(f"DEMO_OUT={tmp_path}", *flags)
+        assert "--jobs 2" in dry_run(f"DEMO_OUT={tmp_path}", *flags)
 
 
 def test_the_quick_demo_leaves_the_notebooks_out(tmp_path):
