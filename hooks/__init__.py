@@ -19,6 +19,9 @@ the construction, the shipped disentangled models and plain ``HookedTransformer`
   :func:`implicit_weights_distances`;
 - patching: :func:`patch_mean_responsibility`, :func:`patching_heatmap`,
   :func:`plot_patching_heatmap`;
+- construction: :func:`compare_with_construction` (a model against the one-step construction with
+  its own step: attention, responsibility, learned pi; :class:`ConstructionComparison`),
+  :func:`own_step`;
 - causal abstraction: :func:`align_variable` (distributed alignment search for one MD variable at
   one hook: held-out interchange fidelity with its controls), :func:`alignment_scan` (every layer),
   :class:`MDCausalModel` and :func:`high_level_model` (the MD it is compared with);

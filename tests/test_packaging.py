@@ -38,6 +38,7 @@ def test_wheel_has_one_top_level_name_and_maps_the_folders(tmp_path):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"mdlens"}
     assert "mdlens/hooks/probes.py" in names and "mdlens/analyses/trained.py" in names
+    assert "mdlens/analyses/bench/models.py" in names  # the benchmarks sub-package
     assert any(name.startswith("mdlens/pretrained/disentangled-3l/") for name in names)
 
     # Unpacked and imported from elsewhere: mdlens.hooks and mdlens.analyses import, the generic names do not.
