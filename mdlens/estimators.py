@@ -916,22 +916,28 @@ def _exact_posterior_mean(
 
     scaled = lag_probs / lag_probs.amax(dim=-1, keepdim=True)  # max_g = 1 at every position
     chunk = max(1, _EXACT_CHUNK_CELLS // cells)
-    means = []
-    for start in range(0, batch_size, chunk):
-        part = scaled[start : start + chunk]
-        if every_prefix:
-            prefix_means = torch.empty(part.shape[0], n_scored, m, dtype=torch.float64)
-
-            def record(k: int, table: Tensor, prefix_means: Tensor = prefix_means) -> None:
-                prefix_means[:, k - 1] = _mixture_mean(table, k, alpha)
-
-            _count_table(part, count_grids, free_total, alpha, on_step=record, bar=bar)
-            means.append(prefix_means)
-        else:
-            table = _count_table(part, count_grids, free_total, alpha, bar=bar)
-            means.append(_mixture_mean(table, n_scored, alpha))
+    means = [
+        _chunk_posterior_mean(scaled[start : start + chunk], count_grids, free_total, alpha, every_prefix, bar)
+        for start in range(0, batch_size, chunk)
+    ]
     bar.close()
     return torch.cat(means)
+
+
+def _chunk_posterior_mean(
+    scaled: Tensor, count_grids, free_total: Tensor, alpha: float, every_prefix: bool, bar
+) -> Tensor:
+    """:func:`_exact_posterior_mean` of one chunk of sequences: ``[b, m]``, or ``[b, N, m]`` for every prefix."""
+    n_scored, m = scaled.shape[1], scaled.shape[2]
+    if not every_prefix:
+        return _mixture_mean(_count_table(scaled, count_grids, free_total, alpha, bar=bar), n_scored, alpha)
+    prefix_means = torch.empty(scaled.shape[0], n_scored, m, dtype=torch.float64)
+
+    def record(k: int, table: Tensor) -> None:
+        prefix_means[:, k - 1] = _mixture_mean(table, k, alpha)
+
+    _count_table(scaled, count_grids, free_total, alpha, on_step=record, bar=bar)
+    return prefix_means
 
 
 def _mixture_mean(table: Tensor, n_scored: int, alpha: float) -> Tensor:
