@@ -184,7 +184,7 @@ def high_level_model(
             return MDCausalModel(transition, order, recorded, "construction")
     if steps == 1:
         eta = effective_eta(model, tokens, transition, order)
-        beta = eta * order * (tokens.shape[1] - order)  # one-step MD with eta is softmax(beta * Gamma_bar)
+        beta = E.beta_from_eta(eta, order, tokens.shape[1])  # one-step MD with eta is softmax(beta * Gamma_bar)
         return MDCausalModel(transition, order, (beta,), "effective_step")
     own = predict_next(model, tokens)
     starts = E.default_causal_md_starts(tokens, transition, order, own, steps)

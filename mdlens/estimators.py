@@ -564,11 +564,10 @@ def default_causal_md_starts(
     """
     tokens, transition, order = _checked_inputs(tokens, transition, order)
     steps = check_int(steps, "steps", 1)
-    context = tokens.shape[1] - order
     terms = _LagTerms.of(tokens, transition, order)
     target_probs = _checked_target(target_probs, tokens, transition)
-    first = _tune_refined_on(terms, target_probs, steps=1)["eta"] * order * context
-    multi = _tune_refined_on(terms, target_probs, steps=steps)["eta"] * order * context
+    first = beta_from_eta(_tune_refined_on(terms, target_probs, steps=1)["eta"], order, tokens.shape[1])
+    multi = beta_from_eta(_tune_refined_on(terms, target_probs, steps=steps)["eta"], order, tokens.shape[1])
     later = steps - 1
     return [
         [first, *[first, 0.0, 0.0] * later],
