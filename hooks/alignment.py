@@ -27,6 +27,13 @@ A fidelity alone can mislead; :func:`align_variable` reports these next to it:
   needed at all, and is the effect more than "any ``rank`` directions"?
 - **(a) a randomly initialised model** of the same architecture, same DAS: rules out a fidelity that
   the search itself manufactures from any network (enough free directions to steer the output).
+  Where the model's output is read as probabilities (``output_type="probs"``, as the construction
+  and the disentangled models), the random model's raw output is read through a softmax instead: an
+  untrained network does not output probabilities (about 30% of its entries are negative), and
+  floored at ``PROBS_FLOOR`` its KL to ``cf`` is mostly the clipped entries (1.65 of 1.80 on the
+  construction's architecture), which any subspace that lifts them "closes": the fidelity would
+  then measure the floor (0.3-0.5), not what DAS can make an untrained network do (0.03-0.07 read
+  through a softmax, on the one- and two-step constructions).
 - **(b) a wrong high-level model**: the counterfactual with B's lag weights cyclically permuted
   (``wrong_model="permuted_lags"``) or replaced by a random point of the simplex
   (``"random_weights"``). DAS must fit it much worse than the true one: rules out an alignment that
@@ -962,8 +969,10 @@ def _named_block_swap(
 def _run_controls(result, model, site, intervener, pairs, train, test, das, fidelity, seed, wrong_model) -> None:
     """Controls (a)-(c) of the module docstring, written into ``result``."""
     tokens_a, tokens_b = pairs.tokens_base, pairs.tokens_source
-    # (a) The same search on a randomly initialised model of the same architecture.
+    # (a) The same search on a randomly initialised model of the same architecture, its output read
+    # as logits (a softmax) where the model's is read as probabilities (module docstring).
     random_model = build_like(model, seed=seed + 1)
+    random_model.output_type = "logits"
     random_intervener = _Intervener(random_model, site, intervener.order)
     random_pairs = _prepare(random_intervener, tokens_a, tokens_b, pairs.counterfactual)
     random_kl_base = float(

@@ -203,7 +203,7 @@ def test_das_finds_mean_responsibility_after_layer_2(mean_responsibility_alignme
     assert (gram - torch.eye(M, dtype=torch.float64)).abs().max() < 1e-9
     # Controls: a random subspace does nothing, nor does DAS on a random-init model or against a wrong model.
     assert abs(alignment.random_subspace_fidelity) <= 0.1
-    assert math.isfinite(alignment.random_model_fidelity)
+    assert alignment.random_model_fidelity <= 0.1  # read through a softmax (module docstring)
     assert alignment.wrong_model == "permuted_lags" and alignment.wrong_model_fidelity <= 0.5
     assert alignment.subspace_r2 >= 0.9
     summary = alignment.to_dict()
@@ -247,9 +247,9 @@ def test_das_finds_the_two_step_variables(task, pairs, two_step, variable, hook_
     )
     assert alignment.interchange_fidelity >= 0.99
     assert alignment.wrong_model_fidelity <= 0.5
-    # The random-init control is finite; on this "probs" architecture it is not small (see
-    # test_random_init_control_is_a_baseline).
-    assert math.isfinite(alignment.random_model_fidelity)
+    # DAS on an untrained network of this architecture, its output read through a softmax, does not
+    # make it produce the counterfactual (floored as probabilities it would score 0.07-0.22 here).
+    assert alignment.random_model_fidelity <= 0.1
 
 
 # ----------------------------------------------------------------------------------------------
