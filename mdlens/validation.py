@@ -135,15 +135,19 @@ def check_context_tokens(tokens: Tensor, vocab_size: int, n_ctx: int, order: int
     return tokens
 
 
+def _float64_rows(values: Tensor, name: str) -> Tensor:
+    """A floating-point tensor as float64, a single row ``[k]`` as ``[1, k]``; ``ValueError`` otherwise."""
+    if not isinstance(values, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if not values.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
+    values = values.to(torch.float64)
+    return values.unsqueeze(0) if values.ndim == 1 else values
+
+
 def check_weights(weights: Tensor, order: int, batch_size: int | None = None) -> Float[Tensor, "batch m"]:
     """Mixture weights on the simplex, shape ``[B, m]`` or ``[m]``; returns float64 ``[B, m]``."""
-    if not isinstance(weights, Tensor):
-        raise ValueError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
-    if not weights.is_floating_point():
-        raise ValueError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
-    weights = weights.to(torch.float64)
-    if weights.ndim == 1:
-        weights = weights.unsqueeze(0)
+    weights = _float64_rows(weights, "weights")
     if weights.ndim != 2 or weights.shape[1] != order:
         raise ValueError(f"weights must have shape [B, m={order}] or [m], got {tuple(weights.shape)}")
     if batch_size is not None and weights.shape[0] not in (1, batch_size):
@@ -160,13 +164,7 @@ def check_weights(weights: Tensor, order: int, batch_size: int | None = None) ->
 
 def check_distribution(probs: Tensor, name: str) -> Float[Tensor, "batch q"]:
     """A batch of probability vectors ``[B, q]`` (or ``[q]``); returns float64 ``[B, q]``."""
-    if not isinstance(probs, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
-    if not probs.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {probs.dtype}")
-    probs = probs.to(torch.float64)
-    if probs.ndim == 1:
-        probs = probs.unsqueeze(0)
+    probs = _float64_rows(probs, name)
     if probs.ndim != 2:
         raise ValueError(f"{name} must have shape [B, q] or [q], got {tuple(probs.shape)}")
     if torch.isnan(probs).any():
