@@ -533,9 +533,8 @@ def alignment_section(lines: list[str], out_dir: Path, data: dict) -> None:
         "rank; (a) a random-init model; (b) a wrong high-level model (B's lag weights permuted); (c) the "
         "subspace's own R^2 for the variable and the share of it the output reads. A variable is called "
         "present when DAS reaches 0.9, at least 0.5 above (a), with (b) <= 0.5 and (c)'s R^2 >= 0.5; partial "
-        "from 0.5. (a) is a "
-        "baseline, not a zero: most outputs of a random-init 'probs' model are clipped, and lifting them "
-        "lowers the KL.",
+        "from 0.5. (a) reads an untrained 'probs' model's output through a softmax: read as probabilities "
+        "its KL is mostly clipped entries, which any subspace lifts.",
         "",
         "| model | variable | best hook | DAS | probe subspace | random subspace | (a) random model | "
         "(b) wrong model | (c) subspace R^2 / read share | saturating rank | verdict |",
