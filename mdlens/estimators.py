@@ -241,7 +241,7 @@ class _LagTerms:
 
     def predictive(self, weights: Tensor) -> Tensor:
         """``predictive(tokens, pi, weights)`` for weights ``[B, m]`` MD made (on the simplex)."""
-        return einops.einsum(weights.expand(self.lagged_rows.shape[0], -1), self.lagged_rows, "b g, b g v -> b v")
+        return _mix(weights, self.lagged_rows)
 
 
 def _md_weights_of(terms: _LagTerms, etas: Tensor) -> Tensor:
@@ -484,8 +484,7 @@ def _batch_predictive(tokens: TokensLike, transition: Tensor) -> Callable[[Tenso
             predictive(tokens, transition, weights.detach())  # every check predictive makes, once
             checked, pi, order = _checked_inputs(tokens, transition, order)
             lagged_rows[order] = pi[last_tokens(checked, order)]
-        rows = lagged_rows[order]
-        return einops.einsum(weights.expand(rows.shape[0], -1), rows, "b g, b g v -> b v")
+        return _mix(weights, lagged_rows[order])
 
     return predictive_of
 
@@ -641,7 +640,13 @@ def predictive(
     tokens = check_tokens(tokens, transition.shape[0], order)
     weights = check_weights(weights, order, tokens.shape[0])
     lagged = transition[last_tokens(tokens, order)]  # [B, m, q]: row g-1 is pi(y_{T+1-g}, .)
-    return einops.einsum(weights.expand(tokens.shape[0], -1), lagged, "b g, b g v -> b v")
+    return _mix(weights, lagged)
+
+
+def _mix(weights: Tensor, lagged_rows: Tensor) -> Tensor:
+    """``sum_g w_g pi(y_{T+1-g}, .)``: weights ``[B, m]`` (or ``[1, m]``, shared) over the lagged rows
+    ``[B, m, q]`` of ``pi``, ``[B, q]``; the one place every predictive mixes them."""
+    return einops.einsum(weights.expand(lagged_rows.shape[0], -1), lagged_rows, "b g, b g v -> b v")
 
 
 def kl_divergence(p: Float[Tensor, "batch q"], q: Float[Tensor, "batch q"]) -> Float[Tensor, " batch"]:
