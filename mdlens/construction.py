@@ -268,12 +268,16 @@ def variable_block(variable: str) -> str:
     """The named block where the (k-step) construction keeps causal MD's ``variable``: layer 1 writes
     ``L1.responsibility``, layer 2 ``L2.mean_responsibility``; step ``s`` attends at layer ``2s``
     (``L{2s}.<step mean>``, ``s >= 2``) and reads out ``lambda{s}`` at layer ``2s + 1``."""
-    step = E.causal_md_step_of(variable)
-    if variable in ("responsibility", "mean_responsibility"):
-        return f"L{1 if variable == 'responsibility' else 2}.{variable}"
+    if variable in FIRST_LAYERS_BLOCKS:
+        return FIRST_LAYERS_BLOCKS[variable]
+    step = E.causal_md_step_of(variable)  # ValueError for a name causal MD does not have
     if variable == "responsibilities":
         raise ValueError("the construction keeps one position's responsibility: 'responsibility' (L1)")
-    return f"L{2 * step + (1 if variable.startswith('lambda') else 0)}.{variable}"
+    return f"L{2 * step + 1}.{variable}" if variable.startswith("lambda") else f"L{2 * step}.{variable}"
+
+
+# Layers 1 and 2, shared by every k-step construction: the responsibilities and their mean.
+FIRST_LAYERS_BLOCKS = {"responsibility": "L1.responsibility", "mean_responsibility": "L2.mean_responsibility"}
 
 
 def _aliases(layout, m: int, steps: int) -> list[ResidualBlock]:
