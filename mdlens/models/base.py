@@ -4,6 +4,7 @@ read each model's real distribution, with checked token input and the offline to
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,14 +50,16 @@ class MDLensTransformer(HookedTransformer):
       ``stop_at_eos`` defaults to ``False``. The prompt plus ``max_new_tokens`` must fit ``n_ctx``.
       A prompt given as token ids (or as one string) is read as it is: TransformerLens would mask its
       trailing pad ids when the model has a tokenizer, and mdlens' pad id (0) is a real token. (A list
-      of strings is left-padded by TransformerLens and keeps its masking.)
+      of strings is left-padded by TransformerLens and keeps its masking.) Generation recomputes the
+      prefix at each step (``use_past_kv_cache=False``; asking for ``True`` warns): TransformerLens
+      3.9's cached generation adds the position embeddings of the wrong positions (it embeds the
+      whole sequence at the cache's offset), which changes the samples of a model with learned
+      absolute positions such as ``standard-3l``. A forward with ``past_kv_cache`` is exact.
     - **Input checks**: integer token input (to ``forward``, ``run_with_cache``, ``run_with_hooks``,
       TL's patching, ``generate``) must be ``[B, T]`` or ``[T]`` ids in ``[0, d_vocab)`` with
       ``B >= 1`` and ``1 <= T <= n_ctx``: a ``ValueError`` says what is wrong. Strings (through a
       tokenizer) and residual input with ``start_at_layer`` are passed to TransformerLens as they are.
     """
-
-    supports_past_kv_cache = True  # generate may use TransformerLens' key/value cache
 
     def __init__(self, cfg, output_type: str = "logits", **kwargs):
         super().__init__(cfg, **kwargs)
@@ -66,9 +69,13 @@ class MDLensTransformer(HookedTransformer):
             attach_tokenizer(self)
 
     def input_to_embed(self, input, *args, **kwargs):
-        """TransformerLens' ``input_to_embed``, with integer token input checked first."""
+        """TransformerLens' ``input_to_embed``, with integer token input checked first. Token ids run
+        with a key/value cache and no ``attention_mask`` attend to every position: TransformerLens
+        would derive a padding mask from the tokenizer's pad id, and mdlens' pad id (0) is a real token."""
         if isinstance(input, Tensor):  # strings go through the tokenizer as TransformerLens does
             check_context_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
+            if kwargs.get("past_kv_cache") is not None and kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = torch.ones_like(input if input.ndim == 2 else input[None])
         return super().input_to_embed(input, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -131,9 +138,6 @@ class MDLensTransformer(HookedTransformer):
             input = self._string_prompt_to_ids(input, kwargs)  # it yields ids either way
         input = self._check_generation_input(input, max_new_tokens)
         kwargs = self._generation_kwargs(input, args, kwargs)
-        if isinstance(input, Tensor):
-            # Its key/value cache path needs the tokenizer, which a token prompt runs without.
-            kwargs["use_past_kv_cache"] = False
         stream = super().generate_stream(input, max_new_tokens, *args, **kwargs)
         while True:
             # The generation state is on only while the stream computes, not while the caller holds a chunk.
@@ -185,8 +189,13 @@ class MDLensTransformer(HookedTransformer):
     def _generation_kwargs(self, input, args: tuple, kwargs: dict) -> dict:
         """TransformerLens' generation arguments, with mdlens' defaults (class docstring)."""
         kwargs = dict(kwargs)
-        if not self.supports_past_kv_cache:
-            kwargs["use_past_kv_cache"] = False  # the same samples, recomputing the prefix each step
+        if kwargs.get("use_past_kv_cache"):
+            warnings.warn(
+                "use_past_kv_cache=True is ignored: TransformerLens' cached generation shifts absolute "
+                "position embeddings; mdlens recomputes the prefix at each step (the model's own samples)",
+                stacklevel=3,
+            )
+        kwargs["use_past_kv_cache"] = False  # the same samples as TL's uncached path
         if args:  # stop_at_eos and eos_token_id come first among the positional arguments: leave them
             return kwargs
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None

@@ -20,12 +20,15 @@ How it maps onto TransformerLens (``n_heads = 1``, ``attn_only``, ``normalizatio
   non-zero, and every other entry gets exactly zero gradient, so it stays zero), ``W_K = [I | 0]``
   frozen. Hence ``model.QK[l] == W_A``. The forward computes ``q``, ``k``, ``v`` only on the
   ``D_{l-1}`` coordinates layer ``l`` can read (everything after them is still zero) and pads them
-  to ``d_head`` for the hooks: the same values as TL's full products at a fraction of the cost.
+  to ``d_head`` where a hook sees them: the same values as TL's full products at a fraction of the cost.
 - **Values**: ``W_V = [I | 0]`` frozen (the value is the residual itself) and the value RPE fills
   the last ``W`` coordinates of ``z``: ``z_i = sum_j A_ij [h_j ; r_l(i - j)]``. Keeping the RPE
   inside ``z`` means ``hook_z`` / ``hook_result`` carry the whole head output, so TL's per-head
   patching patches all of it. ``W_O`` is frozen: it maps ``z[:D_{l-1}]`` to ``L{l}``'s copy part
-  and ``z[d_model:]`` to ``L{l}.rel``. All biases are zero and frozen.
+  and ``z[d_model:]`` to ``L{l}.rel``, and the forward places the two parts there (exactly
+  ``z W_O``; ``z`` is built in full only where a hook sees it). As with ``W_K`` and ``W_V``, the
+  forward relies on these frozen values: edit them and it does not follow. All biases are zero
+  and frozen.
 - **Positional terms** (trainable, per layer, each behind its own HookPoint):
 
   1. ``rel_score[o]``, a scalar for every offset ``o = 0..n_ctx-1`` -> ``hook_rel_scores``;
@@ -61,8 +64,11 @@ Initialisation (seeded by ``seed`` through a private ``torch.Generator``): ``W_A
 one-hot of ``o`` (each layer starts out able to tell offsets apart, which the construction needs
 in layers 1 and 3); ``rel_score`` and ``key_pos_score`` zero (uniform causal attention at start).
 
-Not supported: ``past_kv_cache`` (``generate`` recomputes the prefix at each step instead; the
-samples are the same) and split q/k/v inputs.
+TransformerLens' key/value cache (``past_kv_cache``) works as on TL's own attention: the cached
+keys and values are the residual's read coordinates at the earlier positions, and the new queries
+sit at positions ``past..``, which the position terms read (a run resumed after a cached prefix
+gives the full run's outputs; ``generate`` recomputes the prefix instead, see
+:class:`~mdlens.models.base.MDLensTransformer`). Not supported: split q/k/v inputs.
 """
 
 from __future__ import annotations
@@ -182,13 +188,18 @@ def residual_widths(vocab_size: int, n_layers: int, window: int) -> list[int]:
     return widths
 
 
+def _hooked(hook_point: HookPoint) -> bool:
+    """Whether a forward or backward hook is attached to ``hook_point`` (else it is the identity)."""
+    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
+
+
 def _through_hook(
     hook_point: HookPoint, table: Float[Tensor, "query key"], batch: int
 ) -> Float[Tensor, "query key"] | Float[Tensor, "batch 1 query key"]:
     """``table`` shown to ``hook_point`` as a fresh ``[batch, 1, query, key]`` tensor (a hook may edit
     it in place) when a forward or backward hook is attached; else ``table`` itself, unexpanded (the
     hook point would be the identity, and the caller broadcasts the table over the batch)."""
-    if not (hook_point._forward_hooks or hook_point._backward_hooks):
+    if not _hooked(hook_point):
         return table
     return hook_point(table.expand(batch, 1, *table.shape).clone())
 
@@ -248,51 +259,69 @@ class DisentangledAttention(Attention):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         position_bias=None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        if past_kv_cache_entry is not None:
-            raise ValueError("the disentangled transformer does not support past_kv_cache")
         if query_input.ndim != 3:
             raise ValueError("the disentangled transformer does not support split q/k/v inputs")
 
         # Layer l reads only the blocks written before it, the first D_{l-1} = read coordinates (the
         # rest of its input is zero in any residual the model produces). q = h W_A, k = v = h are
-        # computed on those coordinates and zero-padded to TL's d_head for hook_q/k/v: the same
-        # values as TL's h W_Q, h W_K = [h | 0], h W_V = [h | 0], at a fraction of the width
-        # (layer 1 of a 5-layer model reads 5 of 284 coordinates). Entries of W_Q outside the W_A
-        # corner get zero gradient and stay zero; they are not read. All biases are frozen zeros.
-        read, pad_to_head = self.read_width, (0, self.cfg.d_head - self.read_width)
-        readable_query = query_input[..., :read]
-        q = self.hook_q(F.pad(readable_query @ self.W_A, pad_to_head).unsqueeze(2))  # [batch, pos, 1, d_head]
-        k = self.hook_k(F.pad(key_input[..., :read], pad_to_head).unsqueeze(2))
-        v = self.hook_v(F.pad(value_input[..., :read], pad_to_head).unsqueeze(2))
-        attn_scores, offset = self._scores(query_input, q, k)
+        # computed on those coordinates: the same values as TL's h W_Q, h W_K = [h | 0], h W_V = [h | 0],
+        # at a fraction of the width (layer 1 of a 5-layer model reads 5 of 284 coordinates), and
+        # zero-padded to TL's d_head only where a hook (or the key/value cache) sees them
+        # (_head_activation). Entries of W_Q outside the W_A corner get zero gradient and stay zero;
+        # they are not read. All biases are frozen zeros.
+        read, cached = self.read_width, past_kv_cache_entry is not None
+        q = self._head_activation(self.hook_q, query_input[..., :read] @ self.W_A)  # [batch, pos, 1, read or d_head]
+        k = self._head_activation(self.hook_k, key_input[..., :read], pad=cached)
+        v = self._head_activation(self.hook_v, value_input[..., :read], pad=cached)
+        # With TransformerLens' key/value cache (generate, or a run resumed after a prefix) the queries
+        # are the positions past..past+n-1 and the keys every position so far: the cached ones first.
+        past = 0
+        if cached:
+            past = past_kv_cache_entry.past_keys.shape[1]
+            k, v = past_kv_cache_entry.append(k, v)
+        attn_scores, offset = self._scores(query_input, q, k, past)
         if attention_mask is not None:  # padding: TransformerLens' causal-and-padding mask
-            attn_scores = self.apply_causal_mask(attn_scores, 0, attention_mask)
+            attn_scores = self.apply_causal_mask(attn_scores, past, attention_mask)
         if additive_attention_mask is not None:
             attn_scores = attn_scores + additive_attention_mask
         attn_scores = self.hook_attn_scores(attn_scores)
         pattern = self._pattern(attn_scores)
-        z = self._mixed_values(pattern, v, offset)
+        content_z, rel_z = self._mixed_values(pattern, v, offset)
 
+        # z W_O with the frozen copy map W_O: z[:D_{l-1}] -> L{l}'s copy part [D_{l-1}, 2 D_{l-1}),
+        # z[d_model:] (the value RPE) -> L{l}.rel [2 D_{l-1}, 2 D_{l-1} + W); zero elsewhere. Placing the
+        # two parts is exact (each output coordinate is one entry of z times 1), without a
+        # [d_head, d_model] matmul that is almost all zeros.
+        written = torch.cat([content_z, rel_z], dim=-1)[:, :, 0]  # [batch, pos, D_{l-1} + W]
+        out = F.pad(written, (read, self.cfg.d_model - 2 * read - self.window))
         if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
-            return result.sum(dim=2) + self.b_O
-        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+            out = self.hook_result(out.unsqueeze(2)).sum(dim=2)  # one head: its result is the output
+        return out + self.b_O
+
+    def _head_activation(self, hook_point: HookPoint, values: Tensor, pad: bool = False) -> Tensor:
+        """``values [batch, pos, read]`` as a one-head activation ``[batch, pos, 1, .]``: zero-padded to
+        TL's ``d_head`` and through ``hook_point`` where a hook is attached (or ``pad``), else as it is
+        (the hook point would be the identity, and only the first ``read`` coordinates are read)."""
+        if not (pad or _hooked(hook_point)):
+            return values.unsqueeze(2)
+        return hook_point(F.pad(values, (0, self.cfg.d_head - values.shape[-1])).unsqueeze(2))
 
     def _scores(
-        self, query_input: Float[Tensor, "batch pos d_model"], q: Tensor, k: Tensor
+        self, query_input: Float[Tensor, "batch pos d_model"], q: Tensor, k: Tensor, past: int = 0
     ) -> tuple[Float[Tensor, "batch 1 query key"], Int[Tensor, "query key"]]:
         """The attention scores before any padding mask: the content score plus the three position terms
-        and the causal mask, and the offsets ``i - j`` they were read at."""
-        read, batch, n_pos = self.read_width, query_input.shape[0], query_input.shape[1]
+        and the causal mask, and the offsets ``i - j`` they were read at. The queries are the positions
+        ``past..past+n-1`` (``past`` > 0 after a key/value cache), the keys ``0..past+n-1``."""
+        read, batch, n_query, n_key = self.read_width, query_input.shape[0], query_input.shape[1], k.shape[1]
         # Content score h_i W_A h_j^T (no attention scale; a fresh tensor, summed into in place below).
         attn_scores = torch.einsum("bqhd,bkhd->bhqk", q[..., :read], k[..., :read])  # [batch, 1, query, key]
 
-        offset = self._offsets(n_pos, query_input.device)  # offset[i, j] = i - j
+        offset = self._offsets(n_query, n_key, query_input.device)  # offset[i, j] = (past + i) - j
         causal = offset >= 0
         # The two position-only terms are [query, key] tables; a hook on them gets its own
         # [batch, head, query_pos, key_pos] copy (see _through_hook).
         rel_table = torch.where(causal, self.rel_score[offset.clamp(min=0)], 0.0)
-        key_pos_table = torch.where(causal, self.key_pos_score[:n_pos], 0.0)
+        key_pos_table = torch.where(causal, self.key_pos_score[:n_key], 0.0)
         rel_scores = _through_hook(self.hook_rel_scores, rel_table, batch)
         key_pos_scores = _through_hook(self.hook_key_pos_scores, key_pos_table, batch)
         # h_i . U[:, i - j] for offsets in the window: (h U)[i, o] placed at key j = i - o.
@@ -308,9 +337,12 @@ class DisentangledAttention(Attention):
         # (rel + key_pos)), so a hooked run (run_with_cache) gives the unhooked output bit for bit.
         positional = (rel_scores + key_pos_scores).masked_fill_(~causal, float("-inf"))
         attn_scores.add_(positional)
-        for o in range(min(self.window, n_pos)):
-            # The o-th sub-diagonal holds the pairs (i, i - o), i = o..n_pos-1.
-            attn_scores.diagonal(offset=-o, dim1=-2, dim2=-1).add_(rel_query_scores[..., o:, o])
+        for o in range(min(self.window, n_key)):
+            # Offset o holds the pairs (query past + i, key past + i - o): the diagonal past - o of the
+            # [query, key] table, from the first query with such a key, i = max(0, o - past).
+            first = max(0, o - past)
+            if first < n_query:
+                attn_scores.diagonal(offset=past - o, dim1=-2, dim2=-1).add_(rel_query_scores[..., first:, o])
         return attn_scores, offset
 
     def _pattern(self, attn_scores: Float[Tensor, "batch 1 query key"]) -> Float[Tensor, "batch 1 query key"]:
@@ -325,19 +357,25 @@ class DisentangledAttention(Attention):
 
     def _mixed_values(
         self, pattern: Float[Tensor, "batch 1 query key"], v: Tensor, offset: Int[Tensor, "query key"]
-    ) -> Float[Tensor, "batch pos 1 d_head"]:
-        """``z`` (hooked as ``hook_z``): the pattern's mix of the content values and of the value RPE."""
+    ) -> tuple[Float[Tensor, "batch pos 1 read"], Float[Tensor, "batch pos 1 window"]]:
+        """``z`` (hooked as ``hook_z``): the pattern's mix of the content values and of the value RPE,
+        as its two non-zero parts ``(z[..., :D_{l-1}], z[..., d_model:])``."""
         read = self.read_width
         # z_i = sum_j A_ij [h_j ; r(i - j)]: the content value plus the value RPE in the last W coords.
         content_z = torch.einsum("bhqk,bkhd->bqhd", pattern, v[..., :read])  # [batch, pos, 1, read]
         pattern_by_offset = self._square_to_band(pattern[:, 0], offset)  # [batch, pos, window]
         rel_values = self.hook_rel_values((pattern_by_offset @ self.rel_value).unsqueeze(2))
+        if not _hooked(self.hook_z):
+            return content_z, rel_values
+        # TL's z, [batch, pos, 1, d_head]: zero between the two parts; what a hook leaves there W_O ignores.
         d_model = self.cfg.d_model
-        return self.hook_z(torch.cat([F.pad(content_z, (0, d_model - read)), rel_values], dim=-1))
+        z = self.hook_z(torch.cat([F.pad(content_z, (0, d_model - read)), rel_values], dim=-1))
+        return z[..., :read], z[..., d_model:]
 
-    def _offsets(self, n_pos: int, device: torch.device) -> Int[Tensor, "query key"]:
-        positions = torch.arange(n_pos, device=device)
-        return positions[:, None] - positions[None, :]
+    def _offsets(self, n_query: int, n_key: int, device: torch.device) -> Int[Tensor, "query key"]:
+        """``offset[i, j] = (n_key - n_query + i) - j``: the queries are the last ``n_query`` positions."""
+        keys = torch.arange(n_key, device=device)
+        return keys[n_key - n_query :, None] - keys[None, :]
 
     def _square_to_band(
         self, square: Float[Tensor, "batch query key"], offset: Int[Tensor, "query key"]
@@ -376,8 +414,6 @@ class DisentangledTransformer(MDLensTransformer):
     ``model.mdlens_args`` holds these arguments (JSON-friendly): ``DisentangledTransformer(**model.mdlens_args)``
     builds the same architecture, initialised from the same seed.
     """
-
-    supports_past_kv_cache = False  # generate recomputes the prefix at each step
 
     def __init__(
         self,
@@ -418,7 +454,9 @@ class DisentangledTransformer(MDLensTransformer):
         tokens than it was built for warns once (:meth:`_warn_once_if_step_rescaled`)."""
         embedded = super().input_to_embed(input, *args, **kwargs)
         if isinstance(input, Tensor):
-            self._warn_once_if_step_rescaled(input.shape[-1])
+            cache = kwargs.get("past_kv_cache")  # the positions already run, before these
+            past = 0 if cache is None else cache.entries[0].past_keys.shape[1]
+            self._warn_once_if_step_rescaled(past + input.shape[-1])
         return embedded
 
     def _warn_once_if_step_rescaled(self, n_pos: int) -> None:
