@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,6 +68,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import get_act_name
 
 from mdlens import estimators as E
@@ -93,6 +95,8 @@ PROBS_FLOOR = 1e-6
 # The read space keeps the right-singular directions of the output Jacobian whose singular value
 # exceeds this fraction of the largest (its numerical row space).
 READ_RTOL = 1e-6
+# The last position resumed after a cached prefix must give the plain run's output to this share of its scale.
+PREFIX_RTOL = 1e-5
 # Fidelity within this of the best rank counts as saturated.
 SATURATION_TOLERANCE = 0.01
 # DAS's random starts beside the probe's subspace (see _train_basis).
@@ -312,7 +316,11 @@ class _Intervener:
     Activations are cached once per pair set (they do not depend on the subspace): the base's and
     the source's at the intervened positions and, where the site has a resume point, the base's
     whole residual there, so that each training step runs only the blocks after it
-    (TransformerLens's ``start_at_layer``) instead of the whole model.
+    (TransformerLens's ``start_at_layer``) instead of the whole model. When only the last position
+    is intervened, nothing before it changes (causal attention): the blocks after the resume point
+    then run on the last position alone, reading the base's keys and values at the earlier positions
+    from TransformerLens's key/value cache (:func:`_prefix_cache`; the same outputs, checked on the
+    pairs at hand, at a fraction of the cost).
     """
 
     def __init__(self, model: HookedTransformer, site: _Site, order: int):
@@ -353,10 +361,13 @@ class _Intervener:
 
         def add_delta(activation: Tensor) -> Tensor:
             change = torch.zeros_like(activation)
-            change[:, positions, coordinates] = delta
+            change[:, positions if activation.shape[1] > 1 else slice(None), coordinates] = delta
             return activation + change
 
-        if site.resume is not None:
+        if pairs.prefix is not None:  # the last position alone, after the base's cached prefix
+            last = add_delta(pairs.base_resid[:, -1:])  # the intervened position is the last one
+            raw = self.model(last, start_at_layer=site.resume[1], past_kv_cache=_frozen_cache(pairs.prefix))[:, -1]
+        elif site.resume is not None:
             raw = self.model(add_delta(pairs.base_resid), start_at_layer=site.resume[1])[:, -1]
         else:
 
@@ -398,6 +409,9 @@ class _Pairs:
     source_site: Tensor  # the source's, the same shape
     base_resid: Tensor | None  # the base's whole residual at the site's resume point, [B, T, d_model]
     counterfactual: Tensor
+    # The base's keys and values at positions 0..T-2, per block ([B, T-1, heads, d_head] each), where
+    # only the last position is intervened (_prefix_cache); None: the blocks run on every position.
+    prefix: tuple[tuple[Tensor, Tensor], ...] | None = None
 
     def __len__(self) -> int:
         return self.tokens_base.shape[0]
@@ -410,12 +424,11 @@ class _Pairs:
             self.source_site[index],
             None if self.base_resid is None else self.base_resid[index],
             self.counterfactual[index],
+            None if self.prefix is None else tuple((keys[index], values[index]) for keys, values in self.prefix),
         )
 
     def with_counterfactual(self, counterfactual: Tensor) -> _Pairs:
-        return _Pairs(
-            self.tokens_base, self.tokens_source, self.base_site, self.source_site, self.base_resid, counterfactual
-        )
+        return replace(self, counterfactual=counterfactual)
 
 
 def _prepare(intervener: _Intervener, tokens_a: Tensor, tokens_b: Tensor, counterfactual: Tensor) -> _Pairs:
@@ -427,7 +440,40 @@ def _prepare(intervener: _Intervener, tokens_a: Tensor, tokens_b: Tensor, counte
     else:
         base_site = intervener.cache(tokens_a)[:, positions]
     source_site = intervener.cache(tokens_b)[:, positions]
-    return _Pairs(tokens_a, tokens_b, base_site, source_site, base_resid, counterfactual)
+    pairs = _Pairs(tokens_a, tokens_b, base_site, source_site, base_resid, counterfactual)
+    if resume is not None and intervener.site.positions == "last" and tokens_a.shape[1] > 1:
+        pairs = _with_prefix_cache(intervener, pairs)
+    return pairs
+
+
+def _with_prefix_cache(intervener: _Intervener, pairs: _Pairs) -> _Pairs:
+    """``pairs`` with the base's keys and values at every position but the last (from TransformerLens's
+    key/value cache of the base run: causal, so those of ``tokens[:, :-1]``), if resuming the last
+    position from them gives the plain run's output on these pairs (to ``PREFIX_RTOL`` of its scale);
+    else ``pairs`` unchanged (a model whose blocks cannot resume from a cache runs every position)."""
+    model, tokens = intervener.model, pairs.tokens_base.to(intervener.device)
+    try:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, intervener.device, tokens.shape[0])
+        with torch.no_grad():
+            model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))  # no padding
+            prefix = tuple((entry.past_keys[:, :-1], entry.past_values[:, :-1]) for entry in cache.entries)
+            cached = replace(pairs, prefix=prefix)
+            resumed = model(
+                cached.base_resid[:, -1:], start_at_layer=intervener.site.resume[1], past_kv_cache=_frozen_cache(prefix)
+            )
+            plain = model(cached.base_resid, start_at_layer=intervener.site.resume[1])
+    except (ValueError, RuntimeError, AssertionError, TypeError):
+        return pairs
+    deviation = float((resumed[:, -1] - plain[:, -1]).abs().max())
+    return cached if deviation <= PREFIX_RTOL * max(1.0, float(plain[:, -1].abs().max())) else pairs
+
+
+def _frozen_cache(prefix: tuple[tuple[Tensor, Tensor], ...]) -> TransformerLensKeyValueCache:
+    """A frozen TransformerLens key/value cache holding ``prefix`` (a run with it leaves it as it is)."""
+    batch, n_prefix = prefix[0][0].shape[:2]
+    entries = [TransformerLensKeyValueCacheEntry(keys, values, frozen=True) for keys, values in prefix]
+    mask = torch.ones(batch, n_prefix, dtype=torch.long, device=prefix[0][0].device)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 def _mean_kl(intervener: _Intervener, pairs: _Pairs, basis: Tensor, batch_size: int) -> float:
@@ -763,9 +809,7 @@ def _read_space(intervener: _Intervener, pairs: _Pairs, max_pairs: int = 64) -> 
     # run; the gradient with respect to that source is the Jacobian with respect to the activation.
     source = chunk.base_site.detach().clone().to(torch.float64).requires_grad_(True)
     identity = torch.eye(source.shape[-1], dtype=torch.float64)
-    as_source = _Pairs(
-        chunk.tokens_base, chunk.tokens_source, chunk.base_site, source, chunk.base_resid, chunk.counterfactual
-    )
+    as_source = replace(chunk, source_site=source)
     rows = []
     with _frozen(intervener.model):
         output = intervener.output(as_source, identity)

@@ -6,6 +6,7 @@ a user's own model is redone with an explicit ``run_with_hooks`` patch; the plan
 subspace it hid; the construction's named blocks are known to hold the variables exactly.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -482,3 +483,29 @@ def test_a_layout_block_as_the_site(task, pairs, construction):
             construction, "mean_responsibility", "L2.mean_responsibility", tokens_a, tokens_b, task.transition, M,
             rank=4, controls=False, rank_sweep=False,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["construction", "foreign-mlp"])
+def test_a_last_position_site_resumes_after_the_cached_prefix(task, pairs, construction, which):
+    """Where only the last position is intervened, DAS runs the later blocks on it alone after TL's
+    key/value cache of the base prefix: the intervened outputs are those of the run on every position."""
+    from mdlens.hooks.alignment import _Intervener, _prepare, _random_basis, _site
+
+    model = construction if which == "construction" else foreign_model(attn_only=False, seed=3).double()
+    tokens_a, tokens_b = pairs[0][:32], pairs[1][:32]
+    counterfactual = torch.full((32, Q), 1.0 / Q, dtype=torch.float64)
+    site = _site(model, "blocks.0.hook_resid_post", "mean_responsibility", tokens_a)
+    intervener = _Intervener(model, site, M)
+    cached = _prepare(intervener, tokens_a, tokens_b, counterfactual)
+    assert cached.prefix is not None and cached.prefix[0][0].shape[:2] == (32, T - 1)
+    every_position = dataclasses.replace(cached, prefix=None)
+    basis = _random_basis(site.width, M, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            intervener.output(cached.rows(slice(3, 19)), basis),
+            intervener.output(every_position.rows(slice(3, 19)), basis),
+            atol=1e-12,
+            rtol=0,
+        )
+    all_positions = _site(model, "blocks.0.hook_resid_post", "responsibility", tokens_a)
+    assert _prepare(_Intervener(model, all_positions, M), tokens_a, tokens_b, counterfactual).prefix is None
