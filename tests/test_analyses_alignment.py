@@ -49,3 +49,12 @@ def test_summary_line_quotes_the_numbers():
     for text in ("probe 0.250", "random subspace -1.000", "random model 0.010", "wrong model 0.200",
                  "subspace R^2 -", "read 0.750", "saturates at rank 2"):  # fmt: skip
         assert text in line
+
+
+def test_scan_contenders_are_the_hooks_near_the_best():
+    scan = {"hook_embed": 0.219, "blocks.0.hook_resid_post": 0.232, "blocks.1.hook_resid_post": 0.223,
+            "blocks.2.hook_resid_post": -0.054, "blocks.3.hook_resid_post": float("nan")}  # fmt: skip
+    assert alignment.scan_contenders(scan) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_embed"]
+    assert alignment.scan_contenders({"a": 0.9, "b": 0.84, "c": 0.86}) == ["a", "c"]  # 0.05 below 0.9 is out
+    with pytest.raises(ValueError, match="finite"):
+        alignment.scan_contenders({"a": float("nan")})
