@@ -527,7 +527,9 @@ def alignment_section(lines: list[str], out_dir: Path, data: dict) -> None:
         f"{sizes['n_pairs']} pairs (base A, source B) of T={sizes['seq_len']}, a quarter held out. For each MD "
         "variable, DAS learns a rank-m subspace at every layer's `resid_post` (and the "
         "embedding) whose interchange turns A's output into MD's counterfactual (A read with B's value of "
-        "the variable); the best hook is then rerun with its controls. Fidelity "
+        "the variable); the best hook is then rerun with its controls (where other hooks came within 0.05 of the "
+        "scan's best, each gets the full search first and the best of those is kept; listed below the table). "
+        "Fidelity "
         "`1 - KL(cf || intervened) / KL(cf || A's own output)` on held-out pairs: 1 = the subspace carries the "
         "variable and the model reads it as MD does. Controls: the probe's and a random subspace of the same "
         "rank; (a) a random-init model; (b) a wrong high-level model (B's lag weights permuted); (c) the "
@@ -557,6 +559,18 @@ def alignment_section(lines: list[str], out_dir: Path, data: dict) -> None:
             )
             figures += entry["files"]
     lines.append("")
+    ties = [
+        f"{name} {variable}: "
+        + ", ".join(f"`{hook}` {number(f)}" for hook, f in entry["full_search_contenders"].items())
+        for name, result in data["models"].items()
+        for variable, entry in result["variables"].items()
+        if entry.get("full_search_contenders")
+    ]
+    if ties:
+        lines += [
+            "Near-ties in the scan, with the full search's held-out fidelity at each: " + "; ".join(ties) + ".",
+            "",
+        ]
     # The mean responsibility's controls as pictures (one per model); every other figure as a link.
     existing = [Path(path).name for path in figures if (out_dir / "alignment" / Path(path).name).exists()]
     shown = [name for name in existing if name.startswith("controls_") and name.endswith("_mean_responsibility.png")]

@@ -319,7 +319,7 @@ class _Intervener:
     (TransformerLens's ``start_at_layer``) instead of the whole model. When only the last position
     is intervened, nothing before it changes (causal attention): the blocks after the resume point
     then run on the last position alone, reading the base's keys and values at the earlier positions
-    from TransformerLens's key/value cache (:func:`_prefix_cache`; the same outputs, checked on the
+    from TransformerLens's key/value cache (:func:`_with_prefix_cache`; the same outputs, checked on the
     pairs at hand, at a fraction of the cost).
     """
 
@@ -410,7 +410,7 @@ class _Pairs:
     base_resid: Tensor | None  # the base's whole residual at the site's resume point, [B, T, d_model]
     counterfactual: Tensor
     # The base's keys and values at positions 0..T-2, per block ([B, T-1, heads, d_head] each), where
-    # only the last position is intervened (_prefix_cache); None: the blocks run on every position.
+    # only the last position is intervened (_with_prefix_cache); None: the blocks run on every position.
     prefix: tuple[tuple[Tensor, Tensor], ...] | None = None
 
     def __len__(self) -> int:
