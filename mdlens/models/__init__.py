@@ -27,42 +27,50 @@ tensors (TransformerLens allocates them so), also for a float64 model: patched m
 float64 run to float32 rounding (about 1e-7 relative).
 """
 
-from mdlens.models.base import MDLensTransformer
-from mdlens.models.composition import CompositionScores, composition_scores
-from mdlens.models.disentangled import (
-    DisentangledActivationCache,
-    DisentangledAttention,
-    DisentangledTransformer,
-    act_name,
-    disentangled_transformer,
-    residual_widths,
-)
-from mdlens.models.growth import NEW_LAYER_RULES, grow
-from mdlens.models.layout import ResidualBlock, ResidualLayout
-from mdlens.models.registry import MODEL_KINDS, build_for_task, build_like, build_model
-from mdlens.models.standard import StandardTransformer, standard_transformer
-from mdlens.models.tokenizer import attach_tokenizer, vocabulary_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "MODEL_KINDS",
-    "NEW_LAYER_RULES",
-    "CompositionScores",
-    "DisentangledActivationCache",
-    "DisentangledAttention",
-    "DisentangledTransformer",
-    "MDLensTransformer",
-    "ResidualBlock",
-    "ResidualLayout",
-    "StandardTransformer",
-    "act_name",
-    "attach_tokenizer",
-    "build_for_task",
-    "build_like",
-    "build_model",
-    "composition_scores",
-    "disentangled_transformer",
-    "grow",
-    "residual_widths",
-    "standard_transformer",
-    "vocabulary_tokenizer",
-]
+import importlib
+import importlib.util
+
+# public name -> the module that defines it (imported on first use, module ``__getattr__``: the
+# layout and layer numbering, which the report and the CLI read, need no TransformerLens)
+_PUBLIC_NAMES = {
+    "MDLensTransformer": "mdlens.models.base",
+    "CompositionScores": "mdlens.models.composition",
+    "composition_scores": "mdlens.models.composition",
+    "DisentangledActivationCache": "mdlens.models.disentangled",
+    "DisentangledAttention": "mdlens.models.disentangled",
+    "DisentangledTransformer": "mdlens.models.disentangled",
+    "act_name": "mdlens.models.disentangled",
+    "disentangled_transformer": "mdlens.models.disentangled",
+    "residual_widths": "mdlens.models.disentangled",
+    "NEW_LAYER_RULES": "mdlens.models.growth",
+    "grow": "mdlens.models.growth",
+    "ResidualBlock": "mdlens.models.layout",
+    "ResidualLayout": "mdlens.models.layout",
+    "MODEL_KINDS": "mdlens.models.registry",
+    "build_for_task": "mdlens.models.registry",
+    "build_like": "mdlens.models.registry",
+    "build_model": "mdlens.models.registry",
+    "StandardTransformer": "mdlens.models.standard",
+    "standard_transformer": "mdlens.models.standard",
+    "attach_tokenizer": "mdlens.models.tokenizer",
+    "vocabulary_tokenizer": "mdlens.models.tokenizer",
+}
+
+__all__ = sorted(_PUBLIC_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC_NAMES:
+        value = getattr(importlib.import_module(_PUBLIC_NAMES[name]), name)
+    elif importlib.util.find_spec(f"mdlens.models.{name}") is not None:  # a submodule: mdlens.models.layout
+        value = importlib.import_module(f"mdlens.models.{name}")
+    else:
+        raise AttributeError(f"module 'mdlens.models' has no attribute {name!r}")
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC_NAMES})
