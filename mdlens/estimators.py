@@ -1025,17 +1025,19 @@ def _gibbs_posterior_mean(
     ``burn_in``. Every sequence of the batch runs its own chain, all at once.
     """
     batch_size, n_scored, m = lag_probs.shape
-    log_lag_probs = torch.log(lag_probs)
     log_weights = torch.full((batch_size, m), -math.log(m), dtype=torch.float64)
     total = torch.zeros(batch_size, m, dtype=torch.float64)
     for sweep in range(burn_in + num_samples):
-        # z_k by inverse CDF on the unnormalised lag posterior (shifted by its max: no underflow).
-        scores = log_weights.unsqueeze(1) + log_lag_probs
-        cdf = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).cumsum(dim=-1)
+        # z_k by inverse CDF on the unnormalised lag posterior lambda_g P[k,g], with lambda divided by
+        # its largest weight (a per-sequence constant: the largest is 1, so no row of the CDF is 0).
+        relative_weights = torch.exp(log_weights - log_weights.amax(dim=-1, keepdim=True))
+        cdf = (lag_probs * relative_weights.unsqueeze(1)).cumsum(dim=-1)  # [B, N, m]
         u = torch.rand(batch_size, n_scored, 1, generator=generator, dtype=torch.float64) * cdf[..., -1:]
-        lags = (u >= cdf).sum(dim=-1).clamp_(max=m - 1)  # 0-based lag index, [B, N]
-        counts = torch.zeros(batch_size, m, dtype=torch.float64).scatter_add_(
-            1, lags, torch.ones(batch_size, n_scored, dtype=torch.float64)
+        # z_k > g  iff  u_k >= cdf[k, g]: so the counts come from m - 1 comparisons per position,
+        # #(z > g) summed over k (the last lag takes every u up to the total, rounding included).
+        beyond = (u >= cdf[..., : m - 1]).sum(dim=1, dtype=torch.float64)  # [B, m-1]: #(z > g)
+        counts = -torch.diff(
+            beyond, dim=-1, prepend=beyond.new_full((batch_size, 1), n_scored), append=beyond.new_zeros(batch_size, 1)
         )
         if sweep >= burn_in:
             total += (alpha + counts) / (m * alpha + n_scored)
