@@ -324,21 +324,21 @@ def build_tuned_mdk_transformer(
     order: int,
     steps: int,
     starts: list | None = None,
-    adam_steps: int = 150,
+    max_iter: int = 30,
     dtype: torch.dtype = torch.float64,
 ) -> DisentangledTransformer:
     """The ``steps``-step construction with its scales fitted to a tuning batch of length ``seq_len = T``.
 
     The scales minimise the batch-mean ``KL(target_probs || predictive)`` of
-    :func:`mdlens.estimators.causal_md_weights` (:func:`mdlens.estimators.fit_causal_md_scales`, Adam
-    from ``starts``; default :func:`mdlens.estimators.default_causal_md_starts`), as tuned MD fits its
-    step size per length. ``model.md_params`` also records ``tuning_kl``. Score it on fresh sequences.
+    :func:`mdlens.estimators.causal_md_weights` (:func:`mdlens.estimators.fit_causal_md_scales`, L-BFGS
+    from ``starts``, at most ``max_iter`` iterations each; default
+    :func:`mdlens.estimators.default_causal_md_starts`), as tuned MD fits its step size per length. ``model.md_params`` also records ``tuning_kl``. Score it on fresh sequences.
     """
     pi = check_transition(transition)
     m = check_order(order)
     if starts is None:
         starts = E.default_causal_md_starts(tokens, pi, m, target_probs, steps)
-    fit = E.fit_causal_md_scales(tokens, pi, m, target_probs, starts, adam_steps=adam_steps)
+    fit = E.fit_causal_md_scales(tokens, pi, m, target_probs, starts, max_iter=max_iter)
     model = build_mdk_transformer(pi, m, tokens.shape[-1], steps, fit["scales"], dtype=dtype)
     model.md_params["tuning_kl"] = fit["tuning_kl"]
     return model

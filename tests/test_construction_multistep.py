@@ -339,7 +339,7 @@ def test_tuned_construction_fits_on_the_tuning_batch_and_computes_its_estimator(
     tune = task.sample(48, seq_len, generator=torch.Generator().manual_seed(42))
     starts = E.default_causal_md_starts(tune.tokens, pi, m, tune.next_probs, steps=2)
     assert len(starts) == 4 and all(len(start) == 4 for start in starts)
-    model = build_tuned_mdk_transformer(tune.tokens, tune.next_probs, pi, m, 2, starts=starts, adam_steps=10)
+    model = build_tuned_mdk_transformer(tune.tokens, tune.next_probs, pi, m, 2, starts=starts, max_iter=3)
     scales = model.md_params["scales"]
 
     def tuning_kl(scales_: list[float]) -> float:
