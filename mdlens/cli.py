@@ -34,6 +34,9 @@ class Stage:
     # ``reproduce all --jobs N`` runs the stages of one group in one process, in table order: they
     # reuse each other's batches, tuned steps and exact Bayes (``mdlens.evaluation.shared``).
     group: str = ""
+    # About how long the stage takes in a full run on one core (seconds, as the README's demo measured
+    # it): ``--jobs`` starts the groups with the most of it first, so that the long ones do not end last.
+    seconds: float = 0.0
 
 
 # The stages that score the references and the shipped models on the shared batches of each length.
@@ -46,31 +49,42 @@ REPRODUCTIONS: dict[str, Stage] = {
         "mdlens.analyses.estimator_comparison",
         "MD vs Bayes across sequence lengths",
         "estimators.json",
-        group=REFERENCES,
+        seconds=50,  # its own batch sizes: it shares nothing with the other stages
     ),
     "trained": Stage(
-        "mdlens.analyses.trained", "the shipped trained models against the references", "trained.json", group=REFERENCES
+        "mdlens.analyses.trained",
+        "the shipped trained models against the references",
+        "trained.json",
+        group=REFERENCES,
+        seconds=75,
     ),
     "two-step": Stage(
         "mdlens.analyses.causal_two_step",
         "causal multi-step MD and the two-step construction",
         "two_step.json",
         group=REFERENCES,
+        seconds=60,
     ),
     "mechanisms": Stage(
         "mdlens.analyses.mechanisms",
         "probes, patching and attention of each model",
         "mechanisms.json",
         group="mechanisms",
+        seconds=120,
     ),
     "step-sizes": Stage(
-        "mdlens.analyses.step_sizes", "the step size each model implements", "step_sizes.json", group=REFERENCES
+        "mdlens.analyses.step_sizes",
+        "the step size each model implements",
+        "step_sizes.json",
+        group=REFERENCES,
+        seconds=45,
     ),
     "alignment": Stage(
         "mdlens.analyses.alignment",
         "distributed alignment search: is MD causally inside?",
         "alignment.json",
         group="alignment",
+        seconds=220,
     ),
     "training-mechanism": Stage(
         "mdlens.analyses.training_mechanism",
@@ -142,16 +156,19 @@ def _run_stages(stages: list[tuple[str, str, str]], quick: bool) -> None:
 
 
 def _run_groups(stages: list[tuple[str, str, str]], quick: bool, jobs: int) -> None:
-    """The stages in ``jobs`` worker processes, one :attr:`Stage.group` per task (in table order), each
-    group's stages in table order. Every stage computes from its own seeds, so the numbers are those
-    of a run in one process; only the wall time changes. A failure stops the run with its traceback."""
+    """The stages in ``jobs`` worker processes, one :attr:`Stage.group` per task (the longest groups by
+    :attr:`Stage.seconds` first), each group's stages in table order. Every stage computes from its own
+    seeds, so the numbers are those of a run in one process; only the wall time changes. A failure stops the run with its traceback."""
     groups: dict[str, list[tuple[str, str, str]]] = {}
     for stage in stages:
         groups.setdefault(REPRODUCTIONS[stage[0]].group or stage[0], []).append(stage)
+    # Longest first (the longest-processing-time rule): a short group then fills the gap a worker has
+    # while the longest finishes. Ties keep the table order.
+    order = sorted(groups.values(), key=lambda group: -sum(REPRODUCTIONS[name].seconds for name, _, _ in group))
     # Fresh interpreters ("spawn"): a forked copy of a process that has run torch can hang.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context) as pool:
-        futures = [pool.submit(_run_stages, group, quick) for group in groups.values()]
+        futures = [pool.submit(_run_stages, group, quick) for group in order]
         for future in concurrent.futures.as_completed(futures):
             future.result()
 

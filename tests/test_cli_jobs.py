@@ -62,6 +62,27 @@ def test_jobs_run_each_group_in_its_own_process_and_the_report_last(fake_stages)
     assert report["start"] >= max(a2["end"], b["end"]) and report["quick"] is True
 
 
+def test_jobs_start_the_longest_groups_first(tmp_path, monkeypatch):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    for name in ("fake_short", "fake_middle", "fake_long", "fake_report"):
+        (modules / f"{name}.py").write_text(FAKE_STAGE)
+    monkeypatch.syspath_prepend(str(modules))
+    table = {  # in table order the longest group comes last
+        "short": cli.Stage("fake_short", "short", "fake_short.json", seconds=1.0),
+        "middle": cli.Stage("fake_middle", "middle", "fake_middle.json", seconds=5.0),
+        "long": cli.Stage("fake_long", "long", "fake_long.json", seconds=10.0),
+        "report": cli.Stage("fake_report", "the report"),
+    }
+    monkeypatch.setattr(cli, "REPRODUCTIONS", table)
+    out = tmp_path / "out"
+    cli.main(["reproduce", "all", "--out", str(out), "--jobs", "2"])
+    short, middle, long = (read(out, name, f"fake_{name}") for name in ("short", "middle", "long"))
+    # Two workers: the long and the middle group start together, the short one when a worker is free.
+    assert long["start"] < middle["end"] and middle["start"] < long["end"]
+    assert short["start"] >= min(long["end"], middle["end"])
+
+
 def test_one_job_runs_everything_here_in_table_order(fake_stages):
     out = fake_stages
     cli.main(["reproduce", "all", "--out", str(out), "--jobs", "1"])
