@@ -43,7 +43,7 @@ from mdlens.pretrained import load_all_pretrained
 # attn_out is a block of its resid_post, so the residual holds whatever the attention output does.
 FULL = {"seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20, "sweep": True}
 # --quick, a smoke test of every path but the rank sweep.
-QUICK = {"seq_len": 16, "n_pairs": 32, "n_tune": 32, "scan_steps": 3, "steps": 6, "sweep_steps": 3, "sweep": False}
+QUICK = {"seq_len": 12, "n_pairs": 32, "n_tune": 32, "scan_steps": 1, "steps": 2, "sweep_steps": 1, "sweep": False}
 SCAN_HOOKS = ("resid_post",)
 # Hooks whose scan fidelity is within this of the best also get the full search (module docstring).
 SCAN_TIE = 0.05
