@@ -64,7 +64,7 @@ FULL = {
     "lengths": [8, 16, 32, 64, 128, 192],
     "n_tune": 512,
     "n_eval": 4096,
-    "fit_iterations": 30,  # L-BFGS iterations per start (mdlens.estimators.fit_scales_by_kl)
+    "fit_iterations": 50,  # L-BFGS iterations per start (mdlens.estimators.fit_scales_by_kl)
     "n_model_check": 64,  # the 7-layer model at T=192 takes ~0.16 s per sequence here
     "n_compare": 256,
     "n_sensitivity": 32,

@@ -34,8 +34,8 @@ class Stage:
     # ``reproduce all --jobs N`` runs the stages of one group in one process, in table order: they
     # reuse each other's batches, tuned steps and exact Bayes (``mdlens.evaluation.shared``).
     group: str = ""
-    # About how long the stage takes in a full run on one core (seconds, as the README's demo measured
-    # it): ``--jobs`` starts the groups with the most of it first, so that the long ones do not end last.
+    # About how long the stage takes in a full run (seconds, as the README's demo measured it, one core
+    # per process): ``--jobs`` starts the groups with the most of it first, so the long ones do not end last.
     seconds: float = 0.0
 
 
@@ -158,7 +158,8 @@ def _run_stages(stages: list[tuple[str, str, str]], quick: bool) -> None:
 def _run_groups(stages: list[tuple[str, str, str]], quick: bool, jobs: int) -> None:
     """The stages in ``jobs`` worker processes, one :attr:`Stage.group` per task (the longest groups by
     :attr:`Stage.seconds` first), each group's stages in table order. Every stage computes from its own
-    seeds, so the numbers are those of a run in one process; only the wall time changes. A failure stops the run with its traceback."""
+    seeds, so the numbers are those of a run in one process; only the wall time changes. A failure
+    stops the run with its traceback."""
     groups: dict[str, list[tuple[str, str, str]]] = {}
     for stage in stages:
         groups.setdefault(REPRODUCTIONS[stage[0]].group or stage[0], []).append(stage)

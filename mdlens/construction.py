@@ -324,7 +324,7 @@ def build_tuned_mdk_transformer(
     order: int,
     steps: int,
     starts: list | None = None,
-    max_iter: int = 30,
+    max_iter: int = 50,
     dtype: torch.dtype = torch.float64,
 ) -> DisentangledTransformer:
     """The ``steps``-step construction with its scales fitted to a tuning batch of length ``seq_len = T``.

@@ -110,3 +110,15 @@ def test_fit_scales_by_kl_keeps_the_best_start_and_improves_on_it():
     offsets = torch.linspace(-0.2, 0.2, 9).tolist()
     grid = [mean_kl([fit["scales"][0] + a, fit["scales"][1] + b]) for a in offsets for b in offsets]
     assert fit["tuning_kl"] <= min(grid) + 1e-12
+
+
+def test_fit_md_step_sizes_finds_no_second_step_in_a_one_step_target():
+    # The target is one-step MD: the best two-step schedule is (0.05, 0), on the simplex's edge in log
+    # space, and the KL there is 0. Tolerances relative to the start's KL take the fit to it.
+    for seq_len in (32, 64):
+        tokens = _sample(256, seq_len, seed=seq_len).tokens
+        target = E.predictive(tokens, PI, E.md_weights(tokens, PI, M, 0.05))
+        fit = E.fit_md_step_sizes(tokens, PI, M, target, steps=2)
+        assert fit["tuning_kl"] < 1e-10  # the start (0.05, 0.0005) is at 3e-9 (T=32) and 2e-8 (T=64)
+        assert fit["etas"][0] == pytest.approx(0.05, rel=1e-3)
+        assert fit["etas"][1] < 1e-4
