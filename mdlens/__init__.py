@@ -8,7 +8,7 @@ The names below are imported on first use (module ``__getattr__``), so that ``im
 
 from __future__ import annotations
 
-import importlib
+from mdlens._lazy import lazy_names
 
 # public name -> the module that defines it
 _PUBLIC_NAMES = {
@@ -44,16 +44,4 @@ _SUBMODULES = (
 __all__ = ["estimators", *sorted(_PUBLIC_NAMES)]
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC_NAMES:
-        value = getattr(importlib.import_module(_PUBLIC_NAMES[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"mdlens.{name}")
-    else:
-        raise AttributeError(f"module 'mdlens' has no attribute {name!r}")
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC_NAMES, *_SUBMODULES})
+__getattr__, __dir__ = lazy_names("mdlens", globals(), _PUBLIC_NAMES, _SUBMODULES)

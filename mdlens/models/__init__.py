@@ -29,8 +29,7 @@ float64 run to float32 rounding (about 1e-7 relative).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from mdlens._lazy import lazy_names
 
 # public name -> the module that defines it (imported on first use, module ``__getattr__``: the
 # layout and layer numbering, which the report and the CLI read, need no TransformerLens)
@@ -61,16 +60,18 @@ _PUBLIC_NAMES = {
 __all__ = sorted(_PUBLIC_NAMES)
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC_NAMES:
-        value = getattr(importlib.import_module(_PUBLIC_NAMES[name]), name)
-    elif importlib.util.find_spec(f"mdlens.models.{name}") is not None:  # a submodule: mdlens.models.layout
-        value = importlib.import_module(f"mdlens.models.{name}")
-    else:
-        raise AttributeError(f"module 'mdlens.models' has no attribute {name!r}")
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC_NAMES})
+# Every module of the package, reachable as an attribute (``mdlens.models.layout``).
+_SUBMODULES = (
+    "base",
+    "building",
+    "composition",
+    "disentangled",
+    "dtypes",
+    "growth",
+    "layout",
+    "outputs",
+    "registry",
+    "standard",
+    "tokenizer",
+)
+__getattr__, __dir__ = lazy_names("mdlens.models", globals(), _PUBLIC_NAMES, _SUBMODULES)
