@@ -479,9 +479,12 @@ def fit_scales_by_kl(
 
     for start in starts:
         scales = torch.as_tensor(start, dtype=torch.float64).detach().clone().requires_grad_(True)
-        if max_iter == 0:  # the start alone (L-BFGS's first evaluation is the start)
-            mean_kl(scales.detach())
+        with torch.no_grad():
+            start_kl = mean_kl(scales).item()  # the start counts too
+        if max_iter == 0:
             continue
+        # The KL relative to the start's is what L-BFGS minimises (relative tolerances).
+        scale = start_kl if math.isfinite(start_kl) and start_kl > 0 else 1.0
         optimiser = torch.optim.LBFGS(
             [scales],
             max_iter=max_iter,
@@ -490,14 +493,9 @@ def fit_scales_by_kl(
             line_search_fn="strong_wolfe",
         )
 
-        start_kl: list[float] = []  # the first evaluation is the start's
-
-        def closure(scales: Tensor = scales, optimiser: torch.optim.LBFGS = optimiser, start_kl=start_kl) -> Tensor:
+        def closure(scales: Tensor = scales, optimiser: torch.optim.LBFGS = optimiser, scale: float = scale) -> Tensor:
             optimiser.zero_grad()
-            loss = mean_kl(scales)
-            if not start_kl:
-                start_kl.append(loss.item() if math.isfinite(loss.item()) and loss.item() > 0 else 1.0)
-            relative = loss / start_kl[0]
+            relative = mean_kl(scales) / scale
             relative.backward()
             return relative
 
