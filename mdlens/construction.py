@@ -332,7 +332,8 @@ def build_tuned_mdk_transformer(
     The scales minimise the batch-mean ``KL(target_probs || predictive)`` of
     :func:`mdlens.estimators.causal_md_weights` (:func:`mdlens.estimators.fit_causal_md_scales`, L-BFGS
     from ``starts``, at most ``max_iter`` iterations each; default
-    :func:`mdlens.estimators.default_causal_md_starts`), as tuned MD fits its step size per length. ``model.md_params`` also records ``tuning_kl``. Score it on fresh sequences.
+    :func:`mdlens.estimators.default_causal_md_starts`), as tuned MD fits its step size per length.
+    ``model.md_params`` also records ``tuning_kl``. Score it on fresh sequences.
     """
     pi = check_transition(transition)
     m = check_order(order)

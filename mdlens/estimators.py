@@ -551,8 +551,7 @@ def fit_md_step_sizes(
     """The per-step sizes ``(eta_1, .., eta_S)`` of :func:`md_weights_by_step` whose predictive is closest
     to ``target_probs`` (least mean ``KL(target || MD)``), fitted in log space by :func:`fit_scales_by_kl`.
 
-    Starts: tuned ``S``-step MD's one ``eta`` for every step, and tuned one-step MD's ``eta`` for the
-    first step with every later step ``100`` times smaller (almost one step). With the true
+    Starts: :func:`default_md_step_size_starts`. With the true
     predictive as ``target_probs`` this is tuned MD with a schedule; with a model's predictions it
     reads off the steps the model behaves like. Returns ``{"etas": [..], "tuning_kl": float}``.
     """
@@ -560,9 +559,7 @@ def fit_md_step_sizes(
     steps = check_int(steps, "steps", 1)
     terms = _LagTerms.of(tokens, transition, order)
     target_probs = _checked_target(target_probs, tokens, transition)
-    one_step = _tune_refined_on(terms, target_probs, steps=1)["eta"]
-    tied = _tune_refined_on(terms, target_probs, steps=steps)["eta"] if steps > 1 else one_step
-    starts = [[math.log(tied)] * steps, [math.log(one_step)] + [math.log(one_step / 100)] * (steps - 1)]
+    starts = _md_step_size_starts(terms, target_probs, steps)
     fit = fit_scales_by_kl(
         tokens,
         transition,
@@ -573,6 +570,28 @@ def fit_md_step_sizes(
         max_iter,
     )
     return {"etas": [math.exp(log_eta) for log_eta in fit["scales"]], "tuning_kl": fit["tuning_kl"]}
+
+
+def default_md_step_size_starts(
+    tokens: TokensLike,
+    transition: Float[Tensor, "q q"],
+    order: int,
+    target_probs: Float[Tensor, "batch q"],
+    steps: int,
+) -> list[list[float]]:
+    """Starting log step sizes for :func:`fit_md_step_sizes` with ``steps`` steps, from tuned MD on this
+    batch: tuned ``S``-step MD's one ``eta`` for every step, and tuned one-step MD's ``eta`` for the first
+    step with every later step ``100`` times smaller (almost one step)."""
+    tokens, transition, order = _checked_inputs(tokens, transition, order)
+    steps = check_int(steps, "steps", 1)
+    terms = _LagTerms.of(tokens, transition, order)
+    return _md_step_size_starts(terms, _checked_target(target_probs, tokens, transition), steps)
+
+
+def _md_step_size_starts(terms: _LagTerms, target_probs: Tensor, steps: int) -> list[list[float]]:
+    one_step = _tune_refined_on(terms, target_probs, steps=1)["eta"]
+    tied = _tune_refined_on(terms, target_probs, steps=steps)["eta"] if steps > 1 else one_step
+    return [[math.log(tied)] * steps, [math.log(one_step)] + [math.log(one_step / 100)] * (steps - 1)]
 
 
 def default_causal_md_starts(

@@ -86,8 +86,8 @@ def test_effective_eta_of_the_construction_is_its_schedule():
 
 
 def test_fit_scales_by_kl_keeps_the_best_start_and_improves_on_it():
-    tokens = _sample(128, 48, seed=5).tokens
-    truth = _sample(128, 48, seed=5).next_probs
+    sample = _sample(128, 48, seed=5)
+    tokens, truth = sample.tokens, sample.next_probs
 
     def weights_of(log_etas):
         return E.md_weights_by_step(tokens, PI, M, log_etas.exp())

@@ -61,9 +61,7 @@ def compare_at(task: MTDTask, seq_len: int, sizes: dict) -> dict[str, float]:
     sample = task.sample(sizes["batch"], seq_len, generator=torch.Generator().manual_seed(seq_len))
     tokens, truth = sample.tokens, sample.next_probs
     # The starts fit_md_step_sizes and fit_causal_md_scales take themselves.
-    one = E.tune_eta_refined(tokens, pi, m, truth, steps=1)["eta"]
-    tied = E.tune_eta_refined(tokens, pi, m, truth, steps=2)["eta"]
-    step_starts = [[math.log(tied)] * 2, [math.log(one), math.log(one / 100)]]
+    step_starts = E.default_md_step_size_starts(tokens, pi, m, truth, steps=2)
     causal_starts = E.default_causal_md_starts(tokens, pi, m, truth, steps=2)
     # name -> (weights_of, starts, Adam's learning rate): the same loss and starts for both optimisers.
     cases = {
