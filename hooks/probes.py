@@ -92,6 +92,9 @@ class _Moments:
         self.xx = torch.zeros(n_partitions, d, d, dtype=torch.float64)
         self.xy = torch.zeros(n_partitions, d, k, dtype=torch.float64)
         self.yy = torch.zeros(n_partitions, k, dtype=torch.float64)
+        # The eigendecomposition of each set of partitions' centred X^T X, computed once and shared with
+        # every view of some target columns (it depends on the activations only).
+        self._covariances: dict[tuple[int, ...], _CentredCovariance] = {}
 
     def add(self, acts: Tensor, target: Tensor, partition: Tensor) -> None:
         for p in partition.unique().tolist():
@@ -103,64 +106,95 @@ class _Moments:
             self.xx[p] += x.T @ x
             self.xy[p] += x.T @ y
             self.yy[p] += (y * y).sum(dim=0)
+        self._covariances.clear()
 
     def columns(self, columns: slice) -> _Moments:
         """The same partitions, restricted to some target columns."""
         part = _Moments.__new__(_Moments)
-        part.count, part.sum_x, part.xx = self.count, self.sum_x, self.xx
+        part.count, part.sum_x, part.xx, part._covariances = self.count, self.sum_x, self.xx, self._covariances
         part.sum_y, part.xy, part.yy = self.sum_y[:, columns], self.xy[..., columns], self.yy[:, columns]
         return part
 
-    def select(self, partitions: list[int], columns: slice = slice(None)) -> _Moments:
-        """The summed moments of some partitions (and some target columns)."""
+    def select(self, partitions: list[int]) -> _Moments:
+        """The summed moments of some partitions."""
         total = _Moments.__new__(_Moments)
         total.count = self.count[partitions].sum(dim=0)
         total.sum_x = self.sum_x[partitions].sum(dim=0)
-        total.sum_y = self.sum_y[partitions, columns].sum(dim=0)
+        total.sum_y = self.sum_y[partitions].sum(dim=0)
         total.xx = self.xx[partitions].sum(dim=0)
-        total.xy = self.xy[partitions][..., columns].sum(dim=0)
-        total.yy = self.yy[partitions, columns].sum(dim=0)
+        total.xy = self.xy[partitions].sum(dim=0)
+        total.yy = self.yy[partitions].sum(dim=0)
+        total._covariances = {}
         return total
+
+    def ridge_path(self, partitions: list[int]) -> _RidgePath:
+        """Ridge fits trained on the summed moments of ``partitions``."""
+        key = tuple(partitions)
+        if key not in self._covariances:
+            self._covariances[key] = _CentredCovariance(
+                self.count[partitions].sum(dim=0), self.sum_x[partitions].sum(dim=0), self.xx[partitions].sum(dim=0)
+            )
+        return _RidgePath(self._covariances[key], self.sum_y[partitions].sum(dim=0), self.xy[partitions].sum(dim=0))
+
+
+class _CentredCovariance:
+    """The activations' side of a ridge fit: with ``n`` training rows of mean ``mx``, the eigenvectors
+    and eigenvalues of ``Sxx = X^T X - n mx mx^T`` and the mean variance per coordinate."""
+
+    def __init__(self, count: Tensor, sum_x: Tensor, xx: Tensor):
+        if count < 2:
+            raise ValueError("a probe needs at least 2 training rows")
+        self.n = count
+        self.mean_x = sum_x / count
+        centred_xx = xx - count * torch.outer(self.mean_x, self.mean_x)
+        centred_xx = (centred_xx + centred_xx.T) / 2
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(centred_xx)
+        self.eigenvalues = self.eigenvalues.clamp_min(0.0)  # rounding can leave -1e-12
+        self.scale = max(float(centred_xx.diagonal().mean() / count), 1e-300)
 
 
 class _RidgePath:
     """Ridge fits on one set of training moments for many strengths at once (one eigendecomposition).
 
     With training means ``mx, my`` and centred moments ``Sxx = X^T X - n mx mx^T``,
-    ``Sxy = X^T Y - n mx my^T``: ``W(r) = (Sxx + r I)^-1 Sxy`` and ``b = my - mx W``.
+    ``Sxy = X^T Y - n mx my^T``: ``W(r) = (Sxx + r I)^-1 Sxy`` and ``b = my - mx W``; the strength
+    ``r`` is a relative ridge times the mean variance per coordinate times ``n``.
     """
 
-    def __init__(self, train: _Moments):
-        n = train.count
-        if n < 2:
-            raise ValueError("a probe needs at least 2 training rows")
-        self.mean_x, self.mean_y = train.sum_x / n, train.sum_y / n
-        centred_xx = train.xx - n * torch.outer(self.mean_x, self.mean_x)
-        self.centred_xy = train.xy - n * torch.outer(self.mean_x, self.mean_y)
-        centred_xx = (centred_xx + centred_xx.T) / 2
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(centred_xx)
-        self.eigenvalues = self.eigenvalues.clamp_min(0.0)  # rounding can leave -1e-12
-        self.scale = max(float(centred_xx.diagonal().mean() / n), 1e-300)  # mean variance per coordinate
-        self.n = n
+    def __init__(self, covariance: _CentredCovariance, sum_y: Tensor, xy: Tensor):
+        self.covariance, self.n, self.scale = covariance, covariance.n, covariance.scale
+        self.mean_y = sum_y / covariance.n
+        self.centred_xy = xy - covariance.n * torch.outer(covariance.mean_x, self.mean_y)
 
-    def fit(self, relative_ridge: float) -> tuple[Tensor, Tensor]:
+    def fit(self, relative_ridge: float) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
         ridge = relative_ridge * self.scale * self.n
-        rotated = self.eigenvectors.T @ self.centred_xy
-        weight = self.eigenvectors @ (rotated / (self.eigenvalues + ridge)[:, None])
-        return weight, self.mean_y - self.mean_x @ weight
+        eigenvalues, eigenvectors = self.covariance.eigenvalues, self.covariance.eigenvectors
+        rotated = eigenvectors.T @ self.centred_xy
+        weight = eigenvectors @ (rotated / (eigenvalues + ridge)[:, None])
+        return weight, self.mean_y - self.covariance.mean_x @ weight
+
+    def fits(self, relative_ridges: Tensor) -> tuple[Float[Tensor, "r d k"], Float[Tensor, "r k"]]:
+        """:meth:`fit` at every strength of ``relative_ridges [r]`` at once."""
+        ridges = relative_ridges * self.scale * self.n
+        eigenvalues, eigenvectors = self.covariance.eigenvalues, self.covariance.eigenvectors
+        rotated = eigenvectors.T @ self.centred_xy  # [d, k]
+        shrunk = rotated / (eigenvalues[None, :, None] + ridges[:, None, None])  # [r, d, k]
+        weights = eigenvectors @ shrunk
+        return weights, self.mean_y - self.covariance.mean_x @ weights
 
 
 def _errors(held_out: _Moments, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of squared errors of ``x W + b`` and total sum of squares about the held-out mean,
-    per target coordinate, from the held-out moments alone."""
+    per target coordinate, from the held-out moments alone. ``weight [..., d, k]`` and ``bias [..., k]``
+    may carry leading axes (one per ridge strength); so does the error."""
     n = held_out.count
-    predicted_sq = einops.einsum(weight, held_out.xx, weight, "d k, d e, e k -> k")
+    predicted_sq = (weight * (held_out.xx @ weight)).sum(dim=-2)  # diag(W^T X^T X W)
     sse = (
         held_out.yy
         + n * bias**2
         + predicted_sq
         - 2 * bias * held_out.sum_y
-        - 2 * einops.einsum(held_out.xy, weight, "d k, d k -> k")
+        - 2 * (held_out.xy * weight).sum(dim=-2)
         + 2 * bias * (held_out.sum_x @ weight)
     )
     sst = held_out.yy - held_out.sum_y**2 / n
@@ -180,16 +214,15 @@ def _fit_from_moments(moments: _Moments, n_folds: int, relative_ridges: tuple[fl
     """Choose the ridge by grouped cross-validation on partitions ``1..n_folds``, refit on all of
     them, score on partition 0."""
     folds = list(range(1, n_folds + 1))
+    ridges = torch.tensor(relative_ridges, dtype=torch.float64)
     cv_error = torch.zeros(len(relative_ridges), dtype=torch.float64)
     for fold in folds:
-        path = _RidgePath(moments.select([f for f in folds if f != fold]))
-        held_out = moments.select([fold])
-        for i, ridge in enumerate(relative_ridges):
-            sse, sst = _errors(held_out, *path.fit(ridge))
-            # Pooled over folds: the sum of squared errors, normalised per coordinate by its variance.
-            cv_error[i] += (sse / sst.clamp_min(1e-300)).sum()
+        path = moments.ridge_path([f for f in folds if f != fold])
+        sse, sst = _errors(moments.select([fold]), *path.fits(ridges))  # [r, k], [k]
+        # Pooled over folds: the sum of squared errors, normalised per coordinate by its variance.
+        cv_error += (sse / sst.clamp_min(1e-300)).sum(dim=-1)
     best = int(torch.argmin(cv_error))
-    path = _RidgePath(moments.select(folds))
+    path = moments.ridge_path(folds)
     weight, bias = path.fit(relative_ridges[best])
     r2_per_target = _r2(*_errors(moments.select([0]), weight, bias))
     return Probe(
