@@ -16,10 +16,12 @@ FAKE_STAGE = textwrap.dedent(
     from pathlib import Path
     from types import SimpleNamespace
 
+    IMPORTED = time.time()
+
     def run(out_dir, quick):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"name": __name__, "pid": os.getpid(), "start": time.time(), "quick": quick}
+        record = {"name": __name__, "pid": os.getpid(), "imported": IMPORTED, "start": time.time(), "quick": quick}
         time.sleep(0.3)  # long enough that two groups overlap when they run side by side
         record["end"] = time.time()
         path = out_dir / f"{__name__}.json"
@@ -60,6 +62,7 @@ def test_jobs_run_each_group_in_its_own_process_and_the_report_last(fake_stages)
     assert a1["end"] <= a2["start"]  # a group's stages in table order
     assert b["start"] < a1["end"] and a1["start"] < b["end"]  # the two groups overlapped in time
     assert report["start"] >= max(a2["end"], b["end"]) and report["quick"] is True
+    assert report["imported"] < max(a2["end"], b["end"])  # its imports overlapped the workers' stages
 
 
 def test_jobs_start_the_longest_groups_first(tmp_path, monkeypatch):
