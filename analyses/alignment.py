@@ -35,15 +35,23 @@ from mdlens import MTDTask, hooks
 from mdlens import estimators as E
 from mdlens.analyses import TASK, AnalysisResult, plotting, start_run
 from mdlens.construction import build_md_transformer, build_mdk_transformer
+from mdlens.hooks.alignment import RESTARTS
 from mdlens.pretrained import load_all_pretrained
 
 # The scan finds the hook with short searches (scan_steps); the best hook gets the full search
 # (steps) and its controls, the rank sweep shorter ones (sweep_steps).
 # The scan covers every layer's resid_post (and the embedding): in a disentangled model each layer's
 # attn_out is a block of its resid_post, so the residual holds whatever the attention output does.
-FULL = {"seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20, "sweep": True}
-# --quick, a smoke test of every path but the rank sweep.
-QUICK = {"seq_len": 12, "n_pairs": 32, "n_tune": 32, "scan_steps": 1, "steps": 2, "sweep_steps": 1, "sweep": False}
+# ``restarts``: DAS's random starts beside the probe's (hooks.align_variable).
+FULL = {
+    "seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20, "sweep": True,
+    "restarts": RESTARTS,
+}  # fmt: skip
+# --quick, a smoke test of every path but the rank sweep (one random start: every search path still runs).
+QUICK = {
+    "seq_len": 12, "n_pairs": 32, "n_tune": 32, "scan_steps": 1, "steps": 2, "sweep_steps": 1, "sweep": False,
+    "restarts": 1,
+}  # fmt: skip
 SCAN_HOOKS = ("resid_post",)
 # Hooks whose scan fidelity is within this of the best also get the full search (module docstring).
 SCAN_TIE = 0.05
@@ -132,6 +140,7 @@ def measure_model(name: str, model, task: MTDTask, tokens_a, tokens_b, sizes: di
             hooks=SCAN_HOOKS,
             high_level=high_level,
             steps=sizes["scan_steps"],
+            restarts=sizes["restarts"],
             progress=False,
         )
         contenders = scan_contenders({hook: a.interchange_fidelity for hook, a in scan.alignments.items()})
@@ -140,12 +149,12 @@ def measure_model(name: str, model, task: MTDTask, tokens_a, tokens_b, sizes: di
             for hook in contenders:
                 full_searches[hook] = hooks.align_variable(
                     model, variable, hook, tokens_a, tokens_b, pi, m, high_level=high_level, steps=sizes["steps"],
-                    controls=False, rank_sweep=False,
+                    restarts=sizes["restarts"], controls=False, rank_sweep=False,
                 ).interchange_fidelity  # fmt: skip
         best = max(full_searches, key=full_searches.get) if full_searches else contenders[0]
         alignment = hooks.align_variable(
             model, variable, best, tokens_a, tokens_b, pi, m, high_level=high_level, steps=sizes["steps"],
-            sweep_steps=sizes["sweep_steps"], rank_sweep=sizes["sweep"],
+            restarts=sizes["restarts"], sweep_steps=sizes["sweep_steps"], rank_sweep=sizes["sweep"],
         )  # fmt: skip
         with plotting.style():
             scan_figure = plotting.save_figure(

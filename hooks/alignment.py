@@ -502,6 +502,7 @@ def _train_basis(
     lr: float,
     seed: int,
     progress: bool,
+    restarts: int = RESTARTS,
     start: Tensor | None = None,
 ) -> Float[Tensor, "width rank"]:
     """DAS: Adam on an orthonormal ``width x rank`` basis (``torch.nn.utils.parametrizations.orthogonal``,
@@ -510,7 +511,7 @@ def _train_basis(
 
     The loss has poor basins (a basis that leaks into directions the output is very sensitive to,
     such as the current token, learns slowly), and Adam at a fixed rate wanders along its flat
-    directions. So: the candidates (``start``, e.g. the probe's subspace, and ``RESTARTS`` random
+    directions. So: the candidates (``start``, e.g. the probe's subspace, and ``restarts`` random
     bases) train for ``steps // 5`` steps each; the one with the lowest loss on a fixed set of
     training pairs goes on for ``steps`` more with the rate decayed to 0 on a cosine; then L-BFGS
     polishes it on that fixed set. The result is the basis with the lowest loss on that set among
@@ -519,7 +520,7 @@ def _train_basis(
     generator = torch.Generator().manual_seed(seed)
     check = pairs.rows(torch.randperm(len(pairs), generator=generator)[: 2 * batch_size])
     starts = [] if start is None else [start]
-    starts += [_random_basis(width, rank, generator) for _ in range(RESTARTS)]
+    starts += [_random_basis(width, rank, generator) for _ in range(restarts)]
     candidates = []
     seen = [(float(_loss(intervener, check, initial)), initial) for initial in starts]
     for initial in starts:
@@ -837,6 +838,7 @@ def align_variable(
     steps: int = 150,
     batch_size: int = 64,
     lr: float = 0.03,
+    restarts: int = RESTARTS,
     controls: bool = True,
     rank_sweep: bool = True,
     sweep_steps: int | None = None,
@@ -863,6 +865,8 @@ def align_variable(
             scales, or the model's own effective step).
         steps, batch_size, lr: DAS's Adam: ``steps`` batches of ``batch_size`` training pairs drawn
             at random, learning rate ``lr`` decayed to 0 on a cosine.
+        restarts: random starting bases tried beside the probe's (each for ``steps // 5`` steps; the
+            best goes on), ``>= 0``, at least 1 without ``probe_start``.
         probe_start: also start the search from the subspace of a ridge probe for the variable
             (fitted on the training bases); ``False``: from random bases only.
         controls: also run controls (a)-(c); rank_sweep: also DAS at ranks ``m-1..2m`` (with
@@ -879,6 +883,9 @@ def align_variable(
     steps, sweep_steps, batch_size, lr, seed = _check_search_settings(
         held_out, steps, sweep_steps, batch_size, lr, seed, wrong_model, probe_start
     )
+    restarts = check_int(restarts, "restarts", 0)
+    if restarts == 0 and not probe_start:
+        raise ValueError("restarts=0 with probe_start=False leaves DAS no starting basis: allow one of them")
     high_level = _checked_high_level(high_level, model, variable, tokens_a, transition, order)
     site = _site(model, hook_name, variable, tokens_a)
     block_width = site.coordinates.stop - site.coordinates.start
@@ -891,7 +898,7 @@ def align_variable(
     pairs = _prepare(intervener, tokens_a, tokens_b, counterfactual)
     train_pairs, test_pairs = pairs.rows(train), pairs.rows(test)
     kl_base = float(_kl_per_pair(test_pairs.counterfactual, intervener.base_output(tokens_a[test])).mean())
-    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "progress": progress}
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "restarts": restarts, "progress": progress}
 
     # The probe for V on the training bases: a subspace to compare with, and one start of the search.
     probe = _site_probe(intervener, train_pairs, high_level, variable)

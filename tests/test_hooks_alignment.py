@@ -302,6 +302,13 @@ def test_das_recovers_a_planted_rotation(task, pairs):
     )  # fmt: skip
     assert random_starts.interchange_fidelity >= 0.99
     assert principal_angles(random_starts.basis, planted).max() < 0.5
+    # The probe's subspace alone (no random start) is already the planted plane's neighbourhood.
+    probe_only = align_variable(
+        model, "mean_responsibility", "blocks.1.hook_resid_post", tokens_a, tokens_b, task.transition, M,
+        rank=M - 1, controls=False, rank_sweep=False, restarts=0,
+    )  # fmt: skip
+    assert probe_only.interchange_fidelity >= 0.99
+    assert principal_angles(probe_only.basis, planted).max() < 1e-3
 
 
 def test_the_same_seed_gives_the_same_basis(task, pairs, construction):
@@ -435,6 +442,9 @@ def small_model():
         ({"held_out": 1.0}, "held_out"),
         ({"held_out": 1.5}, "held_out"),
         ({"wrong_model": "shuffled"}, "wrong_model must be one of"),
+        ({"restarts": -1}, "restarts must be an int >= 0"),
+        ({"restarts": 1.5}, "restarts must be an int >= 0"),
+        ({"restarts": 0, "probe_start": False}, "no starting basis"),
     ],
 )
 def test_bad_arguments_raise(task, pairs, small_model, change, message):
