@@ -10,7 +10,7 @@ line, ``mdlens <command>: error: ...``, exit status 2); a traceback means a bug.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import functools
 import importlib
 import multiprocessing
 import sys
@@ -167,14 +167,18 @@ def _run_groups(stages: list[tuple[str, str, str]], quick: bool, jobs: int, prel
     # Longest first (the longest-processing-time rule): a short group then fills the gap a worker has
     # while the longest finishes. Ties keep the table order.
     order = sorted(groups.values(), key=lambda group: -sum(REPRODUCTIONS[name].seconds for name, _, _ in group))
-    # Fresh interpreters ("spawn"): a forked copy of a process that has run torch can hang.
+    # Fresh interpreters ("spawn"): a forked copy of a process that has run torch can hang. Leaving the
+    # pool terminates the workers: once every group has returned they hold nothing, and a normal exit
+    # tears down torch and TransformerLens for about 2 s in each, which the run would wait for.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=context) as pool:
-        futures = [pool.submit(_run_stages, group, quick) for group in order]
+    with context.Pool(processes=min(jobs, len(groups))) as pool:
+        # One group per task, handed out in this order as workers come free; each result in the order
+        # the groups finish, so that a failure is raised (with the worker's traceback) as soon as it happens.
+        finished = pool.imap_unordered(functools.partial(_run_stages, quick=quick), order, chunksize=1)
         for module in preload:
             importlib.import_module(module)
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
+        for _ in finished:
+            pass
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -92,3 +92,32 @@ def test_one_job_runs_everything_here_in_table_order(fake_stages):
     records = [read(out, "a1", "fake_a1"), read(out, "b", "fake_b"), read(out, "a2", "fake_a2")]
     assert {r["pid"] for r in records} == {os.getpid()}
     assert [r["end"] <= s["start"] for r, s in itertools.pairwise(records)] == [True, True]
+
+
+FAILING_STAGE = textwrap.dedent(
+    """
+    def run(out_dir, quick):
+        raise RuntimeError("boom in a worker")
+    """
+)
+
+
+def test_a_failing_group_stops_the_run_at_once(tmp_path, monkeypatch):
+    """The failure is raised with the worker's own exception while the other group still runs, and
+    that group is stopped (it never writes its file)."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "fake_slow.py").write_text(FAKE_STAGE.replace("time.sleep(0.3)", "time.sleep(5)"))
+    (modules / "fake_failing.py").write_text(FAILING_STAGE)
+    (modules / "fake_report.py").write_text(FAKE_STAGE)
+    monkeypatch.syspath_prepend(str(modules))
+    table = {
+        "slow": cli.Stage("fake_slow", "slow", "fake_slow.json", seconds=10.0),
+        "failing": cli.Stage("fake_failing", "fails", "fake_failing.json", seconds=1.0),
+        "report": cli.Stage("fake_report", "the report"),
+    }
+    monkeypatch.setattr(cli, "REPRODUCTIONS", table)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        cli.main(["reproduce", "all", "--out", str(out), "--jobs", "2"])
+    assert not (out / "slow" / "fake_slow.json").exists() and not (out / "fake_report.json").exists()
