@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from mdlens import MTDTask, hooks
 from mdlens import estimators as E
-from mdlens.analyses import TASK, AnalysisResult, plotting, start_run
+from mdlens.analyses import QUICK_LEFT_OUT, TASK, AnalysisResult, plotting, start_run
 from mdlens.construction import build_md_transformer, build_mdk_transformer
 from mdlens.hooks.alignment import RESTARTS
 from mdlens.pretrained import load_all_pretrained
@@ -45,12 +45,13 @@ from mdlens.pretrained import load_all_pretrained
 # ``restarts``: DAS's random starts beside the probe's (hooks.align_variable).
 FULL = {
     "seq_len": 32, "n_pairs": 256, "n_tune": 512, "scan_steps": 20, "steps": 80, "sweep_steps": 20, "sweep": True,
-    "restarts": RESTARTS,
+    "restarts": RESTARTS, "left_out": [],
 }  # fmt: skip
-# --quick, a smoke test of every path but the rank sweep (one random start: every search path still runs).
+# --quick, a smoke test of every path but the rank sweep (one random start: every search path still runs;
+# ``left_out``: the shipped models it skips, mdlens.analyses.QUICK_LEFT_OUT).
 QUICK = {
     "seq_len": 12, "n_pairs": 32, "n_tune": 32, "scan_steps": 1, "steps": 2, "sweep_steps": 1, "sweep": False,
-    "restarts": 1,
+    "restarts": 1, "left_out": list(QUICK_LEFT_OUT),
 }  # fmt: skip
 SCAN_HOOKS = ("resid_post",)
 # Hooks whose scan fidelity is within this of the best also get the full search (module docstring).
@@ -100,9 +101,9 @@ def verdict(result: dict) -> str:
 
 
 def build_models(task: MTDTask, sizes: dict, root=None) -> dict:
-    """The constructions and the shipped models. The one-step construction runs tuned MD's step (on
-    ``n_tune`` sequences of length ``seq_len``); the two-step one the first-order two-step scales
-    built from it (``a = b2 = c2 = eta m (T - m)``, ``d2 = m``: the second start of
+    """The constructions and the shipped models (but those in ``sizes["left_out"]``). The one-step
+    construction runs tuned MD's step (on ``n_tune`` sequences of length ``seq_len``); the two-step one
+    the first-order two-step scales built from it (``a = b2 = c2 = eta m (T - m)``, ``d2 = m``: the second start of
     :func:`mdlens.estimators.default_causal_md_starts`), where both ``lambda1`` and the second-step
     mean move the prediction."""
     pi, m, seq_len = task.transition, task.order, sizes["seq_len"]
@@ -115,7 +116,7 @@ def build_models(task: MTDTask, sizes: dict, root=None) -> dict:
         "construction-2step": build_mdk_transformer(pi, m, seq_len, steps=2, scales=(beta, beta, beta, float(m))),
     }
     shipped, _ = load_all_pretrained(root)
-    return {**models, **shipped}
+    return {**models, **{name: model for name, model in shipped.items() if name not in sizes["left_out"]}}
 
 
 def variables_of(name: str, model) -> tuple[str, ...]:

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mdlens.analyses import mechanisms
+from mdlens.analyses import QUICK_LEFT_OUT, mechanisms
+from mdlens.pretrained import list_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +18,9 @@ def report(tmp_path_factory):
 
 def test_every_model_has_every_measurement(report):
     data, out = report
-    assert set(data["models"]) == {
-        "construction",
-        "disentangled-3l",
-        "disentangled-3l-long",
-        "disentangled-5l",
-        "standard-3l",
-    }
+    # --quick measures one shipped model per architecture (QUICK_LEFT_OUT: disentangled-3l-long).
+    assert set(data["models"]) == {"construction", "disentangled-3l", "disentangled-5l", "standard-3l"}
+    assert set(data["models"]) == {"construction", *list_pretrained()} - set(QUICK_LEFT_OUT)
     for r in data["models"].values():
         n_points = r["n_layers"] + 1  # the embedding, then every layer's resid_post
         for key in ("probe_r2", "probe_control_r2", "probe_random_model_r2"):
