@@ -18,7 +18,7 @@ PIP_INSTALL := $(PY) -m pip install --no-compile
 # (TransformerLens, transformers, torch, matplotlib), which the first command would otherwise compile,
 # once in each of the demo's processes (about 10 s).
 WARM_IMPORTS := import mdlens.analyses.alignment, mdlens.analyses.mechanisms, mdlens.analyses.causal_two_step, \
-	mdlens.analyses.report
+	mdlens.analyses.trained, mdlens.analyses.step_sizes, mdlens.analyses.estimator_comparison, mdlens.analyses.report
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
